@@ -1,0 +1,34 @@
+"""vans_jax: VANS (Video-as-Answer) in JAX/Flax, with Joint-GRPO training."""
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax>=0.5",
+    "flax>=0.12",
+    "optax",
+    "orbax-checkpoint",
+    "grain",
+    "ml_collections",
+    "clu",
+    "transformers>=4.50",
+    "safetensors",
+    "numpy",
+    "ml_dtypes",
+    "pillow",
+]
+TEST = [
+    "pytest",
+    # The CPU build of torch: an unpinned torch pulls several GB of CUDA packages.
+    "torch==2.13.0",
+    "diffusers",
+]
+
+setup(
+    name="vans_jax",
+    version="0.1.0",
+    description="VANS (Video-as-Answer) in JAX/Flax: Qwen2.5-VL + Wan2.1 with Joint-GRPO",
+    packages=find_packages(include=["vans_jax", "vans_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=RUNTIME,
+    extras_require={"test": TEST},
+    entry_points={"console_scripts": ["vans-jax=vans_jax.cli:main"]},
+)

@@ -1,0 +1,44 @@
+"""LoRA utilities shared by every model: which parameters train, the LoRA-disabled reference
+policy, and merging adapters into the base weights.
+
+Adapters live inside ``layers.Linear`` as ``LoRAParam`` variables (A random, B zero), so a model
+with fresh adapters computes exactly the base model.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .layers import Linear, LoRAParam
+
+__all__ = ["LoRAParam", "lora_state", "without_lora", "merge_lora", "has_lora"]
+
+
+def lora_state(model: nnx.Module) -> nnx.State:
+    """The trainable (LoRA) part of a model's state."""
+    return nnx.state(model, LoRAParam)
+
+
+def has_lora(model: nnx.Module) -> bool:
+    return len(jax.tree.leaves(lora_state(model))) > 0
+
+
+def without_lora(state: nnx.State) -> nnx.State:
+    """The same state with every LoRA B matrix zeroed: the model then computes the base model
+    exactly (the GRPO reference policy), from the same graphdef and inside the same jit."""
+
+    def zero(path, x):
+        names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+        return jnp.zeros_like(x) if "lora_b" in names else x
+
+    return jax.tree_util.tree_map_with_path(zero, state)
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Folds every adapter into its base kernel (W += scale * A @ B, stacked layers included)
+    and removes the adapters, in place."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Linear) and node.lora_a is not None:
+            node.merge_lora()
+    return model
