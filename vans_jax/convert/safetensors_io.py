@@ -128,7 +128,8 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[st
     offset = 0
     arrays = {}
     for k, v in tensors.items():
-        a = np.ascontiguousarray(v)
+        a = np.asarray(v)
+        a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         if a.dtype not in _NAMES:
             raise CheckpointError(f"cannot save tensor {k!r} of dtype {a.dtype}")
         header[k] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}

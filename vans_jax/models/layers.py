@@ -43,8 +43,8 @@ class Linear(nnx.Module):
             (jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32) * init_std).astype(dtype),
             axes=axes)
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype), axes=(axes[1],)) if use_bias else None
-        self.lora_a = None
-        self.lora_b = None
+        self.lora_a = nnx.data(None)  # LoRAParam once ``add_lora`` is called
+        self.lora_b = nnx.data(None)
         self.lora_scale = 0.0
         self.lora_dropout = 0.0
         self._axes = axes
