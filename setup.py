@@ -14,6 +14,8 @@ RUNTIME = [
     "numpy",
     "ml_dtypes",
     "pillow",
+    "av",
+    "rouge-score",
 ]
 TEST = [
     "pytest",

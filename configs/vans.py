@@ -1,0 +1,52 @@
+"""The full-size VANS system: Qwen2.5-VL-3B-Instruct + Wan2.1-T2V-1.3B (numbers from SPEC)."""
+import ml_collections
+
+
+def qwen2_5_vl_3b():
+    """The model part of Qwen2.5-VL-3B-Instruct's config.json."""
+    return dict(
+        model_type="qwen2_5_vl", vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+        num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6,
+        rope_scaling=dict(type="mrope", mrope_section=[16, 24, 24]), rope_theta=1000000.0,
+        max_position_embeddings=128000, hidden_act="silu", tie_word_embeddings=True,
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        eos_token_id=151645, pad_token_id=151643,
+        vision_config=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=2048,
+                           patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], in_channels=3, tokens_per_second=2,
+                           hidden_act="silu"),
+    )
+
+
+def wan2_1_t2v_1_3b():
+    return dict(dim=1536, num_layers=30, num_heads=12, head_dim=128, ffn_dim=8960, patch_size=(1, 2, 2),
+                in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, eps=1e-6, text_len=512)
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.vlm = ml_collections.ConfigDict(dict(
+        path="",                  # local HF directory; empty = random init from `model`
+        dtype="bfloat16", attn_impl="auto", remat="none",
+        model=qwen2_5_vl_3b(),
+        lora=dict(rank=8, alpha=32.0, dropout=0.05,
+                  targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                  include_vision=False),
+        # VANS feeds the VLM 6 frames sampled at 1 fps
+        num_frames=6, sample_fps=1.0, video_min_pixels=128 * 28 * 28, video_max_pixels=768 * 28 * 28,
+    ))
+    c.vdm = ml_collections.ConfigDict(dict(path="", dit_path="", dtype="bfloat16", model=wan2_1_t2v_1_3b()))
+    c.generation = ml_collections.ConfigDict(dict(max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0,
+                                                  num_return_sequences=1))
+    c.video = ml_collections.ConfigDict(dict(height=352, width=640, num_frames=33, fps=11, n_ref=6,
+                                             num_steps=50, cfg_scale=5.0, shift=5.0))
+    c.train = ml_collections.ConfigDict(dict(
+        sft_vlm=dict(steps=10_000, lr=5e-5),
+        sft_vdm=dict(steps=20_000, lr=5e-5),
+        grpo=dict(group_size=8, beta=0.004, clip_eps=1e-3, lr=5e-5, stage1_steps=800, stage2_steps=1000,
+                  anchor_rouge_threshold=0.6, sde_noise_level=0.7, train_sampling_steps=20, train_cfg=4.5,
+                  advantage_clip=5.0, grad_clip=1.0),
+    ))
+    return c

@@ -1,0 +1,57 @@
+"""The ``vans-jax`` command.
+
+    vans-jax demo [--config configs/tiny.py] [--config.a.b=value ...] [--question TEXT] [--output FILE]
+
+Config overrides use the ``--config.a.b=value`` form on any subcommand that takes a config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _split_overrides(argv):
+    overrides = [a for a in argv if a.startswith("--config.")]
+    rest = [a for a in argv if not a.startswith("--config.")]
+    return rest, overrides
+
+
+def _demo(args, overrides):
+    from . import vlm_demo
+    from .configlib import load_config
+
+    cfg = load_config(args.config, overrides)
+    result = vlm_demo.run(cfg, args.question, args.output, args.video)
+    for i, a in enumerate(result["answers"]):
+        print(f"[{i}] ({a['tokens']} tokens, valid format: {a['valid_format']}) {a['text']!r}")
+    t = result["timings"]
+    print(f"load {t['load_s']}s, first call (compile) {t['first_call_s']}s, steady {t['steady_s']}s, "
+          f"{t['tokens_per_s']} tokens/s on {result['num_devices']} {result['device']} device(s)")
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = _split_overrides(argv)
+    parser = argparse.ArgumentParser(prog="vans-jax", description="VANS (Video-as-Answer) in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="VLM inference on a clip (default: synthetic clip, tiny random model)")
+    demo.add_argument("--config", default="tiny", help="config file or name in configs/ (default: tiny)")
+    demo.add_argument("--question", default="What will happen next?")
+    demo.add_argument("--video", default=None, help="an mp4 to answer about (default: a synthetic clip)")
+    demo.add_argument("--output", default=None, help="write the result as JSON here")
+    args = parser.parse_args(rest)
+    try:
+        if args.command == "demo":
+            return _demo(args, overrides)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"vans-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
