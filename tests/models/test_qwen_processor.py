@@ -207,8 +207,13 @@ def test_bad_inputs_raise_clear_errors():
         P.preprocess_images([])
     with pytest.raises(ValueError, match="zero frames"):
         P.sample_frames_for_vlm(np.zeros((0, 8, 8, 3), np.uint8), 30.0)
-    # tiny (but valid) frames are upscaled to min_pixels like HF v5
-    pv, g = P.preprocess_images([_rand((3, 5, 3))])
+    # a frame smaller than one 14x14 patch is an error (HF v5 would silently upsample it)
+    with pytest.raises(ValueError, match=r"image 0: frame of shape \(3, 5, 3\) is smaller than one 14x14 patch"):
+        P.preprocess_images([_rand((3, 5, 3))])
+    with pytest.raises(ValueError, match=r"video 0: frames of shape \(10, 300, 3\) are smaller than one 14x14"):
+        P.preprocess_videos([_rand((4, 10, 300, 3))], 2.0)
+    # small frames of at least one patch are upscaled to min_pixels like HF v5
+    pv, g = P.preprocess_images([_rand((14, 20, 3))])
     assert g.tolist() == [[1, 4, 6]] and pv.shape == (24, 1176)
 
 

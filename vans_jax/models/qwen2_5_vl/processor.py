@@ -125,7 +125,7 @@ def smart_resize(
 # --------------------------------------------------------------------------- #
 # input validation
 # --------------------------------------------------------------------------- #
-def _as_frame(img, what: str) -> np.ndarray:
+def _as_frame(img, what: str, min_size: int = PATCH_SIZE) -> np.ndarray:
     """HxWx3 uint8 array from an array or PIL image, with clear errors."""
     if isinstance(img, Image.Image):
         img = np.asarray(img.convert("RGB"))
@@ -135,16 +135,17 @@ def _as_frame(img, what: str) -> np.ndarray:
         raise ValueError(f"{what}: expected shape (H, W, 3), got {img.shape}")
     if img.dtype != np.uint8:
         raise ValueError(f"{what}: expected dtype uint8, got {img.dtype} (shape {img.shape})")
-    if img.shape[0] < 1 or img.shape[1] < 1:
-        raise ValueError(f"{what}: frame of shape {img.shape} is too small (need H >= 1 and W >= 1)")
+    if img.shape[0] < min_size or img.shape[1] < min_size:
+        # HF v5 silently upsamples such inputs; a frame smaller than one patch is almost surely a bug.
+        raise ValueError(f"{what}: frame of shape {img.shape} is smaller than one {min_size}x{min_size} patch")
     return img
 
 
-def _as_video(video, what: str) -> np.ndarray:
+def _as_video(video, what: str, min_size: int = PATCH_SIZE) -> np.ndarray:
     if isinstance(video, (list, tuple)):
         if len(video) == 0:
             raise ValueError(f"{what}: video has zero frames")
-        video = np.stack([_as_frame(f, f"{what} frame {i}") for i, f in enumerate(video)])
+        video = np.stack([_as_frame(f, f"{what} frame {i}", min_size) for i, f in enumerate(video)])
     if not isinstance(video, np.ndarray):
         raise ValueError(f"{what}: expected a numpy array (T, H, W, 3) uint8, got {type(video).__name__}")
     if video.ndim != 4 or video.shape[-1] != 3:
@@ -153,8 +154,8 @@ def _as_video(video, what: str) -> np.ndarray:
         raise ValueError(f"{what}: expected dtype uint8, got {video.dtype} (shape {video.shape})")
     if video.shape[0] == 0:
         raise ValueError(f"{what}: video has zero frames (shape {video.shape})")
-    if video.shape[1] < 1 or video.shape[2] < 1:
-        raise ValueError(f"{what}: frames of shape {video.shape[1:]} are too small (need H >= 1 and W >= 1)")
+    if video.shape[1] < min_size or video.shape[2] < min_size:
+        raise ValueError(f"{what}: frames of shape {video.shape[1:]} are smaller than one {min_size}x{min_size} patch")
     return video
 
 
@@ -325,7 +326,7 @@ def sample_frames_for_vlm(
     Returns ``(frames[indices], effective_fps)``; pass ``effective_fps`` to
     :func:`preprocess_videos` so ``second_per_grid_ts`` matches the spacing.
     """
-    frames = _as_video(frames, "sample_frames_for_vlm")
+    frames = _as_video(frames, "sample_frames_for_vlm", min_size=1)
     fps = float(fps)
     if not (math.isfinite(fps) and fps > 0):
         raise ValueError(f"sample_frames_for_vlm: fps must be a positive number, got {fps}")
