@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from vans_jax.convert.safetensors_io import Checkpoint, CheckpointError
-from vans_jax.models.layers import Linear, Embed, attention, resolve_dtype, scan_layers, stack_layers
+from vans_jax.models.layers import Embed, LayerNorm, Linear, attention, resolve_dtype, scan_layers, stack_layers
 from vans_jax.parallel import DEFAULT_RULES, logical_to_spec, variable_axes
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -162,24 +162,6 @@ def activation(name: str):
     if name == "relu":
         return jax.nn.relu
     raise ValueError(f"unsupported hidden_act {name!r}")
-
-
-class LayerNorm(nnx.Module):
-    """torch.nn.LayerNorm (biased variance), statistics in fp32."""
-
-    def __init__(self, dim: int, *, eps: float, axes=("norm",), dtype=jnp.float32):
-        self.eps = float(eps)
-        self.weight = nnx.Param(jnp.ones((dim,), dtype), axes=axes)
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype), axes=axes)
-
-    def __call__(self, x):
-        xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        xc = xf - mean
-        var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-        y = xc * jax.lax.rsqrt(var + self.eps)
-        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(x.dtype)
 
 
 class CLIPAttention(nnx.Module):

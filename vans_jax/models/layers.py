@@ -109,6 +109,31 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.weight[...], self.eps)
 
 
+class LayerNorm(nnx.Module):
+    """Affine LayerNorm (torch semantics: biased variance), computed in fp32 and returned in the
+    input dtype (as diffusers' FP32LayerNorm and CLIP)."""
+
+    def __init__(self, dim: int, *, eps: float, axes=("norm",), dtype=jnp.float32):
+        self.eps = float(eps)
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), axes=axes)
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype), axes=axes)
+
+    def __call__(self, x):
+        return layer_norm(x, self.eps, self.weight[...], self.bias[...]).astype(x.dtype)
+
+
+def layer_norm(x, eps: float, weight=None, bias=None):
+    """LayerNorm in fp32, returned in fp32; non-affine without weight/bias."""
+    xf = x.astype(jnp.float32)
+    xc = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    y = xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
+    if weight is not None:
+        y = y * weight.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y
+
+
 def rms_norm(x, weight, eps):
     dtype = x.dtype
     xf = x.astype(jnp.float32)

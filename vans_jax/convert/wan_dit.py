@@ -1,0 +1,447 @@
+"""Wan2.1 DiT checkpoints <-> ``WanTransformer3D``.
+
+Two key layouts are understood, both given below as data:
+
+* diffusers (``WanTransformer3DModel``): ``condition_embedder.*``, ``blocks.N.attn1.to_q``,
+  ``blocks.N.ffn.net.0.proj``, ``blocks.N.norm2`` (cross-attention norm), ``scale_shift_table``, ``proj_out``;
+* the original Wan repo (also the released VANS DiT file, whose keys may carry a ``dit.`` prefix):
+  ``time_embedding.0``, ``blocks.N.self_attn.q``, ``blocks.N.ffn.0``, ``blocks.N.norm3`` (cross-attention
+  norm; norm2/norm3 are swapped relative to diffusers), ``blocks.N.modulation``, ``head.head``,
+  ``head.modulation``.
+
+Loading streams one tensor at a time from safetensors; parameters of the scanned blocks are
+stacked on a leading layer axis and filled one layer at a time. Every model parameter must be
+mapped and every checkpoint key used; anything else raises ``CheckpointError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zlib
+from typing import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..models.layers import LoRAParam, resolve_dtype
+from ..models.wan.dit import WanConfig, WanLoRAConfig, WanTransformer3D
+from ..parallel import DEFAULT_RULES, logical_to_spec
+from .safetensors_io import Checkpoint, CheckpointError, save_file
+
+# ----------------------------------------------------------------------------- tables
+# Linear layers: (our module path, diffusers module, original-Wan module). Each expands to
+# ``<module>.kernel`` <-> ``<module>.weight`` (transposed) and ``<module>.bias`` <-> ``<module>.bias``.
+GLOBAL_LINEARS: tuple[tuple[str, str, str], ...] = (
+    ("time_linear_1", "condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("time_linear_2", "condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("time_proj", "condition_embedder.time_proj", "time_projection.1"),
+    ("text_linear_1", "condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("text_linear_2", "condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("proj_out", "proj_out", "head.head"),
+)
+# Other global tensors: (our param path, diffusers key, original key, transform).
+GLOBAL_TENSORS: tuple[tuple[str, str, str, str], ...] = (
+    ("patch_embedding.kernel", "patch_embedding.weight", "patch_embedding.weight", "conv3d"),
+    ("patch_embedding.bias", "patch_embedding.bias", "patch_embedding.bias", "identity"),
+    ("scale_shift_table", "scale_shift_table", "head.modulation", "identity"),
+)
+# Per-block linears; keys are relative to ``blocks.{i}.``.
+BLOCK_LINEARS: tuple[tuple[str, str, str], ...] = (
+    ("attn1.to_q", "attn1.to_q", "self_attn.q"),
+    ("attn1.to_k", "attn1.to_k", "self_attn.k"),
+    ("attn1.to_v", "attn1.to_v", "self_attn.v"),
+    ("attn1.to_out", "attn1.to_out.0", "self_attn.o"),
+    ("attn2.to_q", "attn2.to_q", "cross_attn.q"),
+    ("attn2.to_k", "attn2.to_k", "cross_attn.k"),
+    ("attn2.to_v", "attn2.to_v", "cross_attn.v"),
+    ("attn2.to_out", "attn2.to_out.0", "cross_attn.o"),
+    ("ffn_in", "ffn.net.0.proj", "ffn.0"),
+    ("ffn_out", "ffn.net.2", "ffn.2"),
+)
+BLOCK_TENSORS: tuple[tuple[str, str, str, str], ...] = (
+    ("attn1.norm_q.weight", "attn1.norm_q.weight", "self_attn.norm_q.weight", "identity"),
+    ("attn1.norm_k.weight", "attn1.norm_k.weight", "self_attn.norm_k.weight", "identity"),
+    ("attn2.norm_q.weight", "attn2.norm_q.weight", "cross_attn.norm_q.weight", "identity"),
+    ("attn2.norm_k.weight", "attn2.norm_k.weight", "cross_attn.norm_k.weight", "identity"),
+    ("norm2.weight", "norm2.weight", "norm3.weight", "identity"),   # affine cross-attention LayerNorm
+    ("norm2.bias", "norm2.bias", "norm3.bias", "identity"),
+    ("scale_shift_table", "scale_shift_table", "modulation", "identity"),
+)
+LAYOUTS = ("diffusers", "wan")
+STRIP_PREFIXES = ("dit.", "model.diffusion_model.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One checkpoint tensor: where it goes in the model and how it is transformed."""
+    key: str            # checkpoint key (prefix stripped)
+    path: str           # our param path ("blocks.attn1.to_q.kernel")
+    layer: int | None   # index on the stacked layer axis, None for global params
+    transform: str      # "linear" (transpose), "conv3d" (flatten + transpose) or "identity"
+
+
+def _expand(linears, tensors, layout: str):
+    col = LAYOUTS.index(layout)
+    out = []
+    for ours, *names in linears:
+        out.append((f"{ours}.kernel", f"{names[col]}.weight", "linear"))
+        out.append((f"{ours}.bias", f"{names[col]}.bias", "identity"))
+    for ours, *rest in tensors:
+        out.append((ours, rest[col], rest[2]))
+    return out
+
+
+def key_table(cfg: WanConfig, layout: str = "diffusers") -> dict[str, Entry]:
+    """Checkpoint key -> Entry for every tensor of a ``cfg``-shaped DiT in ``layout``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    table: dict[str, Entry] = {}
+    for path, key, tf in _expand(GLOBAL_LINEARS, GLOBAL_TENSORS, layout):
+        table[key] = Entry(key, path, None, tf)
+    block = _expand(BLOCK_LINEARS, BLOCK_TENSORS, layout)
+    for i in range(cfg.num_layers):
+        for path, key, tf in block:
+            if not cfg.cross_attn_norm and path.startswith("norm2."):
+                continue
+            k = f"blocks.{i}.{key}"
+            table[k] = Entry(k, f"blocks.{path}", i, tf)
+    return table
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def _to_ours(a: np.ndarray, transform: str) -> np.ndarray:
+    if transform == "linear":
+        return a.T
+    if transform == "conv3d":
+        return a.reshape(a.shape[0], -1).T
+    return a
+
+
+def _to_torch(a: np.ndarray, transform: str, cfg: WanConfig) -> np.ndarray:
+    if transform == "linear":
+        return np.ascontiguousarray(a.T)
+    if transform == "conv3d":
+        return np.ascontiguousarray(a.T.reshape((a.shape[1], cfg.in_channels) + tuple(cfg.patch_size)))
+    return a
+
+
+def _torch_shape(our_shape: tuple, transform: str, cfg: WanConfig) -> tuple:
+    if transform == "linear":
+        return tuple(our_shape[::-1])
+    if transform == "conv3d":
+        return (our_shape[1], cfg.in_channels) + tuple(cfg.patch_size)
+    return tuple(our_shape)
+
+
+# ----------------------------------------------------------------------------- key handling
+
+
+def strip_prefix(key: str) -> str:
+    for p in STRIP_PREFIXES:
+        if key.startswith(p):
+            return key[len(p):]
+    return key
+
+
+def detect_layout(keys) -> str:
+    keys = set(keys)
+    if any(k.startswith("condition_embedder.") for k in keys) or "proj_out.weight" in keys:
+        return "diffusers"
+    if any(k.startswith(("time_embedding.", "head.head.")) for k in keys):
+        return "wan"
+    raise CheckpointError("cannot tell the DiT checkpoint layout: neither diffusers keys "
+                          "('condition_embedder.*') nor original-Wan keys ('time_embedding.*', 'head.head.*') found")
+
+
+def infer_config(ckpt, **overrides) -> WanConfig:
+    """A WanConfig from tensor shapes (either layout); heads = dim / 128 unless overridden."""
+    names = {strip_prefix(k): k for k in ckpt.keys()}
+    layout = detect_layout(names)
+    col = LAYOUTS.index(layout)
+
+    def shape(k):
+        if k not in names:
+            raise CheckpointError(f"cannot infer the DiT config: key {k!r} missing")
+        return tuple(ckpt.shape(names[k]))
+
+    pe = shape("patch_embedding.weight")
+    dim, in_ch, patch = pe[0], pe[1], tuple(pe[2:])
+    t1 = shape(GLOBAL_LINEARS[0][1 + col] + ".weight")
+    x1 = shape(GLOBAL_LINEARS[3][1 + col] + ".weight")
+    po = shape(GLOBAL_LINEARS[5][1 + col] + ".weight")
+    ffn = shape(f"blocks.0.{BLOCK_LINEARS[8][1 + col]}.weight")
+    layers = 1 + max(int(k.split(".")[1]) for k in names if k.startswith("blocks."))
+    cross_norm = f"blocks.0.{BLOCK_TENSORS[4][1 + col]}" in names
+    kw = dict(dim=dim, num_layers=layers, num_heads=max(1, dim // 128), ffn_dim=ffn[0], in_channels=in_ch,
+              out_channels=po[0] // int(np.prod(patch)), text_dim=x1[1], freq_dim=t1[1], patch_size=patch,
+              cross_attn_norm=cross_norm)
+    kw.update(overrides)
+    return WanConfig(**kw)
+
+
+def _path_str(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _model_params(state) -> dict[str, nnx.Variable]:
+    """Flat {path: Variable} of the base (non-LoRA) parameters."""
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        if isinstance(var, LoRAParam):
+            continue
+        out[_path_str(path)] = var
+    return out
+
+
+def check_coverage(ckpt, cfg: WanConfig, layout: str | None = None, *, model_state=None) -> dict[str, tuple]:
+    """Checks that the checkpoint and a ``cfg`` model match exactly; returns
+    {checkpoint key (as stored): (Entry, stored key)} -- stored keys may carry a prefix.
+
+    Raises CheckpointError listing missing, unexpected and mis-shaped keys."""
+    ckpt = _open(ckpt)
+    stored = {}
+    for k in ckpt.keys():
+        s = strip_prefix(k)
+        if s in stored:
+            raise CheckpointError(f"duplicate key {s!r} after prefix stripping ({stored[s]!r} and {k!r})")
+        stored[s] = k
+    layout = layout or detect_layout(stored)
+    table = key_table(cfg, layout)
+    if model_state is None:
+        model_state = nnx.state(nnx.eval_shape(lambda: WanTransformer3D(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    params = _model_params(model_state)
+    mapped = {e.path for e in table.values()}
+    unmapped = sorted(set(params) - mapped)
+    if unmapped:
+        raise CheckpointError(f"model parameters with no checkpoint mapping: {unmapped}")
+    dangling = sorted(mapped - set(params))
+    if dangling:
+        raise CheckpointError(f"mapping names parameters the model does not have: {dangling}")
+
+    missing = sorted(set(table) - set(stored))
+    unexpected = sorted(set(stored) - set(table))
+    bad_shape = []
+    for k, e in table.items():
+        if k not in stored:
+            continue
+        our = tuple(params[e.path].get_value().shape)
+        if e.layer is not None:
+            our = our[1:]
+        want = _torch_shape(our, e.transform, cfg)
+        got = tuple(ckpt.shape(stored[k]))
+        if got != want:
+            bad_shape.append(f"{stored[k]!r}: checkpoint {got}, model expects {want}")
+    msgs = []
+    if missing:
+        msgs.append(f"{len(missing)} missing key(s) ({layout} layout): {missing[:20]}" + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        msgs.append(f"{len(unexpected)} unexpected key(s): {[stored[k] for k in unexpected[:20]]}"
+                    + (" ..." if len(unexpected) > 20 else ""))
+    if bad_shape:
+        msgs.append(f"{len(bad_shape)} mis-shaped key(s): " + "; ".join(bad_shape[:20]))
+    if msgs:
+        raise CheckpointError("DiT checkpoint does not fit the model: " + " | ".join(msgs))
+    return {k: (table[k], stored[k]) for k in table}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _DictCheckpoint:
+    """A {key: array} mapping with the Checkpoint interface (for in-memory state dicts)."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self.tensors = tensors
+
+    def keys(self):
+        return list(self.tensors)
+
+    def shape(self, key):
+        return tuple(np.shape(self.tensors[key]))
+
+    def get(self, key):
+        return np.asarray(self.tensors[key])
+
+
+def _open(src):
+    if isinstance(src, (str, os.PathLike)):
+        return Checkpoint(os.fspath(src))
+    if isinstance(src, Mapping):
+        return _DictCheckpoint(src)
+    return src
+
+
+def _sharding(axes, shape, mesh, rules):
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
+
+
+def _var_axes(var, ndim):
+    axes = var.get_metadata().get("axes")
+    if axes is None:
+        return None
+    axes = tuple(axes)
+    return ("layers",) * (ndim - len(axes)) + axes
+
+
+def _init_lora(path, shape, dtype, key):
+    """PEFT's LoRA init (as ``Linear.add_lora``): A ~ U(+-1/sqrt(in)), B = 0; stacked over layers."""
+    if path[-1] == "lora_b":
+        return np.zeros(shape, dtype)
+    key = jax.random.fold_in(key, zlib.crc32(_path_str(path).encode()))
+    bound = 1.0 / np.sqrt(shape[-2])
+    return np.asarray(jax.random.uniform(key, shape, jnp.float32, -bound, bound)).astype(dtype)
+
+
+def load_dit(src, config: WanConfig | None = None, dtype=None, mesh=None, *, rules=DEFAULT_RULES,
+             layout: str | None = None, lora: WanLoRAConfig | None = None, lora_seed: int = 0,
+             **config_overrides) -> WanTransformer3D:
+    """Builds a ``WanTransformer3D`` from a checkpoint without materializing a random init.
+
+    src: a diffusers model directory (config.json + safetensors), a safetensors file or
+    directory, a ``Checkpoint``, or an in-memory {key: array} dict, in either key layout
+    (``dit.`` / ``model.diffusion_model.`` prefixes are stripped).
+    config: defaults to the directory's config.json, else it is inferred from tensor shapes.
+    dtype: parameter and compute dtype (the modulation tables, time MLP and norms stay fp32).
+    mesh: place each parameter directly with the sharding of its logical axes.
+    lora: also add (freshly initialized) LoRA adapters.
+    """
+    ckpt = _open(src)
+    if config is None:
+        cfg_path = os.path.join(os.fspath(src), "config.json") if isinstance(src, (str, os.PathLike)) else None
+        if cfg_path and os.path.isfile(cfg_path):
+            config = WanConfig.from_diffusers_config(cfg_path)
+        else:
+            config = infer_config(ckpt)
+    if dtype is not None:
+        name = jnp.dtype(resolve_dtype(dtype)).name
+        config_overrides = {"dtype": name, "param_dtype": name, **config_overrides}
+    if config_overrides:
+        config = dataclasses.replace(config, **config_overrides)
+
+    abstract = nnx.eval_shape(lambda: WanTransformer3D(config, rngs=nnx.Rngs(lora_seed), lora=lora))
+    graphdef, state = nnx.split(abstract)
+    entries = check_coverage(ckpt, config, layout, model_state=nnx.state(abstract, nnx.Param))
+
+    by_path: dict[str, list] = {}
+    for key, (entry, stored) in entries.items():
+        by_path.setdefault(entry.path, []).append((entry, stored))
+
+    lora_key = jax.random.key(lora_seed)
+
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        p = _path_str(path)
+        shape, vdtype = tuple(var.get_value().shape), var.get_value().dtype
+        sharding = _sharding(_var_axes(var, len(shape)), shape, mesh, rules)
+        if isinstance(var, LoRAParam):
+            value = jax.device_put(_init_lora(path, shape, vdtype, lora_key), sharding)
+        elif p in by_path:
+            items = by_path[p]
+            host = np.empty(shape, dtype=vdtype)
+            for entry, stored in items:  # stacked params: one layer at a time
+                a = _to_ours(ckpt.get(stored), entry.transform)
+                if entry.layer is None:
+                    host[...] = a.astype(vdtype)
+                else:
+                    host[entry.layer] = a.astype(vdtype)
+            value = jax.make_array_from_callback(shape, sharding, lambda idx, h=host: h[idx])
+            del host
+        else:
+            raise CheckpointError(f"model variable {p!r} has no checkpoint mapping")
+        flat.append((path, var.replace(value)))
+    state = nnx.from_flat_state(flat)
+    return nnx.merge(graphdef, state)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _get_module(model, path: str):
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def iter_dit_tensors(model: WanTransformer3D, layout: str = "diffusers", dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, torch-layout numpy array) for every checkpoint tensor; LoRA adapters are merged."""
+    cfg = model.cfg
+    table = key_table(cfg, layout)
+    cache: dict[str, np.ndarray] = {}
+
+    def value(path: str) -> np.ndarray:
+        if path in cache:
+            return cache[path]
+        mod_path, leaf = path.rsplit(".", 1) if "." in path else ("", path)
+        mod = _get_module(model, mod_path) if mod_path else model
+        a = getattr(mod, leaf)[...]
+        if leaf == "kernel" and getattr(mod, "lora_a", None) is not None:
+            delta = jnp.einsum("...ir,...ro->...io", mod.lora_a[...].astype(jnp.float32),
+                               mod.lora_b[...].astype(jnp.float32)) * mod.lora_scale
+            a = (a.astype(jnp.float32) + delta).astype(a.dtype)
+        a = np.asarray(jax.device_get(a))
+        cache.clear()
+        cache[path] = a
+        return a
+
+    # group per param so each stacked array is fetched once
+    order = sorted(table.values(), key=lambda e: (e.path, -1 if e.layer is None else e.layer))
+    for e in order:
+        a = value(e.path)
+        if e.layer is not None:
+            a = a[e.layer]
+        a = _to_torch(a, e.transform, cfg)
+        if dtype is not None:
+            a = a.astype(resolve_dtype(dtype))
+        yield e.key, a
+
+
+def export_dit_diffusers(model: WanTransformer3D, out_dir: str, *, dtype=None,
+                         max_shard_bytes: int = 5 * 1024 ** 3) -> str:
+    """Writes ``model`` as a diffusers ``WanTransformer3DModel`` directory (config.json +
+    diffusion_pytorch_model[-0000i-of-0000n].safetensors [+ index]); returns out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    for key, a in iter_dit_tensors(model, "diffusers", dtype):
+        a = np.asarray(a)
+        if sizes[-1] and sizes[-1] + a.nbytes > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][key] = a
+        sizes[-1] += a.nbytes
+    base = "diffusion_pytorch_model"
+    for f in os.listdir(out_dir):
+        if f.startswith(base) and (f.endswith(".safetensors") or f.endswith(".safetensors.index.json")):
+            os.remove(os.path.join(out_dir, f))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, f"{base}.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        n = len(shards)
+        for i, shard in enumerate(shards):
+            fname = f"{base}-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        with open(os.path.join(out_dir, f"{base}.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}, f, indent=2)
+    cfg = model.cfg.to_diffusers_config()
+    cfg["_diffusers_version"] = _diffusers_version()
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return out_dir
+
+
+def _diffusers_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("diffusers")
+    except Exception:  # noqa: BLE001 - diffusers is optional at runtime
+        return "0.33.0"

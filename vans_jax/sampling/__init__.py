@@ -1,0 +1,1 @@
+"""Samplers (flow matching: UniPC, Euler, Flow-GRPO SDE)."""
