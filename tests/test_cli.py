@@ -52,3 +52,21 @@ def test_demo_writes_answers(tmp_path, capsys):
 def test_demo_bad_override_is_a_clear_error(capsys):
     assert cli.main(["demo", "--config.vlm.not_a_field=3"]) == 2
     assert "config has no field 'vlm.not_a_field'" in capsys.readouterr().err
+
+
+def test_make_world_then_validate(tmp_path, capsys):
+    out = tmp_path / "world"
+    assert cli.main(["make-world", "--out", str(out), "--train", "3", "--rl", "0", "--eval", "2"]) == 0
+    assert (out / "train.csv").exists() and (out / "eval.csv").exists()
+    report = tmp_path / "report.json"
+    rc = cli.main(["validate", "--csv", str(out / "eval.csv"), "--video_root", str(out / "videos"),
+                   "--output", str(report)])
+    text = capsys.readouterr().out
+    assert report.exists() and "eval.csv" in text
+    data = json.loads(report.read_text())
+    assert data["errors"] == {} and rc == 0
+    # a corrupt video is reported, the command does not crash, the exit code says "not ok"
+    sorted((out / "videos").glob("eval_*/*.mp4"))[0].write_bytes(b"not a video")
+    rc = cli.main(["validate", "--csv", str(out / "eval.csv"), "--video_root", str(out / "videos")])
+    assert rc == 1
+    assert "corrupt" in capsys.readouterr().out

@@ -1,6 +1,8 @@
 """The ``vans-jax`` command.
 
     vans-jax demo [--config configs/tiny.py] [--config.a.b=value ...] [--question TEXT] [--output FILE]
+    vans-jax validate --csv FILE --video_root DIR [--output report.json] [--quick]
+    vans-jax make-world --out DIR [--train N] [--rl N] [--eval N] [--tokenizer-corpus]
 
 Config overrides use the ``--config.a.b=value`` form on any subcommand that takes a config.
 """
@@ -33,6 +35,18 @@ def _demo(args, overrides):
     return 0
 
 
+def _validate(args):
+    from .data.pipeline import validate_dataset
+
+    report = validate_dataset(args.csv, args.video_root, full_decode=not args.quick)
+    print(report.summary())
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report.to_dict(), f, indent=2, default=str)
+        print(f"wrote {args.output}")
+    return 0 if report.ok else 1
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
@@ -43,10 +57,23 @@ def main(argv=None):
     demo.add_argument("--question", default="What will happen next?")
     demo.add_argument("--video", default=None, help="an mp4 to answer about (default: a synthetic clip)")
     demo.add_argument("--output", default=None, help="write the result as JSON here")
+    val = sub.add_parser("validate", help="check every row of a VANS-Data CSV and its videos (never stops early)")
+    val.add_argument("--csv", required=True)
+    val.add_argument("--video_root", required=True)
+    val.add_argument("--output", default=None, help="write the full report as JSON here")
+    val.add_argument("--quick", action="store_true", help="probe headers only instead of decoding every frame")
+    sub.add_parser("make-world", help="generate the synthetic VNEP world (see data/SYNTHETIC_WORLD.md)",
+                   add_help=False)
+    if rest[:1] == ["make-world"]:
+        from .data import synthetic
+        synthetic.main(rest[1:])
+        return 0
     args = parser.parse_args(rest)
     try:
         if args.command == "demo":
             return _demo(args, overrides)
+        if args.command == "validate":
+            return _validate(args)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"vans-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
