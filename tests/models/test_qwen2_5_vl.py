@@ -257,3 +257,14 @@ def test_bad_inputs(ours):
         qwen.prepare_inputs(ours.config, batch["input_ids"], batch["attention_mask"],
                             batch["pixel_values_videos"][:, :100], batch["video_grid_thw"], None,
                             batch["pixel_values"], batch["image_grid_thw"])
+
+
+def test_vision_segments_are_padded_blocks():
+    from vans_jax.models.qwen2_5_vl.rope import segment_blocks
+
+    gather, valid, scatter = segment_blocks(np.array([0, 0, 0, 1, 2, 2]))
+    np.testing.assert_array_equal(gather, [[0, 1, 2], [3, 0, 0], [4, 5, 0]])
+    np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    np.testing.assert_array_equal(scatter, [0, 1, 2, 3, 6, 7])
+    with pytest.raises(ValueError, match="contiguous"):
+        segment_blocks(np.array([0, 1, 0]))

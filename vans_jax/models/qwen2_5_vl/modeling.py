@@ -53,7 +53,7 @@ class VisionBlock(nnx.Module):
         self.down_proj = _maybe_lora(Linear(m, d, axes=("vision_mlp", "vision_embed"), dtype=dtype, rngs=rngs),
                                      "down_proj", lora, rngs, dtype)
 
-    def __call__(self, x, cos, sin, mask, impl, rng=None):
+    def __call__(self, x, cos, sin, is_full, layout, impl, rng=None):
         keys = [None] * 5 if rng is None else list(jax.random.split(rng, 5))
         n, d = x.shape
         h = self.norm1(x)
@@ -61,11 +61,21 @@ class VisionBlock(nnx.Module):
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q = apply_rotary(q, cos[:, None], sin[:, None])
         k = apply_rotary(k, cos[:, None], sin[:, None])
-        o = attention(q[None], k[None], v[None], mask=mask[None, None], impl=impl)[0]
+        o = jax.lax.cond(is_full, lambda: segment_attention(q, k, v, layout, "full", impl),
+                         lambda: segment_attention(q, k, v, layout, "window", impl))
         x = x + self.proj(o.reshape(n, d), keys[1])
         h = self.norm2(x)
         h = jax.nn.silu(self.gate_proj(h, keys[2])) * self.up_proj(h, keys[3])
         return x + self.down_proj(h, keys[4])
+
+
+def segment_attention(q, k, v, layout, kind, impl):
+    """Block-diagonal attention over contiguous segments (windows, or temporal slices), computed
+    on padded blocks: q, k, v (N, H, D) -> (N, H, D)."""
+    gather, valid, scatter = layout[f"{kind}_gather"], layout[f"{kind}_valid"], layout[f"{kind}_scatter"]
+    n, h, d = q.shape
+    o = attention(q[gather], k[gather], v[gather], mask=valid[:, None, None, :], impl=impl)
+    return o.reshape(-1, h, d)[scatter]
 
 
 class VisionTransformer(nnx.Module):
@@ -95,16 +105,13 @@ class VisionTransformer(nnx.Module):
         freqs = freqs.reshape(freqs.shape[0], -1)
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
-        full = layout["seg_full"][:, None] == layout["seg_full"][None, :]
-        windowed = layout["seg_window"][:, None] == layout["seg_window"][None, :]
         is_full = np.zeros((cfg.depth,), bool)
         is_full[[i for i in cfg.fullatt_block_indexes if i < cfg.depth]] = True
         keys = jnp.arange(cfg.depth) if rng is None else jax.random.split(rng, cfg.depth)
 
         def body(block, h, xs):
             flag, key = xs
-            mask = jnp.where(flag, full, windowed)
-            return block(h, cos, sin, mask, impl, None if rng is None else key), None
+            return block(h, cos, sin, flag, layout, impl, None if rng is None else key), None
 
         x, _ = scan_layers(self.blocks, body, x, (jnp.asarray(is_full), keys), remat=remat)
         unit = cfg.spatial_merge_size ** 2

@@ -85,9 +85,8 @@ def vision_layout(vcfg: VisionConfig, grid_thw) -> dict[str, np.ndarray]:
       perm:        (N,) patch order for window attention (original index per permuted slot)
       unperm:      (N/merge^2,) inverse of the merged-unit permutation (applied after the merger)
       rope_hw:     (N, 2) (h, w) rotary positions, in permuted order
-      seg_full:    (N,) segment id per patch for full attention (one per temporal slice of each
-                   video/image), permuted order
-      seg_window:  (N,) segment id per patch for windowed attention, permuted order
+      full_*, window_*: the attention segments (one per temporal slice of each video/image for
+                   full attention; one per window otherwise) as padded blocks, see ``segment_blocks``
     """
     grid_thw = np.asarray(grid_thw, np.int64).reshape(-1, 3)
     merge = vcfg.spatial_merge_size
@@ -125,6 +124,25 @@ def vision_layout(vcfg: VisionConfig, grid_thw) -> dict[str, np.ndarray]:
     window_index = np.concatenate(window_index)
     perm = (window_index[:, None] * unit + np.arange(unit)).ravel()
     rope_hw = np.concatenate(rope_hw)[perm]
-    return dict(perm=perm.astype(np.int32), unperm=np.argsort(window_index).astype(np.int32),
-                rope_hw=rope_hw.astype(np.int32), seg_full=np.concatenate(seg_full).astype(np.int32),
-                seg_window=np.concatenate(seg_window).astype(np.int32))
+    out = dict(perm=perm.astype(np.int32), unperm=np.argsort(window_index).astype(np.int32),
+               rope_hw=rope_hw.astype(np.int32))
+    for name, seg in (("full", np.concatenate(seg_full)), ("window", np.concatenate(seg_window))):
+        gather, valid, scatter = segment_blocks(seg)
+        out.update({f"{name}_gather": gather, f"{name}_valid": valid, f"{name}_scatter": scatter})
+    return out
+
+
+def segment_blocks(seg: np.ndarray):
+    """Contiguous segments -> padded blocks, so block-diagonal attention costs sum(len^2)
+    instead of N^2. Returns gather (S, Lmax) token indices (padding -> 0), valid (S, Lmax) and
+    scatter (N,) = each token's position in the flattened (S * Lmax) blocks."""
+    starts = np.flatnonzero(np.concatenate([[True], seg[1:] != seg[:-1]]))
+    lengths = np.diff(np.concatenate([starts, [len(seg)]]))
+    if len(np.unique(seg)) != len(starts):
+        raise ValueError("attention segments must be contiguous in the permuted order")
+    lmax = int(lengths.max())
+    offs = np.arange(lmax)
+    valid = offs[None, :] < lengths[:, None]
+    gather = np.where(valid, starts[:, None] + offs[None, :], 0)
+    scatter = (np.arange(len(starts))[:, None] * lmax + offs[None, :])[valid]
+    return gather.astype(np.int32), valid, scatter.astype(np.int32)
