@@ -144,20 +144,24 @@ def rms_norm(x, weight, eps):
 NEG_INF = -1e30
 
 
-def attention(q, k, v, *, mask=None, scale: float | None = None, impl: str = "xla"):
+def attention(q, k, v, *, mask=None, bias=None, scale: float | None = None, impl: str = "xla"):
     """Multi-head attention with grouped KV heads.
 
     q: (B, Lq, Hq, D); k, v: (B, Lk, Hkv, D) with Hq a multiple of Hkv.
     mask: boolean, broadcastable to (B, 1, Lq, Lk); True = may attend.
-    impl: "xla" (reference einsum; fp32 softmax), "cudnn" (flash attention on NVIDIA GPUs),
-    or "auto" (cudnn when running on a GPU in bf16/fp16, else xla).
+    bias: additive logits bias broadcastable to (B, Hq, Lq, Lk) (e.g. T5 relative positions).
+    scale: logits scale (default 1/sqrt(D); T5 uses 1.0).
+    impl: "xla" (reference einsum; fp32 logits and softmax), "cudnn" (flash attention on NVIDIA
+    GPUs), or "auto" (cudnn when running on a GPU in bf16/fp16, else xla).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "auto":
         on_gpu = jax.default_backend() == "gpu"
         impl = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
     if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+        if bias is not None:
+            bias = jnp.asarray(bias).astype(q.dtype)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
     if impl != "xla":
         raise ValueError(f"unknown attention impl {impl!r}; expected 'xla', 'cudnn' or 'auto'")
     b, lq, hq, d = q.shape
@@ -165,6 +169,9 @@ def attention(q, k, v, *, mask=None, scale: float | None = None, impl: str = "xl
     g = hq // hkv
     qg = q.reshape(b, lq, hkv, g, d)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        bias = jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (b, hq, lq, k.shape[1]))
+        logits = logits + bias.reshape(b, hkv, g, lq, k.shape[1])
     if mask is not None:
         m = jnp.asarray(mask)
         m = jnp.broadcast_to(m, (b, 1) + m.shape[-2:]) if m.ndim == 4 else m
