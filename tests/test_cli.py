@@ -54,12 +54,15 @@ def test_demo_bad_override_is_a_clear_error(capsys):
     assert "config has no field 'vlm.not_a_field'" in capsys.readouterr().err
 
 
-def test_make_world_then_validate(tmp_path, capsys):
+def test_make_data_then_validate(tmp_path, capsys):
     out = tmp_path / "world"
-    assert cli.main(["make-world", "--out", str(out), "--train", "3", "--rl", "0", "--eval", "2"]) == 0
-    assert (out / "train.csv").exists() and (out / "eval.csv").exists()
+    assert cli.main(["make-data", "--output_dir", str(out), "--num_samples", "12", "--seed", "3"]) == 0
+    assert (out / "train.csv").exists() and (out / "rl.csv").exists() and (out / "eval.csv").exists()
+    again = tmp_path / "again"
+    assert cli.main(["make-data", "--output_dir", str(again), "--num_samples", "12", "--seed", "3"]) == 0
+    assert (out / "eval.csv").read_bytes() == (again / "eval.csv").read_bytes()  # same seed, same files
     report = tmp_path / "report.json"
-    rc = cli.main(["validate", "--csv", str(out / "eval.csv"), "--video_root", str(out / "videos"),
+    rc = cli.main(["validate-data", "--csv", str(out / "eval.csv"), "--video_root", str(out / "videos"),
                    "--output", str(report)])
     text = capsys.readouterr().out
     assert report.exists() and "eval.csv" in text
@@ -67,6 +70,6 @@ def test_make_world_then_validate(tmp_path, capsys):
     assert data["errors"] == {} and rc == 0
     # a corrupt video is reported, the command does not crash, the exit code says "not ok"
     sorted((out / "videos").glob("eval_*/*.mp4"))[0].write_bytes(b"not a video")
-    rc = cli.main(["validate", "--csv", str(out / "eval.csv"), "--video_root", str(out / "videos")])
+    rc = cli.main(["validate-data", "--csv", str(out / "eval.csv"), "--video_root", str(out / "videos")])
     assert rc == 1
     assert "corrupt" in capsys.readouterr().out

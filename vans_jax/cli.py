@@ -1,8 +1,8 @@
 """The ``vans-jax`` command.
 
     vans-jax demo [--config configs/tiny.py] [--config.a.b=value ...] [--question TEXT] [--output FILE]
-    vans-jax validate --csv FILE --video_root DIR [--output report.json] [--quick]
-    vans-jax make-world --out DIR [--train N] [--rl N] [--eval N] [--tokenizer-corpus]
+    vans-jax make-data --output_dir DIR --num_samples N --seed S [--split all|train|rl|eval]
+    vans-jax validate-data --csv FILE --video_root DIR [--output report.json] [--quick]
 
 Config overrides use the ``--config.a.b=value`` form on any subcommand that takes a config.
 """
@@ -47,6 +47,21 @@ def _validate(args):
     return 0 if report.ok else 1
 
 
+def _make_data(args):
+    from .data import synthetic
+
+    if args.split == "all":  # 80 / 10 / 10, at least one sample each
+        n_rl = n_eval = max(1, args.num_samples // 10)
+        plan = {"train": max(1, args.num_samples - n_rl - n_eval), "rl": n_rl, "eval": n_eval}
+    else:
+        plan = {args.split: args.num_samples}
+    for split, n in plan.items():
+        ws = synthetic.generate_world(args.output_dir, split, n, seed=synthetic.SPLIT_SEEDS[split] + 3 * args.seed)
+        print(f"{split}: {n} samples -> {ws.csv_path}")
+    print(f"videos under {args.output_dir}/videos (pass it as --video_root)")
+    return 0
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
@@ -57,23 +72,24 @@ def main(argv=None):
     demo.add_argument("--question", default="What will happen next?")
     demo.add_argument("--video", default=None, help="an mp4 to answer about (default: a synthetic clip)")
     demo.add_argument("--output", default=None, help="write the result as JSON here")
-    val = sub.add_parser("validate", help="check every row of a VANS-Data CSV and its videos (never stops early)")
+    make = sub.add_parser("make-data", help="write the synthetic VNEP world in the VANS-Data layout (CSV + mp4s)")
+    make.add_argument("--output_dir", required=True)
+    make.add_argument("--num_samples", type=int, required=True)
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--split", default="all", choices=["all", "train", "rl", "eval"])
+    val = sub.add_parser("validate-data", help="check every row of a VANS-Data CSV and its videos (never stops early)")
     val.add_argument("--csv", required=True)
     val.add_argument("--video_root", required=True)
     val.add_argument("--output", default=None, help="write the full report as JSON here")
     val.add_argument("--quick", action="store_true", help="probe headers only instead of decoding every frame")
-    sub.add_parser("make-world", help="generate the synthetic VNEP world (see data/SYNTHETIC_WORLD.md)",
-                   add_help=False)
-    if rest[:1] == ["make-world"]:
-        from .data import synthetic
-        synthetic.main(rest[1:])
-        return 0
     args = parser.parse_args(rest)
     try:
         if args.command == "demo":
             return _demo(args, overrides)
-        if args.command == "validate":
+        if args.command == "validate-data":
             return _validate(args)
+        if args.command == "make-data":
+            return _make_data(args)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"vans-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
