@@ -14,7 +14,6 @@ References (transformers 5.x, CPU, no torchvision):
   and ``second_per_grid_ts``).
 """
 
-import math
 
 import numpy as np
 import pytest

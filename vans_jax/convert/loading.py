@@ -12,18 +12,68 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from .. import parallel
 from .safetensors_io import Checkpoint, CheckpointError, save_file
 
 Rule = tuple[str, str, str]
+
+
+class DictCheckpoint:
+    """A {key: array} mapping (an in-memory state dict) with the Checkpoint interface."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self.tensors = tensors
+
+    def keys(self):
+        return list(self.tensors)
+
+    def shape(self, key):
+        return tuple(np.shape(self.tensors[key]))
+
+    def get(self, key):
+        return np.asarray(self.tensors[key])
+
+
+def open_checkpoint(src):
+    """A path (safetensors file or directory) -> ``Checkpoint``; a {key: array} mapping ->
+    ``DictCheckpoint``; anything else (already keys()/get()/shape()) as is."""
+    if isinstance(src, (str, os.PathLike)):
+        return Checkpoint(os.fspath(src))
+    if isinstance(src, Mapping):
+        return DictCheckpoint(src)
+    return src
+
+
+class RenamedCheckpoint:
+    """A checkpoint seen through ``rename(stored key) -> key`` (layout normalization, prefix
+    stripping); ``names`` maps each new key to its stored key. Two stored keys that rename to the
+    same key raise ``CheckpointError``."""
+
+    def __init__(self, ckpt, rename: Callable[[str], str]):
+        self.ckpt = ckpt
+        self.names: dict[str, str] = {}
+        for k in ckpt.keys():
+            n = rename(k)
+            if n in self.names:
+                raise CheckpointError(f"checkpoint holds both {self.names[n]!r} and {k!r} (both read as {n!r})")
+            self.names[n] = k
+
+    def keys(self):
+        return list(self.names)
+
+    def get(self, k):
+        return self.ckpt.get(self.names[k])
+
+    def shape(self, k):
+        return self.ckpt.shape(self.names[k])
 
 
 def compile_rules(rules: Iterable[Rule]):
@@ -51,7 +101,7 @@ def _flat_params(state) -> dict[str, nnx.Variable]:
 
 
 def load_into(abstract_model: nnx.Module, ckpt: Checkpoint, rules, transforms: dict[str, Callable], *,
-              dtype, mesh=None, axis_rules=parallel.DEFAULT_RULES, skip: Callable[[str], bool] = lambda k: False,
+              dtype=None, mesh=None, axis_rules=parallel.DEFAULT_RULES, skip: Callable[[str], bool] = lambda k: False,
               fill_unloaded: Callable[[str, tuple, jnp.dtype], np.ndarray] | None = None,
               stacked_prefixes: tuple[str, ...] = ()):
     """Fills an abstract NNX model (from ``nnx.eval_shape``) with checkpoint tensors.
@@ -60,12 +110,16 @@ def load_into(abstract_model: nnx.Module, ckpt: Checkpoint, rules, transforms: d
     - ``fill_unloaded(path, shape, dtype)``: values for parameters no checkpoint carries (LoRA
       adapters); any other parameter left unfilled is a missing-key error.
     - ``stacked_prefixes``: paths whose parameters have a leading layer dimension.
+    - ``dtype``: every parameter's dtype; None keeps each one's dtype in the abstract model.
     Returns the concrete model.
     """
     graphdef, state = nnx.split(abstract_model)
     params = _flat_params(state)
     compiled = compile_rules(rules)
     mesh = mesh or parallel.make_mesh({"data": 1}, jax.devices()[:1])
+
+    def dtype_for(var):
+        return var.get_value().dtype if dtype is None else dtype
 
     def sharding_for(var):
         shape = var.get_value().shape
@@ -83,14 +137,17 @@ def load_into(abstract_model: nnx.Module, ckpt: Checkpoint, rules, transforms: d
             continue
         path, layer, transform = hit
         var = params[path]
-        target_shape = var.get_value().shape
+        target_shape, dt = var.get_value().shape, dtype_for(var)
+        if layer is not None and not 0 <= layer < target_shape[0]:
+            unexpected.append(f"{key} (layer {layer}; the model has {target_shape[0]})")
+            continue
         arr = transforms[transform](ckpt.get(key))
         want = target_shape[1:] if layer is not None else target_shape
         if tuple(arr.shape) != tuple(want):
             raise CheckpointError(f"checkpoint tensor {key!r} has shape {tuple(ckpt.shape(key))} "
                                   f"(-> {tuple(arr.shape)} after conversion); the model expects {tuple(want)} "
                                   f"for {path}")
-        arr = np.asarray(arr).astype(dtype)
+        arr = np.asarray(arr).astype(dt)
         sh = sharding_for(var)
         if layer is None:
             if path in filled:
@@ -98,30 +155,27 @@ def load_into(abstract_model: nnx.Module, ckpt: Checkpoint, rules, transforms: d
             values[path] = jax.device_put(arr, sh)
             filled[path] = {None}
         else:
-            n = target_shape[0]
-            if not 0 <= layer < n:
-                raise CheckpointError(f"checkpoint key {key!r} names layer {layer}, the model has {n}")
             if path not in values:
-                values[path] = jax.jit(lambda: jnp.zeros(target_shape, dtype), out_shardings=sh)()
+                values[path] = jax.jit(lambda: jnp.zeros(target_shape, dt), out_shardings=sh)()
                 filled[path] = set()
             if layer in filled[path]:
                 raise CheckpointError(f"two checkpoint keys map to {path}[{layer}] (second: {key!r})")
             values[path] = _set_layer(values[path], jnp.asarray(arr), layer)
             filled[path].add(layer)
     if unexpected:
-        raise CheckpointError(f"{len(unexpected)} unexpected checkpoint key(s), e.g. {unexpected[:5]}")
+        raise CheckpointError(f"{len(unexpected)} unexpected key(s) in checkpoint, e.g. {unexpected[:5]}")
     missing = []
     for path, var in params.items():
-        shape = var.get_value().shape
+        shape, dt = var.get_value().shape, dtype_for(var)
         if path in filled:
             if path.startswith(stacked_prefixes) and len(filled[path]) != shape[0]:
                 gone = sorted(set(range(shape[0])) - filled[path])
                 missing.append(f"{path} (layers {gone[:8]})")
             continue
         if fill_unloaded is not None:
-            value = fill_unloaded(path, shape, dtype)
+            value = fill_unloaded(path, shape, dt)
             if value is not None:
-                values[path] = jax.device_put(np.asarray(value).astype(dtype), sharding_for(var))
+                values[path] = jax.device_put(np.asarray(value).astype(dt), sharding_for(var))
                 continue
         missing.append(path)
     if missing:
@@ -156,7 +210,8 @@ def export_tensors(model: nnx.Module, rules_out: Callable[[str, int | None], str
 
 def save_sharded(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, *, max_shard_bytes: int = 2 << 30,
                  name: str = "model"):
-    """Writes ``{name}.safetensors`` (one shard) or ``{name}-0000k-of-0000n.safetensors`` + index."""
+    """Writes ``{name}.safetensors`` (one shard) or ``{name}-0000k-of-0000n.safetensors`` + index,
+    replacing any such files already in ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     shards, current, size = [], {}, 0
     for key, arr in tensors:
@@ -167,6 +222,10 @@ def save_sharded(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, *, max
         size += arr.nbytes
     if current or not shards:
         shards.append(_write_temp_shard(current, out_dir, len(shards)))
+    stale = re.compile(re.escape(name) + r"(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+    for f in os.listdir(out_dir):
+        if stale.fullmatch(f):
+            os.remove(os.path.join(out_dir, f))
     n = len(shards)
     if n == 1:
         os.replace(shards[0][0], os.path.join(out_dir, f"{name}.safetensors"))

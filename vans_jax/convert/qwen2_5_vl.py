@@ -16,10 +16,11 @@ import numpy as np
 from flax import nnx
 
 from ..models.layers import resolve_dtype
+from ..models.lora import merge_lora_copy
 from ..models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from ..models.qwen2_5_vl.modeling import LoRAConfig, Qwen2_5_VLModel
-from .loading import export_tensors, load_into, save_sharded
-from .safetensors_io import Checkpoint, CheckpointError
+from .loading import RenamedCheckpoint, export_tensors, load_into, save_sharded
+from .safetensors_io import Checkpoint
 
 _LIN = r"(?P<w>weight|bias)"
 # (checkpoint key regex, our parameter path, transform)
@@ -66,27 +67,6 @@ def normalize_key(key: str) -> str:
     return key
 
 
-class _NormalizedCheckpoint:
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self.names = {}
-        for k in ckpt.keys():
-            n = normalize_key(k)
-            if n in self.names:
-                raise CheckpointError(f"checkpoint holds both {self.names[n]!r} and {k!r} (same tensor in two "
-                                      f"layouts)")
-            self.names[n] = k
-
-    def keys(self):
-        return list(self.names)
-
-    def get(self, k):
-        return self.ckpt.get(self.names[k])
-
-    def shape(self, k):
-        return self.ckpt.shape(self.names[k])
-
-
 def from_pretrained(path: str, dtype="float32", mesh=None, *, lora: LoRAConfig | None = None,
                     attn_impl: str = "xla", remat: str = "none", seed: int = 0,
                     axis_rules=None) -> Qwen2_5_VLModel:
@@ -101,7 +81,7 @@ def from_pretrained(path: str, dtype="float32", mesh=None, *, lora: LoRAConfig |
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path} does not exist")
     cfg = Qwen2_5_VLConfig.from_pretrained(path, dtype=str(np.dtype(jdtype)), attn_impl=attn_impl, remat=remat)
-    ckpt = _NormalizedCheckpoint(Checkpoint(path))
+    ckpt = RenamedCheckpoint(Checkpoint(path), normalize_key)
     if "lm_head.weight" not in ckpt.names:
         cfg.tie_word_embeddings = True  # absent lm_head = tied, as the 3B checkpoint
     abstract = nnx.eval_shape(lambda: Qwen2_5_VLModel(cfg, rngs=nnx.Rngs(seed), lora=lora))
@@ -181,13 +161,3 @@ def export_pretrained(model: Qwen2_5_VLModel, out_dir: str, *, dtype=None, max_s
         hf["dtype"] = "bfloat16" if out_dtype == np.dtype(resolve_dtype("bf16")) else str(out_dtype)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
-
-
-def merge_lora_copy(model: nnx.Module) -> nnx.Module:
-    """A copy of ``model`` with every LoRA adapter merged into its base kernel."""
-    from ..models.lora import merge_lora
-
-    graphdef, state = nnx.split(model)
-    copy = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
-    merge_lora(copy)
-    return copy

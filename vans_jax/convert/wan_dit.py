@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import zlib
-from typing import Iterator, Mapping
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +28,11 @@ import numpy as np
 from flax import nnx
 
 from ..models.layers import LoRAParam, resolve_dtype
+from ..models.lora import merge_lora_copy
 from ..models.wan.dit import WanConfig, WanLoRAConfig, WanTransformer3D
-from ..parallel import DEFAULT_RULES, logical_to_spec
-from .safetensors_io import Checkpoint, CheckpointError, save_file
+from ..parallel import DEFAULT_RULES
+from .loading import RenamedCheckpoint, _flat_params, export_tensors, load_into, open_checkpoint, save_sharded
+from .safetensors_io import CheckpointError
 
 # ----------------------------------------------------------------------------- tables
 # Linear layers: (our module path, diffusers module, original-Wan module). Each expands to
@@ -72,6 +75,7 @@ BLOCK_TENSORS: tuple[tuple[str, str, str, str], ...] = (
 )
 LAYOUTS = ("diffusers", "wan")
 STRIP_PREFIXES = ("dit.", "model.diffusion_model.")
+STACKED = ("blocks.",)   # parameters stacked over the scanned blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,15 +115,20 @@ def key_table(cfg: WanConfig, layout: str = "diffusers") -> dict[str, Entry]:
     return table
 
 
+def load_rules(layout: str = "diffusers") -> list[tuple[str, str, str]]:
+    """The tables as ``loading.load_into`` rules (regex on the prefix-stripped key, our path, transform)."""
+    rules = [(re.escape(key), path, tf) for path, key, tf in _expand(GLOBAL_LINEARS, GLOBAL_TENSORS, layout)]
+    rules += [(r"blocks\.(?P<i>\d+)\." + re.escape(key), f"blocks.{path}", tf)
+              for path, key, tf in _expand(BLOCK_LINEARS, BLOCK_TENSORS, layout)]
+    return rules
+
+
 # ----------------------------------------------------------------------------- transforms
-
-
-def _to_ours(a: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "linear":
-        return a.T
-    if transform == "conv3d":
-        return a.reshape(a.shape[0], -1).T
-    return a
+TRANSFORMS = {
+    "identity": lambda a: a,
+    "linear": lambda a: a.T,                           # torch (out, in) -> (in, out)
+    "conv3d": lambda a: a.reshape(a.shape[0], -1).T,   # (D, C, t, h, w) -> (C*t*h*w, D)
+}
 
 
 def _to_torch(a: np.ndarray, transform: str, cfg: WanConfig) -> np.ndarray:
@@ -160,14 +169,14 @@ def detect_layout(keys) -> str:
 
 def infer_config(ckpt, **overrides) -> WanConfig:
     """A WanConfig from tensor shapes (either layout); heads = dim / 128 unless overridden."""
-    names = {strip_prefix(k): k for k in ckpt.keys()}
-    layout = detect_layout(names)
-    col = LAYOUTS.index(layout)
+    view = _stripped(ckpt)
+    names = view.names
+    col = LAYOUTS.index(detect_layout(names))
 
     def shape(k):
         if k not in names:
             raise CheckpointError(f"cannot infer the DiT config: key {k!r} missing")
-        return tuple(ckpt.shape(names[k]))
+        return tuple(view.shape(k))
 
     pe = shape("patch_embedding.weight")
     dim, in_ch, patch = pe[0], pe[1], tuple(pe[2:])
@@ -184,18 +193,14 @@ def infer_config(ckpt, **overrides) -> WanConfig:
     return WanConfig(**kw)
 
 
-def _path_str(path) -> str:
-    return ".".join(str(p) for p in path)
+def _stripped(src) -> RenamedCheckpoint:
+    """The checkpoint with its ``dit.`` / ``model.diffusion_model.`` prefixes stripped."""
+    return RenamedCheckpoint(open_checkpoint(src), strip_prefix)
 
 
 def _model_params(state) -> dict[str, nnx.Variable]:
     """Flat {path: Variable} of the base (non-LoRA) parameters."""
-    out = {}
-    for path, var in nnx.to_flat_state(state):
-        if isinstance(var, LoRAParam):
-            continue
-        out[_path_str(path)] = var
-    return out
+    return {p: v for p, v in _flat_params(state).items() if not isinstance(v, LoRAParam)}
 
 
 def check_coverage(ckpt, cfg: WanConfig, layout: str | None = None, *, model_state=None) -> dict[str, tuple]:
@@ -203,13 +208,8 @@ def check_coverage(ckpt, cfg: WanConfig, layout: str | None = None, *, model_sta
     {checkpoint key (as stored): (Entry, stored key)} -- stored keys may carry a prefix.
 
     Raises CheckpointError listing missing, unexpected and mis-shaped keys."""
-    ckpt = _open(ckpt)
-    stored = {}
-    for k in ckpt.keys():
-        s = strip_prefix(k)
-        if s in stored:
-            raise CheckpointError(f"duplicate key {s!r} after prefix stripping ({stored[s]!r} and {k!r})")
-        stored[s] = k
+    view = _stripped(ckpt)
+    stored = view.names
     layout = layout or detect_layout(stored)
     table = key_table(cfg, layout)
     if model_state is None:
@@ -233,7 +233,7 @@ def check_coverage(ckpt, cfg: WanConfig, layout: str | None = None, *, model_sta
         if e.layer is not None:
             our = our[1:]
         want = _torch_shape(our, e.transform, cfg)
-        got = tuple(ckpt.shape(stored[k]))
+        got = tuple(view.shape(k))
         if got != want:
             bad_shape.append(f"{stored[k]!r}: checkpoint {got}, model expects {want}")
     msgs = []
@@ -252,51 +252,20 @@ def check_coverage(ckpt, cfg: WanConfig, layout: str | None = None, *, model_sta
 # ----------------------------------------------------------------------------- loading
 
 
-class _DictCheckpoint:
-    """A {key: array} mapping with the Checkpoint interface (for in-memory state dicts)."""
+def _init_lora(key):
+    """``fill_unloaded`` for ``load_into``: PEFT's LoRA init (as ``Linear.add_lora``),
+    A ~ U(+-1/sqrt(in)), B = 0, stacked over layers; None for any other parameter."""
 
-    def __init__(self, tensors: Mapping[str, np.ndarray]):
-        self.tensors = tensors
+    def fill(path, shape, dtype):
+        if path.endswith(".lora_b"):
+            return np.zeros(shape, dtype)
+        if not path.endswith(".lora_a"):
+            return None
+        bound = 1.0 / np.sqrt(shape[-2])
+        k = jax.random.fold_in(key, zlib.crc32(path.encode()))
+        return np.asarray(jax.random.uniform(k, shape, jnp.float32, -bound, bound)).astype(dtype)
 
-    def keys(self):
-        return list(self.tensors)
-
-    def shape(self, key):
-        return tuple(np.shape(self.tensors[key]))
-
-    def get(self, key):
-        return np.asarray(self.tensors[key])
-
-
-def _open(src):
-    if isinstance(src, (str, os.PathLike)):
-        return Checkpoint(os.fspath(src))
-    if isinstance(src, Mapping):
-        return _DictCheckpoint(src)
-    return src
-
-
-def _sharding(axes, shape, mesh, rules):
-    if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.sharding.NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
-
-
-def _var_axes(var, ndim):
-    axes = var.get_metadata().get("axes")
-    if axes is None:
-        return None
-    axes = tuple(axes)
-    return ("layers",) * (ndim - len(axes)) + axes
-
-
-def _init_lora(path, shape, dtype, key):
-    """PEFT's LoRA init (as ``Linear.add_lora``): A ~ U(+-1/sqrt(in)), B = 0; stacked over layers."""
-    if path[-1] == "lora_b":
-        return np.zeros(shape, dtype)
-    key = jax.random.fold_in(key, zlib.crc32(_path_str(path).encode()))
-    bound = 1.0 / np.sqrt(shape[-2])
-    return np.asarray(jax.random.uniform(key, shape, jnp.float32, -bound, bound)).astype(dtype)
+    return fill
 
 
 def load_dit(src, config: WanConfig | None = None, dtype=None, mesh=None, *, rules=DEFAULT_RULES,
@@ -309,10 +278,10 @@ def load_dit(src, config: WanConfig | None = None, dtype=None, mesh=None, *, rul
     (``dit.`` / ``model.diffusion_model.`` prefixes are stripped).
     config: defaults to the directory's config.json, else it is inferred from tensor shapes.
     dtype: parameter and compute dtype (the modulation tables, time MLP and norms stay fp32).
-    mesh: place each parameter directly with the sharding of its logical axes.
+    mesh: place each parameter directly with the sharding of its logical axes (``rules``).
     lora: also add (freshly initialized) LoRA adapters.
     """
-    ckpt = _open(src)
+    ckpt = open_checkpoint(src)
     if config is None:
         cfg_path = os.path.join(os.fspath(src), "config.json") if isinstance(src, (str, os.PathLike)) else None
         if cfg_path and os.path.isfile(cfg_path):
@@ -326,112 +295,35 @@ def load_dit(src, config: WanConfig | None = None, dtype=None, mesh=None, *, rul
         config = dataclasses.replace(config, **config_overrides)
 
     abstract = nnx.eval_shape(lambda: WanTransformer3D(config, rngs=nnx.Rngs(lora_seed), lora=lora))
-    graphdef, state = nnx.split(abstract)
-    entries = check_coverage(ckpt, config, layout, model_state=nnx.state(abstract, nnx.Param))
-
-    by_path: dict[str, list] = {}
-    for key, (entry, stored) in entries.items():
-        by_path.setdefault(entry.path, []).append((entry, stored))
-
-    lora_key = jax.random.key(lora_seed)
-
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        p = _path_str(path)
-        shape, vdtype = tuple(var.get_value().shape), var.get_value().dtype
-        sharding = _sharding(_var_axes(var, len(shape)), shape, mesh, rules)
-        if isinstance(var, LoRAParam):
-            value = jax.device_put(_init_lora(path, shape, vdtype, lora_key), sharding)
-        elif p in by_path:
-            items = by_path[p]
-            host = np.empty(shape, dtype=vdtype)
-            for entry, stored in items:  # stacked params: one layer at a time
-                a = _to_ours(ckpt.get(stored), entry.transform)
-                if entry.layer is None:
-                    host[...] = a.astype(vdtype)
-                else:
-                    host[entry.layer] = a.astype(vdtype)
-            value = jax.make_array_from_callback(shape, sharding, lambda idx, h=host: h[idx])
-            del host
-        else:
-            raise CheckpointError(f"model variable {p!r} has no checkpoint mapping")
-        flat.append((path, var.replace(value)))
-    state = nnx.from_flat_state(flat)
-    return nnx.merge(graphdef, state)
+    view = _stripped(ckpt)
+    layout = layout or detect_layout(view.keys())
+    check_coverage(ckpt, config, layout, model_state=nnx.state(abstract, nnx.Param))  # names stored keys
+    return load_into(abstract, view, load_rules(layout), TRANSFORMS, mesh=mesh, axis_rules=rules,
+                     fill_unloaded=_init_lora(jax.random.key(lora_seed)), stacked_prefixes=STACKED)
 
 
 # ----------------------------------------------------------------------------- export
 
 
-def _get_module(model, path: str):
-    obj = model
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def iter_dit_tensors(model: WanTransformer3D, layout: str = "diffusers", dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, torch-layout numpy array) for every checkpoint tensor; LoRA adapters are merged."""
+    """(key, torch-layout numpy array) for every checkpoint tensor, one at a time (stacked
+    parameters per layer); LoRA adapters are merged (``model`` is not changed)."""
     cfg = model.cfg
-    table = key_table(cfg, layout)
-    cache: dict[str, np.ndarray] = {}
-
-    def value(path: str) -> np.ndarray:
-        if path in cache:
-            return cache[path]
-        mod_path, leaf = path.rsplit(".", 1) if "." in path else ("", path)
-        mod = _get_module(model, mod_path) if mod_path else model
-        a = getattr(mod, leaf)[...]
-        if leaf == "kernel" and getattr(mod, "lora_a", None) is not None:
-            delta = jnp.einsum("...ir,...ro->...io", mod.lora_a[...].astype(jnp.float32),
-                               mod.lora_b[...].astype(jnp.float32)) * mod.lora_scale
-            a = (a.astype(jnp.float32) + delta).astype(a.dtype)
-        a = np.asarray(jax.device_get(a))
-        cache.clear()
-        cache[path] = a
-        return a
-
-    # group per param so each stacked array is fetched once
-    order = sorted(table.values(), key=lambda e: (e.path, -1 if e.layer is None else e.layer))
-    for e in order:
-        a = value(e.path)
-        if e.layer is not None:
-            a = a[e.layer]
-        a = _to_torch(a, e.transform, cfg)
-        if dtype is not None:
-            a = a.astype(resolve_dtype(dtype))
-        yield e.key, a
+    table = key_table(cfg, layout).values()
+    keys = {(e.path, e.layer): e.key for e in table}   # LoRA adapters have none: not exported
+    transform_of = {e.path: e.transform for e in table}
+    cast = (lambda a: a) if dtype is None else (lambda a: a.astype(resolve_dtype(dtype)))
+    transforms = {name: (lambda a, name=name: cast(_to_torch(a, name, cfg))) for name in TRANSFORMS}
+    return export_tensors(merge_lora_copy(model), lambda path, layer: keys.get((path, layer)), transforms,
+                          STACKED, transform_of.__getitem__)
 
 
 def export_dit_diffusers(model: WanTransformer3D, out_dir: str, *, dtype=None,
                          max_shard_bytes: int = 5 * 1024 ** 3) -> str:
     """Writes ``model`` as a diffusers ``WanTransformer3DModel`` directory (config.json +
     diffusion_pytorch_model[-0000i-of-0000n].safetensors [+ index]); returns out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    sizes = [0]
-    for key, a in iter_dit_tensors(model, "diffusers", dtype):
-        a = np.asarray(a)
-        if sizes[-1] and sizes[-1] + a.nbytes > max_shard_bytes:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][key] = a
-        sizes[-1] += a.nbytes
-    base = "diffusion_pytorch_model"
-    for f in os.listdir(out_dir):
-        if f.startswith(base) and (f.endswith(".safetensors") or f.endswith(".safetensors.index.json")):
-            os.remove(os.path.join(out_dir, f))
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, f"{base}.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        n = len(shards)
-        for i, shard in enumerate(shards):
-            fname = f"{base}-{i + 1:05d}-of-{n:05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-        with open(os.path.join(out_dir, f"{base}.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}, f, indent=2)
+    save_sharded(iter_dit_tensors(model, "diffusers", dtype), out_dir, max_shard_bytes=max_shard_bytes,
+                 name="diffusion_pytorch_model")
     cfg = model.cfg.to_diffusers_config()
     cfg["_diffusers_version"] = _diffusers_version()
     with open(os.path.join(out_dir, "config.json"), "w") as f:

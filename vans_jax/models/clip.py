@@ -16,15 +16,16 @@ Numerically follows ``transformers.CLIPModel``:
 
 Encoder layers are stacked on a leading axis and applied with ``jax.lax.scan``.
 Weights stream from a Hugging Face ``save_pretrained`` directory through
-``vans_jax.convert.safetensors_io.Checkpoint`` following ``weight_mapping(config)``, a table of
-(checkpoint key, parameter path, transform); ``from_pretrained`` checks the coverage both ways and
-raises ``CheckpointError`` naming the first missing, unexpected or mis-shaped key.
+``vans_jax.convert.loading.load_into`` (one tensor at a time onto its devices) following the tables
+below (checkpoint key, parameter path, transform); ``from_pretrained`` checks the coverage both ways
+and raises ``CheckpointError`` naming a missing, unexpected or mis-shaped key.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 from typing import Sequence
 
 import jax
@@ -32,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vans_jax.convert.loading import export_tensors, load_into
 from vans_jax.convert.safetensors_io import Checkpoint, CheckpointError
 from vans_jax.models.layers import Embed, LayerNorm, Linear, attention, resolve_dtype, scan_layers, stack_layers
-from vans_jax.parallel import DEFAULT_RULES, logical_to_spec, variable_axes
+from vans_jax.parallel import DEFAULT_RULES
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -360,7 +362,7 @@ _GLOBAL_TABLE: tuple[tuple[str, str, str], ...] = (
     ("vision_model.post_layernorm.bias", "vision_model.post_layernorm.bias", "none"),
     ("visual_projection.weight", "visual_projection.kernel", "linear"),
     ("text_projection.weight", "text_projection.kernel", "linear"),
-    ("logit_scale", "logit_scale", "none"),
+    ("logit_scale", "logit_scale", "scalar"),
 )
 
 # checkpoint keys that may be present and carry no parameter (old non-persistent buffers)
@@ -371,7 +373,7 @@ IGNORED_KEY_SUFFIXES = ("embeddings.position_ids",)
 class MappingEntry:
     param: str                    # dotted parameter path in CLIPModel
     keys: tuple[str, ...]         # checkpoint keys, one per layer for stacked parameters
-    transform: str                # "none" | "linear" (transpose) | "conv" (OIHW -> (I*H*W, O))
+    transform: str                # a ``TRANSFORMS`` name: "none" | "linear" | "conv" | "scalar"
 
     @property
     def stacked(self) -> bool:
@@ -389,96 +391,46 @@ def weight_mapping(config: CLIPConfig) -> list[MappingEntry]:
     return out
 
 
-def _transform(a: np.ndarray, how: str) -> np.ndarray:
-    if how == "none":
-        return a
-    if how == "linear":
-        return a.T
-    if how == "conv":
-        return a.reshape(a.shape[0], -1).T
-    raise ValueError(f"unknown transform {how!r}")
-
-
-def _transformed_shape(shape: tuple, how: str) -> tuple:
-    if how == "linear":
-        return tuple(reversed(shape)) if len(shape) == 2 else ("not 2-d", shape)
-    if how == "conv":
-        return (int(np.prod(shape[1:])), shape[0]) if len(shape) == 4 else ("not 4-d", shape)
-    return tuple(shape)
-
-
-def load_weights(model_abstract: CLIPModel, ckpt: Checkpoint, *, dtype=None, mesh=None, rules=DEFAULT_RULES):
-    """Fills an abstract (``nnx.eval_shape``) CLIPModel from ``ckpt``, one tensor at a time.
-    Raises CheckpointError on a missing, unexpected or mis-shaped key."""
-    config = model_abstract.config
-    graphdef, state = nnx.split(model_abstract)
-    flat = list(nnx.to_flat_state(state))
-    by_path = {".".join(str(k) for k in path): (path, var) for path, var in flat}
-    table = weight_mapping(config)
-    covered = {e.param for e in table}
-    uncovered = sorted(set(by_path) - covered)
-    if uncovered:  # a programming error: the table lags the module
-        raise CheckpointError(f"CLIP mapping table does not cover parameter {uncovered[0]!r}")
-    ck_keys = set(ckpt.keys())
-    expected = {k for e in table for k in e.keys}
-    unexpected = sorted(k for k in ck_keys - expected if not k.endswith(IGNORED_KEY_SUFFIXES))
-    if unexpected:
-        raise CheckpointError(f"unexpected key {unexpected[0]!r} in CLIP checkpoint "
-                              f"({len(unexpected)} unexpected in all)")
-    for e in table:  # check everything before loading anything
-        _, var = by_path[e.param]
-        want = tuple(var.get_value().shape)
-        for k in e.keys:
-            if k not in ck_keys:
-                raise CheckpointError(f"missing key {k!r} in CLIP checkpoint (for parameter {e.param})")
-            got = _transformed_shape(ckpt.shape(k), e.transform)
-            per = want[1:] if e.stacked else want
-            if per == () and tuple(got) == (1,):
-                continue  # a scalar (logit_scale) stored as shape (1,) by some writers
-            if tuple(got) != tuple(per):
-                raise CheckpointError(f"key {k!r} has shape {ckpt.shape(k)}, which does not fit parameter "
-                                      f"{e.param} of shape {want}")
-    new_flat = []
-    for e in table:
-        path, var = by_path[e.param]
-        target = var.get_value().dtype if dtype is None or e.param == "logit_scale" else resolve_dtype(dtype)
-        arrs = [np.asarray(_transform(ckpt.get(k), e.transform)) for k in e.keys]
-        a = np.stack(arrs) if e.stacked else arrs[0]
-        a = np.ascontiguousarray(a).astype(target).reshape(var.get_value().shape)
-        if mesh is not None:
-            spec = logical_to_spec(variable_axes(var), rules, mesh, a.shape)
-            a = jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
-        else:
-            a = jnp.asarray(a)
-        new_flat.append((path, var.replace(a)))
-    return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+# ``load_into`` rules (regex on the checkpoint key, parameter path, transform) from the tables
+RULES = [(re.escape(k), p, t) for k, p, t in _GLOBAL_TABLE] + [
+    (r"(?P<tower>text_model|vision_model)\.encoder\.layers\.(?P<i>\d+)\." + re.escape(k), "{tower}.layers." + p, t)
+    for k, p, t in _LAYER_TABLE]
+STACKED = ("text_model.layers.", "vision_model.layers.")
+TRANSFORMS = {
+    "none": lambda a: a,
+    "linear": lambda a: a.T,
+    "conv": lambda a: a.reshape(a.shape[0], -1).T,        # OIHW -> (I*H*W, O)
+    "scalar": lambda a: a.reshape(()) if a.shape == (1,) else a,  # some writers store a scalar as (1,)
+}
 
 
 def from_pretrained(local_dir: str, dtype="float32", mesh=None, *, rules=DEFAULT_RULES, remat="none",
                     attn_impl: str | None = None) -> CLIPModel:
-    """Builds a CLIPModel from a local Hugging Face CLIP directory (config.json + safetensors)."""
+    """Builds a CLIPModel from a local Hugging Face CLIP directory (config.json + safetensors),
+    streaming each tensor onto its devices (sharded by ``rules`` on ``mesh``)."""
     overrides = {} if attn_impl is None else {"attn_impl": attn_impl}
     config = CLIPConfig.from_pretrained(local_dir, **overrides)
+    ckpt = Checkpoint(local_dir)
+    present = set(ckpt.keys())
+    missing = [k for e in weight_mapping(config) for k in e.keys if k not in present]
+    if missing:
+        raise CheckpointError(f"missing key {missing[0]!r} in CLIP checkpoint ({len(missing)} missing in all)")
     abstract = nnx.eval_shape(lambda: CLIPModel(config, dtype=dtype, rngs=nnx.Rngs(0), remat=remat))
-    return load_weights(abstract, Checkpoint(local_dir), dtype=dtype, mesh=mesh, rules=rules)
+    return load_into(abstract, ckpt, RULES, TRANSFORMS, mesh=mesh, axis_rules=rules,
+                     skip=lambda k: k.endswith(IGNORED_KEY_SUFFIXES), stacked_prefixes=STACKED)
 
 
 def export_state_dict(model: CLIPModel) -> dict[str, np.ndarray]:
     """The inverse of the mapping table: Hugging Face keys -> numpy arrays (for round trips)."""
-    _, state = nnx.split(model)
-    by_path = {".".join(str(k) for k in p): v for p, v in nnx.to_flat_state(state)}
-    out = {}
+    c, p = model.config.vision.num_channels, model.config.vision.patch_size
+    keys, transform_of = {}, {}
     for e in weight_mapping(model.config):
-        a = np.asarray(by_path[e.param].get_value())
-        parts = list(a) if e.stacked else [a]
-        for k, x in zip(e.keys, parts):
-            if e.transform == "linear":
-                x = x.T
-            elif e.transform == "conv":
-                c, p = model.config.vision.num_channels, model.config.vision.patch_size
-                x = x.T.reshape(x.shape[1], c, p, p)
-            out[k] = np.ascontiguousarray(x)
-    return out
+        transform_of[e.param] = e.transform
+        keys.update({(e.param, i if e.stacked else None): k for i, k in enumerate(e.keys)})
+    transforms = {"none": lambda a: a, "scalar": lambda a: a, "linear": lambda a: np.ascontiguousarray(a.T),
+                  "conv": lambda a: np.ascontiguousarray(a.T.reshape(a.shape[1], c, p, p))}
+    return dict(export_tensors(model, lambda path, layer: keys[(path, layer)], transforms, STACKED,
+                               transform_of.__getitem__))
 
 
 # --------------------------------------------------------------------------------------------

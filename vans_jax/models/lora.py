@@ -12,7 +12,7 @@ from flax import nnx
 
 from .layers import Linear, LoRAParam
 
-__all__ = ["LoRAParam", "lora_state", "without_lora", "merge_lora", "has_lora"]
+__all__ = ["LoRAParam", "lora_state", "without_lora", "merge_lora", "merge_lora_copy", "has_lora"]
 
 
 def lora_state(model: nnx.Module) -> nnx.State:
@@ -42,3 +42,11 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         if isinstance(node, Linear) and node.lora_a is not None:
             node.merge_lora()
     return model
+
+
+def merge_lora_copy(model: nnx.Module) -> nnx.Module:
+    """A copy of ``model`` with every LoRA adapter merged into its base kernel (``model`` is
+    not changed)."""
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+    return merge_lora(copy)
