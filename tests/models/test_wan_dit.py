@@ -13,6 +13,7 @@ from flax import nnx
 
 from vans_jax.convert.safetensors_io import Checkpoint, CheckpointError, save_file
 from vans_jax.convert.wan_dit import check_coverage, export_dit_diffusers, key_table, load_dit
+from vans_jax.models.wan import WanConfig, WanLoRAConfig
 
 diffusers = pytest.importorskip("diffusers")
 
