@@ -67,8 +67,10 @@ def test_config_from_save_pretrained(vae, vae_dir):
     m.load_state_dict({k: torch.from_numpy(np.array(ck.get(k))) for k in ck.keys()}, strict=True)
 
 
-@pytest.mark.parametrize("batch,frames", [(2, 5), (1, 9)])
-def test_encode_matches_diffusers(vae, ref_model, batch, frames):
+# (40, 56): odd latent sizes 5 x 7 through every stride-2 stage
+@pytest.mark.parametrize("batch,frames,hw", [(2, 5, (H, W)), (1, 9, (40, 56))])
+def test_encode_matches_diffusers(vae, ref_model, batch, frames, hw):
+    H, W = hw
     x = np.random.default_rng(frames).uniform(-1, 1, (batch, 3, frames, H, W)).astype(np.float32)
     post = _encode(vae, jnp.asarray(x))
     with torch.no_grad():
@@ -79,8 +81,9 @@ def test_encode_matches_diffusers(vae, ref_model, batch, frames):
     assert rel_err(post.logvar, ref.logvar.numpy()) < 1e-4
 
 
-@pytest.mark.parametrize("batch,latent_frames", [(2, 2), (1, 3)])
-def test_decode_matches_diffusers(vae, ref_model, batch, latent_frames):
+@pytest.mark.parametrize("batch,latent_frames,hw", [(2, 2, (H, W)), (1, 3, (40, 56))])
+def test_decode_matches_diffusers(vae, ref_model, batch, latent_frames, hw):
+    H, W = hw
     z = np.random.default_rng(latent_frames).standard_normal((batch, 4, latent_frames, H // 8, W // 8))
     z = z.astype(np.float32)
     out = np.asarray(_decode(vae, jnp.asarray(z)))
