@@ -98,3 +98,24 @@ def test_export_merges_lora_and_transformers_agrees(setup, tmp_path):
     valid = batch["attention_mask"].astype(bool)
     assert model.layers.q_proj.lora_a is not None  # export did not modify the model
     assert tiny.rel_err(logits(model, batch)[valid], ref[valid]) < 1e-4
+
+
+def test_remat_policies_give_the_same_gradients(setup):
+    d, _, _, _, batch = setup
+    grads = {}
+    for policy in ("none", "full", "dots"):
+        model = qwen.from_pretrained(d, lora=qwen.LoRAConfig(rank=4, alpha=16, dropout=0.0), remat=policy)
+        randomize_lora_b(model, seed=3)
+        prepared = qwen.prepare_inputs(model.config, *[batch[k] for k in KEYS])
+        graphdef, lora_params, rest = nnx.split(model, LoRAParam, ...)
+
+        def loss(lp):
+            m = nnx.merge(graphdef, lp, rest)
+            out = m.forward_arrays(prepared["input_ids"], prepared["attention_mask"], prepared["position_ids"],
+                                   prepared["video"], prepared["image"])
+            return jnp.mean(out ** 2)
+
+        grads[policy] = jax.tree.leaves(jax.jit(jax.grad(loss))(lora_params))
+    for policy in ("full", "dots"):
+        for a, b in zip(grads["none"], grads[policy]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
