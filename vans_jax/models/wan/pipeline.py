@@ -1,0 +1,384 @@
+"""Wan2.1 text-to-video generation with VANS reference-frame conditioning.
+
+* ``from_pretrained(path)`` loads a diffusers-format Wan directory (``transformer/``, ``vae/``,
+  ``text_encoder/``, ``tokenizer/``, optional ``scheduler/``) into a ``WanModels`` holder; ``dit_path``
+  swaps the transformer for any DiT checkpoint ``convert.wan_dit.load_dit`` reads (e.g. the released
+  VANS ``vdm.safetensors``, original-Wan keys with a ``dit.`` prefix).
+* ``reference_latents(models, clip)`` turns an input clip (uint8 frames) into the VANS conditioning:
+  VAE posterior mean, normalized, at latent frames ``floor(linspace(0, T_lat - 1, n_ref))``.
+* ``generate(models, captions, ref_latents=...)`` samples with ``sampling.flow.sample`` (one jitted
+  scan; CFG batched; the clean references are prepended on the time axis at every step and their
+  outputs dropped) and decodes with the VAE. Without ``ref_latents`` it is plain Wan T2V and matches
+  diffusers' ``WanPipeline`` step for step (UniPC, same initial noise).
+
+Every jitted piece (text encoder, sampler, VAE encode/decode) is a module-level function keyed on
+the model's graph definition, so repeated calls with the same shapes never recompile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ...sampling import flow
+from .text import DEFAULT_MAX_LENGTH, NegativePromptCache, encode_prompts, load_tokenizer
+
+__all__ = ["SchedulerSettings", "WanModels", "from_pretrained", "ref_frame_indices", "encode_video",
+           "reference_latents", "encode_text", "decode_latents", "generate", "check_generation_size",
+           "DEFAULT_NUM_REF", "DEFAULT_HEIGHT", "DEFAULT_WIDTH", "DEFAULT_NUM_FRAMES"]
+
+DEFAULT_NUM_REF = 6
+DEFAULT_HEIGHT = 352
+DEFAULT_WIDTH = 640
+DEFAULT_NUM_FRAMES = 33
+OUTPUT_TYPES = ("uint8", "float", "latent")
+REQUIRED_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer")
+
+
+# ----------------------------------------------------------------------------- scheduler settings
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerSettings:
+    """The parts of a diffusers scheduler config the samplers here use or assume.
+
+    ``flow.sample(mode="unipc")`` is diffusers' ``UniPCMultistepScheduler`` with exactly the
+    values below except ``flow_shift`` (Wan's shipped config; VANS samples with shift 5).
+    Without a ``scheduler/`` folder the defaults apply."""
+    class_name: str = "UniPCMultistepScheduler"
+    flow_shift: float = 5.0
+    num_train_timesteps: int = 1000
+    prediction_type: str = "flow_prediction"
+    use_flow_sigmas: bool = True
+    solver_order: int = 2
+    solver_type: str = "bh2"
+    lower_order_final: bool = True
+    final_sigmas_type: str = "zero"
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "SchedulerSettings":
+        kw = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg and cfg[f.name] is not None}
+        if "_class_name" in cfg:
+            kw["class_name"] = cfg["_class_name"]
+        if "flow_shift" not in kw and cfg.get("shift") is not None:   # FlowMatchEulerDiscreteScheduler
+            kw["flow_shift"] = cfg["shift"]
+        kw["flow_shift"] = float(kw.get("flow_shift", cls.flow_shift))
+        kw["num_train_timesteps"] = int(kw.get("num_train_timesteps", cls.num_train_timesteps))
+        return cls(**kw)
+
+    @classmethod
+    def from_dir(cls, scheduler_dir: str) -> "SchedulerSettings":
+        """From ``scheduler_dir/scheduler_config.json``; the defaults when it does not exist."""
+        f = os.path.join(scheduler_dir, "scheduler_config.json")
+        if not os.path.isfile(f):
+            return cls()
+        with open(f) as fh:
+            return cls.from_config(json.load(fh))
+
+    def unipc_mismatches(self) -> list[str]:
+        """Settings in which this scheduler differs from what ``flow.sample(mode="unipc")`` computes."""
+        ref = SchedulerSettings()
+        return [f"{f.name}={getattr(self, f.name)!r} (sampler: {getattr(ref, f.name)!r})"
+                for f in dataclasses.fields(self) if f.name != "flow_shift" and getattr(self, f.name) != getattr(ref, f.name)]
+
+
+# ----------------------------------------------------------------------------- holder + loading
+
+
+@dataclasses.dataclass
+class WanModels:
+    """Everything ``generate`` needs: the DiT, the VAE, the UMT5 encoder, its tokenizer and the
+    scheduler settings. Negative-prompt embeddings are cached here (encoded once per prompt)."""
+    dit: Any            # WanTransformer3D
+    vae: Any            # WanVAE
+    text_encoder: Any   # UMT5Encoder
+    tokenizer: Any
+    scheduler: SchedulerSettings = dataclasses.field(default_factory=SchedulerSettings)
+    _negative: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.dit.cfg.in_channels)
+
+    @property
+    def temporal_factor(self) -> int:
+        return int(self.vae.cfg.temporal_compression)
+
+    @property
+    def spatial_factor(self) -> int:
+        return int(self.vae.cfg.spatial_compression)
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this (VAE factor x DiT patch: 16 for Wan)."""
+        _, ph, pw = self.dit.cfg.patch_size
+        return self.spatial_factor * int(np.lcm(ph, pw))
+
+    @property
+    def text_len(self) -> int:
+        return int(getattr(self.dit.cfg, "text_len", DEFAULT_MAX_LENGTH))
+
+    def negative_embeddings(self, negative_prompt: str = "", batch_size: int = 1, max_length: int | None = None):
+        """(batch_size, max_length, d) embeddings of ``negative_prompt``, encoded once and cached."""
+        max_length = self.text_len if max_length is None else int(max_length)
+        key = (negative_prompt, max_length)
+        if key not in self._negative:
+            self._negative[key] = NegativePromptCache(self.text_encoder, self.tokenizer, negative_prompt, max_length)
+        return self._negative[key].get(batch_size)
+
+
+def _load_transformer(path: str, dit_path, dtype, mesh):
+    from ...convert.safetensors_io import CheckpointError
+    from ...convert.wan_dit import load_dit
+    from .dit import WanConfig
+
+    if dit_path is None:
+        return load_dit(os.path.join(path, "transformer"), dtype=dtype, mesh=mesh)
+    dit_path = os.fspath(dit_path)
+    if not os.path.exists(dit_path):
+        raise FileNotFoundError(f"dit_path {dit_path} does not exist")
+    own_cfg = os.path.isdir(dit_path) and os.path.isfile(os.path.join(dit_path, "config.json"))
+    base_cfg = os.path.join(path, "transformer", "config.json")
+    if own_cfg or not os.path.isfile(base_cfg):
+        return load_dit(dit_path, dtype=dtype, mesh=mesh)   # its own config.json, else inferred from shapes
+    # a bare checkpoint (e.g. VANS vdm.safetensors): a fine-tune of the base transformer, so take its
+    # config (the head count cannot be read off tensor shapes); fall back to inference if it does not fit
+    try:
+        return load_dit(dit_path, config=WanConfig.from_diffusers_config(base_cfg), dtype=dtype, mesh=mesh)
+    except CheckpointError as e:
+        warnings.warn(f"{dit_path} does not fit {base_cfg} ({str(e)[:200]}); inferring the DiT config from "
+                      f"tensor shapes (num_heads = dim / 128)")
+        return load_dit(dit_path, dtype=dtype, mesh=mesh)
+
+
+def from_pretrained(path, dtype="float32", mesh=None, *, dit_path=None, vae_dtype="float32",
+                    text_dtype=None) -> WanModels:
+    """Loads a local diffusers-format Wan pipeline directory into ``WanModels``.
+
+    path: directory with ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` (all required,
+    except ``transformer/`` when ``dit_path`` is given) and optionally ``scheduler/`` (its
+    ``scheduler_config.json`` gives ``flow_shift`` etc.; defaults otherwise).
+    dtype: DiT parameter/compute dtype; text_dtype defaults to ``dtype``; vae_dtype to float32 (as Wan's
+    reference code and diffusers' examples run the VAE; None: follow ``dtype``).
+    mesh: a ``jax.sharding.Mesh``; parameters are placed with their logical-axis sharding.
+    dit_path: a DiT checkpoint replacing ``transformer/`` -- a diffusers model directory, or a
+    safetensors file/directory in either key layout (``dit.`` prefixes stripped). A bare file takes
+    its config from ``transformer/config.json`` when present.
+    """
+    from ...convert import umt5 as umt5_convert
+    from ...convert.wan_vae import load_vae
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Wan pipeline directory {path} does not exist")
+    need = [s for s in REQUIRED_SUBFOLDERS if not (s == "transformer" and dit_path is not None)]
+    missing = [s for s in need if not os.path.isdir(os.path.join(path, s))]
+    if missing:
+        hint = " (or pass dit_path= for the transformer)" if "transformer" in missing else ""
+        raise FileNotFoundError(
+            f"{path} is not a complete diffusers Wan directory: missing subfolder(s) "
+            f"{', '.join(m + '/' for m in missing)}; expected transformer/, vae/, text_encoder/, tokenizer/ "
+            f"and optionally scheduler/{hint}")
+    scheduler = SchedulerSettings.from_dir(os.path.join(path, "scheduler"))
+    dit = _load_transformer(path, dit_path, dtype, mesh)
+    vae = load_vae(os.path.join(path, "vae"), vae_dtype or dtype, mesh)
+    text_encoder = umt5_convert.from_pretrained(os.path.join(path, "text_encoder"), text_dtype or dtype, mesh)
+    tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
+    if dit.cfg.in_channels != vae.cfg.z_dim:
+        raise ValueError(f"the DiT takes {dit.cfg.in_channels} latent channels, the VAE has z_dim={vae.cfg.z_dim}")
+    if dit.cfg.text_dim != text_encoder.config.d_model:
+        raise ValueError(f"the DiT's text_dim {dit.cfg.text_dim} != the text encoder's d_model "
+                         f"{text_encoder.config.d_model}")
+    return WanModels(dit=dit, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+# ----------------------------------------------------------------------------- jitted pieces
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode_jit(graphdef, state, video):
+    vae = nnx.merge(graphdef, state)
+    return vae.normalize_latents(vae.encode(video).mean.astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "output_type"))
+def _decode_jit(graphdef, state, latents, output_type):
+    vae = nnx.merge(graphdef, state)
+    video = vae.decode(vae.denormalize_latents(latents.astype(jnp.float32)))      # (B, C, F, H, W) in [-1, 1]
+    video = jnp.clip(video.astype(jnp.float32).transpose(0, 2, 3, 4, 1) * 0.5 + 0.5, 0.0, 1.0)
+    if output_type == "uint8":
+        return jnp.round(video * 255.0).astype(jnp.uint8)
+    return video
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def ref_frame_indices(num_latent_frames: int, n_ref: int = DEFAULT_NUM_REF) -> np.ndarray:
+    """VANS reference latent frames: ``floor(linspace(0, T_lat - 1, n_ref))`` (repeats when n_ref > T_lat).
+    For a 33-frame clip (9 latent frames) and n_ref = 6: [0, 1, 3, 4, 6, 8]."""
+    if num_latent_frames < 1 or n_ref < 1:
+        raise ValueError(f"need num_latent_frames >= 1 and n_ref >= 1, got {num_latent_frames}, {n_ref}")
+    return np.floor(np.linspace(0.0, num_latent_frames - 1, n_ref)).astype(np.int64)
+
+
+def _check_frames(num_frames: int, temporal: int, what: str):
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        lo = max(1, (num_frames - 1) // temporal * temporal + 1)
+        raise ValueError(f"{what}: the Wan VAE needs {temporal}k+1 frames (1, {1 + temporal}, {1 + 2 * temporal}, "
+                         f"..., 33, ...); got {num_frames}. Use e.g. {lo} or {lo + temporal}")
+
+
+def encode_video(models: WanModels, video) -> jax.Array:
+    """video (B, C, F, H, W) float in [-1, 1], F = 4k+1 -> normalized latents (B, z, 1+k, H/8, W/8)
+    fp32 (posterior mean, then ``(mu - latents_mean) / latents_std``: the DiT's latent space)."""
+    video = jnp.asarray(video)
+    models.vae.check_video_shape(video.shape)
+    graphdef, state = nnx.split(models.vae)
+    return _encode_jit(graphdef, state, video)
+
+
+def reference_latents(models: WanModels, clip, n_ref: int = DEFAULT_NUM_REF, *,
+                      height: int | None = DEFAULT_HEIGHT, width: int | None = DEFAULT_WIDTH,
+                      trim: bool = False, resample: str = "bicubic") -> jax.Array:
+    """The VANS conditioning latents of an input clip: (B, z, n_ref, h, w) fp32.
+
+    clip: uint8 frames (B, F, H, W, 3) or (F, H, W, 3). Frames are resized to cover
+    ``height x width`` and centre-cropped (``data.video_io.resize_center_crop``, PIL bicubic) unless
+    already that size (``height``/``width`` None: keep the clip's size), mapped to [-1, 1]
+    (``x / 127.5 - 1``), VAE-encoded (posterior mean), normalized, and the latent frames
+    ``ref_frame_indices(T_lat, n_ref)`` are taken.
+    F must be 4k+1 (e.g. 33 -> 9 latent frames); ``trim=True`` keeps the LAST 4k+1 frames instead of
+    raising (the context right before the cut).
+    """
+    from ...data.video_io import resize_center_crop
+
+    a = np.asarray(clip)
+    if a.dtype != np.uint8:
+        raise TypeError(f"clip must be uint8 frames (0..255), got dtype {a.dtype}; "
+                        f"use encode_video for float video in [-1, 1]")
+    if a.ndim == 4:
+        a = a[None]
+    if a.ndim != 5 or a.shape[-1] != 3:
+        raise ValueError(f"clip must be (B, F, H, W, 3) or (F, H, W, 3) RGB frames, got shape {np.shape(clip)}")
+    b, f, h, w, _ = a.shape
+    temporal = models.temporal_factor
+    if trim and f >= 1 and (f - 1) % temporal:
+        f = (f - 1) // temporal * temporal + 1
+        a = a[:, -f:]
+    _check_frames(f, temporal, "reference_latents")
+    th, tw = h if height is None else int(height), w if width is None else int(width)
+    m = models.spatial_factor
+    if th % m or tw % m:
+        raise ValueError(f"reference_latents: height and width must be divisible by {m}; got height={th}, width={tw}")
+    if (th, tw) != (h, w):
+        a = np.stack([resize_center_crop(a[i], th, tw, resample=resample) for i in range(b)])
+    video = (a.astype(np.float32) / 127.5 - 1.0).transpose(0, 4, 1, 2, 3)     # (B, 3, F, H, W)
+    lat = encode_video(models, video)
+    return lat[:, :, ref_frame_indices(lat.shape[2], n_ref)]
+
+
+# ----------------------------------------------------------------------------- text / decode
+
+
+def encode_text(models: WanModels, captions: Sequence[str], max_sequence_length: int | None = None) -> jax.Array:
+    """(B, L, d) caption embeddings as diffusers' WanPipeline (zero after each caption's length).
+    Captions longer than L = ``max_sequence_length`` (default: the DiT's text_len, 512) tokens are
+    truncated to their first L - 1 tokens plus ``</s>``."""
+    L = models.text_len if max_sequence_length is None else int(max_sequence_length)
+    return encode_prompts(models.text_encoder, models.tokenizer, list(captions), L)
+
+
+def decode_latents(models: WanModels, latents, output_type: str = "uint8"):
+    """Normalized latents (B, z, T, h, w) -> video (B, 1+4(T-1), 8h, 8w, 3) as numpy:
+    uint8 (``round(255 x)``) or float in [0, 1] (diffusers' ``output_type="np"``)."""
+    if output_type not in ("uint8", "float"):
+        raise ValueError(f"decode_latents: output_type must be 'uint8' or 'float', got {output_type!r}")
+    graphdef, state = nnx.split(models.vae)
+    return np.asarray(_decode_jit(graphdef, state, jnp.asarray(latents, jnp.float32), output_type))
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def check_generation_size(models: WanModels, height: int, width: int, num_frames: int):
+    """Raises ValueError unless height and width are multiples of 16 (VAE x patch) and
+    num_frames is 4k+1. Returns the latent shape (T_lat, h, w)."""
+    m = models.size_multiple
+    if height <= 0 or width <= 0 or height % m or width % m:
+        raise ValueError(f"height and width must be positive multiples of {m}; got height={height}, width={width}")
+    _check_frames(num_frames, models.temporal_factor, "generate: num_frames")
+    s = models.spatial_factor
+    return (num_frames - 1) // models.temporal_factor + 1, height // s, width // s
+
+
+def generate(models: WanModels, captions: Sequence[str] | str, *, ref_latents=None, seed: int = 0, noise=None,
+             num_steps: int = 50, guidance_scale: float = 5.0, shift: float | None = 5.0,
+             height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH, num_frames: int = DEFAULT_NUM_FRAMES,
+             negative_prompt: str = "", mode: str = "unipc", output_type: str = "uint8",
+             max_sequence_length: int | None = None, rng=None, sde_window=None, noise_level: float = 0.7):
+    """Text-to-video (plain Wan) or VANS video generation.
+
+    captions: one string per sample (B). Longer than ``max_sequence_length`` tokens (default the
+    DiT's text_len, 512): truncated, no error (see ``encode_text``).
+    ref_latents: (B or 1, z, n_ref, h, w) from ``reference_latents`` (VANS), or None for T2V.
+    noise: initial latents (B, z, T_lat, H/8, W/8); default ``jax.random.normal(key(seed), ...)``
+    float32. T_lat = (num_frames - 1) / 4 + 1 (33 frames -> 9).
+    guidance_scale: CFG with the cached ``negative_prompt`` embeddings when > 1 (as diffusers).
+    shift: flow shift; None takes the scheduler config's ``flow_shift``.
+    mode: "unipc" (diffusers-equal), "euler" or "sde" (``rng``, ``sde_window``, ``noise_level``;
+    rng defaults to ``fold_in(key(seed), 1)``).
+    output_type: "uint8" -> numpy (B, F, H, W, 3) uint8; "float" -> numpy float32 in [0, 1] (as
+    diffusers' "np"); "latent" -> the final normalized latents (B, z, T_lat, h, w) as a jax array.
+    """
+    if isinstance(captions, str):
+        captions = [captions]
+    captions = list(captions)
+    if not captions or not all(isinstance(c, str) for c in captions):
+        raise ValueError("captions must be a non-empty list of strings")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if mode not in flow.MODES:
+        raise ValueError(f"unknown sampler mode {mode!r}; expected one of {flow.MODES}")
+    b = len(captions)
+    t_lat, h, w = check_generation_size(models, height, width, num_frames)
+    shape = (b, models.latent_channels, t_lat, h, w)
+    if noise is None:
+        noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+    else:
+        noise = jnp.asarray(noise, jnp.float32)
+        if noise.shape != shape:
+            raise ValueError(f"noise has shape {noise.shape}; {b} caption(s) at {height}x{width}x{num_frames} "
+                             f"need {shape}")
+    if ref_latents is not None:
+        ref_latents = jnp.asarray(ref_latents, jnp.float32)
+        rb, rc, n_ref, rh, rw = ref_latents.shape if ref_latents.ndim == 5 else (None,) * 5
+        if ref_latents.ndim != 5 or rb not in (1, b) or rc != shape[1] or (rh, rw) != (h, w) or n_ref < 1:
+            raise ValueError(f"ref_latents must be (B or 1, {shape[1]}, n_ref, {h}, {w}) for {b} caption(s) at "
+                             f"{height}x{width}; got {tuple(ref_latents.shape)}")
+        ref_latents = jnp.broadcast_to(ref_latents, (b,) + ref_latents.shape[1:])
+    if shift is None:
+        shift = models.scheduler.flow_shift
+    if mode == "unipc" and models.scheduler.unipc_mismatches():
+        warnings.warn("the pipeline's scheduler config differs from the UniPC sampler used here: "
+                      + "; ".join(models.scheduler.unipc_mismatches()))
+    if mode == "sde" and rng is None:
+        rng = jax.random.fold_in(jax.random.key(seed), 1)
+
+    L = models.text_len if max_sequence_length is None else int(max_sequence_length)
+    context = encode_text(models, captions, L)
+    uncond = models.negative_embeddings(negative_prompt, b, L) if guidance_scale > 1.0 else None
+    latents = flow.sample(models.dit, noise, context, uncond_context=uncond, guidance_scale=guidance_scale,
+                          ref_latents=ref_latents, num_steps=num_steps, shift=shift, mode=mode, rng=rng,
+                          sde_window=sde_window, noise_level=noise_level)
+    if output_type == "latent":
+        return latents
+    return decode_latents(models, latents, output_type)
