@@ -16,6 +16,7 @@ RUNTIME = [
     "pillow",
     "av",
     "rouge-score",
+    "scipy",
 ]
 TEST = [
     "pytest",
