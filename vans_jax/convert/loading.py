@@ -76,6 +76,26 @@ class RenamedCheckpoint:
         return self.ckpt.shape(self.names[k])
 
 
+def check_keys(ckpt, expected: dict, what: str, ignore: Callable[[str], bool] = lambda k: False, limit: int = 20):
+    """Compares a checkpoint's keys with ``expected`` ({key: (..., shape)}: the shape last) and
+    raises one ``CheckpointError`` naming every missing, unexpected and mis-shaped key."""
+    keys = {k for k in ckpt.keys() if not ignore(k)}
+    missing = sorted(set(expected) - keys)
+    unexpected = sorted(keys - set(expected))
+    bad = [f"{k}: checkpoint {tuple(ckpt.shape(k))}, model expects {tuple(expected[k][-1])}"
+           for k in sorted(keys & set(expected)) if tuple(ckpt.shape(k)) != tuple(expected[k][-1])]
+    more = lambda xs: " ..." if len(xs) > limit else ""
+    msgs = []
+    if missing:
+        msgs.append(f"{len(missing)} missing key(s): {missing[:limit]}{more(missing)}")
+    if unexpected:
+        msgs.append(f"{len(unexpected)} unexpected key(s): {unexpected[:limit]}{more(unexpected)}")
+    if bad:
+        msgs.append(f"{len(bad)} mis-shaped key(s): " + "; ".join(bad[:limit]) + more(bad))
+    if msgs:
+        raise CheckpointError(f"{what} checkpoint does not fit the model: " + " | ".join(msgs))
+
+
 def compile_rules(rules: Iterable[Rule]):
     return [(re.compile(pattern + r"\Z"), target, transform) for pattern, target, transform in rules]
 

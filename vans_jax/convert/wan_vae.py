@@ -17,7 +17,7 @@ from flax import nnx
 
 from ..models.layers import resolve_dtype
 from ..models.wan.vae import WanVAE, WanVAEConfig
-from .loading import load_into, open_checkpoint
+from .loading import check_keys, load_into, open_checkpoint
 from .safetensors_io import CheckpointError
 
 # (regex on our parameter path, diffusers key template, transform); first match wins.
@@ -95,20 +95,7 @@ def key_table(cfg: WanVAEConfig, model: WanVAE | None = None) -> dict[str, tuple
 def check_coverage(ckpt, cfg: WanVAEConfig, model: WanVAE | None = None) -> dict:
     """Raises ``CheckpointError`` naming every missing, unexpected and mis-shaped key; returns the table."""
     table = key_table(cfg, model)
-    keys = set(ckpt.keys())
-    missing = sorted(set(table) - keys)
-    unexpected = sorted(keys - set(table))
-    bad = [f"{k}: checkpoint {tuple(ckpt.shape(k))}, model expects {table[k][2]}"
-           for k in sorted(keys & set(table)) if tuple(ckpt.shape(k)) != table[k][2]]
-    msgs = []
-    if missing:
-        msgs.append(f"{len(missing)} missing key(s): {missing[:20]}" + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        msgs.append(f"{len(unexpected)} unexpected key(s): {unexpected[:20]}" + (" ..." if len(unexpected) > 20 else ""))
-    if bad:
-        msgs.append(f"{len(bad)} mis-shaped key(s): " + "; ".join(bad[:20]))
-    if msgs:
-        raise CheckpointError("Wan VAE checkpoint does not fit the model: " + " | ".join(msgs))
+    check_keys(ckpt, table, "Wan VAE")
     return table
 
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..convert.loading import RenamedCheckpoint, load_into, open_checkpoint
+from ..convert.loading import RenamedCheckpoint, check_keys, load_into, open_checkpoint
 from ..convert.safetensors_io import CheckpointError
 from .layers import resolve_dtype
 
@@ -308,20 +308,7 @@ def check_coverage(ckpt, model: I3D) -> dict:
     is ignored); returns the key table."""
     table = key_table(model)
     ignored = re.compile(IGNORED_KEYS + r"\Z")
-    keys = {k for k in ckpt.keys() if not ignored.match(k)}
-    missing = sorted(set(table) - keys)
-    unexpected = sorted(keys - set(table))
-    bad = [f"{k}: checkpoint {tuple(ckpt.shape(k))}, model expects {table[k][2]}"
-           for k in sorted(keys & set(table)) if tuple(ckpt.shape(k)) != table[k][2]]
-    msgs = []
-    if missing:
-        msgs.append(f"{len(missing)} missing key(s): {missing[:20]}" + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        msgs.append(f"{len(unexpected)} unexpected key(s): {unexpected[:20]}" + (" ..." if len(unexpected) > 20 else ""))
-    if bad:
-        msgs.append(f"{len(bad)} mis-shaped key(s): " + "; ".join(bad[:20]))
-    if msgs:
-        raise CheckpointError("I3D checkpoint does not fit the model: " + " | ".join(msgs))
+    check_keys(ckpt, table, "I3D", ignore=lambda k: bool(ignored.match(k)))
     return table
 
 
