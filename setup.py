@@ -18,7 +18,8 @@ RUNTIME = [
     "rouge-score",
     "scipy",
 ]
-TEST = [
+TFDS = ["tensorflow-datasets"]  # builder only; no TensorFlow needed (array_record format)
+TEST = TFDS + [
     "pytest",
     # The CPU build of torch: an unpinned torch pulls several GB of CUDA packages.
     "torch==2.13.0",
@@ -32,6 +33,6 @@ setup(
     packages=find_packages(include=["vans_jax", "vans_jax.*"]),
     python_requires=">=3.10",
     install_requires=RUNTIME,
-    extras_require={"test": TEST},
+    extras_require={"test": TEST, "tfds": TFDS},
     entry_points={"console_scripts": ["vans-jax=vans_jax.cli:main"]},
 )

@@ -3,6 +3,8 @@
     vans-jax demo [--config configs/tiny.py] [--config.a.b=value ...] [--question TEXT] [--output FILE]
     vans-jax make-data --output_dir DIR --num_samples N --seed S [--split all|train|rl|eval]
     vans-jax validate-data --csv FILE --video_root DIR [--output report.json] [--quick]
+    vans-jax eval --predictions DIR --csv FILE --video_root DIR --output FILE.json
+                  [--clip DIR] [--i3d FILE] [--random_models] [--num_frames 33 --height 352 --width 640 --fps 11]
 
 Config overrides use the ``--config.a.b=value`` form on any subcommand that takes a config.
 """
@@ -62,6 +64,18 @@ def _make_data(args):
     return 0
 
 
+def _eval(args):
+    from .eval import runner
+
+    config = runner.EvalConfig(num_frames=args.num_frames, height=args.height, width=args.width, fps=args.fps,
+                               fvd_batch_size=args.batch_size)
+    models = runner.load_models(args.clip, args.i3d, use_random=args.random_models)
+    result = runner.evaluate(args.predictions, args.csv, args.video_root, args.output, models=models,
+                             config=config, method=args.method, progress=not args.quiet)
+    print(runner.markdown_table(result))
+    return 0
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
@@ -82,6 +96,23 @@ def main(argv=None):
     val.add_argument("--video_root", required=True)
     val.add_argument("--output", default=None, help="write the full report as JSON here")
     val.add_argument("--quick", action="store_true", help="probe headers only instead of decoding every frame")
+    ev = sub.add_parser("eval", help="score a predictions directory: BLEU@1-4, ROUGE-L, CLIP-V, CLIP-T, FVD "
+                                     "(JSON + a Table-1 markdown next to it)")
+    ev.add_argument("--predictions", required=True, help="DIR with <row index>/answer.json and answer.mp4")
+    ev.add_argument("--csv", required=True)
+    ev.add_argument("--video_root", required=True)
+    ev.add_argument("--output", required=True, help="results .json (the .md table goes next to it)")
+    ev.add_argument("--clip", default=None, help="Hugging Face CLIP directory (without it CLIP-V/T are null)")
+    ev.add_argument("--i3d", default=None, help="I3D weights, safetensors (without it FVD is null)")
+    ev.add_argument("--random_models", action="store_true",
+                    help="tiny random CLIP / feature net instead (tests and demos only: numbers mean nothing)")
+    ev.add_argument("--method", default=None, help="name in the table (default: the predictions folder name)")
+    ev.add_argument("--num_frames", type=int, default=33, help="ground-truth clip frames (4k+1)")
+    ev.add_argument("--height", type=int, default=352)
+    ev.add_argument("--width", type=int, default=640)
+    ev.add_argument("--fps", type=float, default=11.0)
+    ev.add_argument("--batch_size", type=int, default=8, help="videos per FVD feature batch")
+    ev.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(rest)
     try:
         if args.command == "demo":
@@ -90,6 +121,8 @@ def main(argv=None):
             return _validate(args)
         if args.command == "make-data":
             return _make_data(args)
+        if args.command == "eval":
+            return _eval(args)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"vans-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..models.qwen2_5_vl.tokenizer import parse_response
+
 THINK_OPEN, THINK_CLOSE, ANS_OPEN, ANS_CLOSE = "[Think]", "[/Think]", "[Ans]", "[/Ans]"
-_TAGS = (THINK_OPEN, THINK_CLOSE, ANS_OPEN, ANS_CLOSE)
-_FORMAT_RE = re.compile(r"\A\s*\[Think\](.*?)\[/Think\]\s*\[Ans\](.*?)\[/Ans\]\s*\Z", re.DOTALL)
 
 # --------------------------------------------------------------------------------------------
 # text
@@ -56,14 +55,10 @@ def follows_format(text: str, *, require_nonempty: bool = True) -> bool:
     """``[Think] reasoning [/Think] [Ans] answer [/Ans]``, and nothing else: only whitespace may
     surround the blocks, each tag appears exactly once, and (by default) both the reasoning and
     the answer hold non-whitespace text. Decode the VLM output with special tokens skipped first."""
-    m = _FORMAT_RE.match(text)
-    if m is None:
+    parsed = parse_response(text)  # the one definition of the strict template
+    if not parsed["valid_format"]:
         return False
-    if any(text.count(t) != 1 for t in _TAGS):
-        return False
-    if require_nonempty and not (m.group(1).strip() and m.group(2).strip()):
-        return False
-    return True
+    return bool(parsed["think"] and parsed["caption"]) if require_nonempty else True
 
 
 def format_reward(texts: Sequence[str], *, require_nonempty: bool = True) -> np.ndarray:

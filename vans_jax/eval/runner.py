@@ -1,0 +1,604 @@
+"""The evaluation runner: a predictions directory + the eval CSV -> the paper's Table 1 metrics.
+
+    vans-jax eval --predictions DIR --csv eval.csv --video_root VIDEOS --output results.json \\
+        [--clip CLIP_DIR] [--i3d i3d.safetensors] [--random_models]
+
+writes ``results.json`` and, next to it, ``results.md`` (the table laid out like the paper's
+Table 1: one line per benchmark, procedural / predictive, plus all rows together).
+
+Prediction directory format (what ``vans-jax predict`` writes, one folder per CSV row)::
+
+    <DIR>/<index>/answer.json   {"text": the full VLM output "[Think]...[/Think][Ans]...[/Ans]",
+                                 "caption": the parsed [Ans] text, "think": the parsed [Think] text,
+                                 ... any other fields (ignored)}
+    <DIR>/<index>/answer.mp4    the generated next-event video (any size / length; H.264 or
+                                 anything PyAV decodes)
+
+``<index>`` is the CSV row's ``index`` (``VNEPRow.index``: the 0-based position of the row among
+the data rows of the file, skipped rows keeping their number), written in decimal without padding
+(``0``, ``1``, ... ``799``). ``caption`` may be omitted: it is then ``extract_answer(text)``.
+
+Missing pieces never stop the run; they are counted (``counts`` in the JSON) and listed:
+
+* a row without ``answer.json`` (or with an unreadable one) is a *missing* / *invalid*
+  prediction and is left out of every metric;
+* a row with ``answer.json`` but no readable ``answer.mp4`` gets text metrics only;
+* a row whose ground-truth target video cannot be read gets text metrics only
+  (``gt_video_error``).
+
+A predictions directory that does not exist, or that holds no prediction for any CSV row, is an
+error (the likely cause is a wrong path).
+
+Conventions (also written to the output JSON's ``conventions`` field):
+
+* **text** (``bleu1``..``bleu4``, ``rouge_l``): the predicted [Ans] caption vs the row's
+  ``ENG_GT_Caption``; BLEU is corpus-level over the benchmark (COCO convention), ROUGE-L the mean
+  of the per-sample F-measures (``vans_jax.eval.text_metrics``);
+* **ground-truth video**: ``output_video_path`` under ``video_root`` through ``target_clip`` at
+  the eval geometry (default 33 frames, 352x640, 11 fps: re-timed by nearest frame, resized to
+  cover and center-cropped, a short clip padded by repeating its last frame);
+* **generated video**: every decoded frame, not re-timed; frames whose size differs from the eval
+  geometry are resized to cover it and center-cropped (``resize_center_crop``);
+* **CLIP-V**: cosine of the CLIP image embeddings of generated frame i and ground-truth frame i,
+  averaged over i < min(F_gen, F_gt), then over samples; both sides go through CLIP's own
+  preprocessing (bicubic resize of the short side, center crop, CLIP mean/std);
+* **CLIP-T**: cosine of each generated frame's CLIP image embedding and the CLIP text embedding of
+  the *ground-truth* caption (``ENG_GT_Caption``, truncated to CLIP's 77 tokens), averaged over the
+  generated frames, then over samples; the raw cosine (no 100x, no clamp at 0), as the paper's
+  0.2-0.38 values;
+* **FVD**: Frechet distance between the I3D features of all generated and all ground-truth target
+  videos of the benchmark (the rows with both videos), ``vans_jax.eval.fvd`` conventions
+  (16 frames sampled uniformly, 224x224 bilinear, [-1, 1], 400-d logits); null with fewer than 2
+  videos. FVD is biased upward for small sets: compare numbers over the same number of videos;
+* **benchmarks**: ``procedural`` / ``predictive`` by ``VNEPRow.kind`` (the CSV's ``kind`` column
+  or the question heuristic of ``csv_format``); ``all`` is every row, unknown kinds included. The
+  top-level metric fields are those of ``all``.
+
+Models: ``--clip DIR`` (a Hugging Face CLIP directory, ``models.clip.from_pretrained``) and
+``--i3d FILE`` (pytorch-i3d weights as safetensors, ``models.i3d.load_i3d``). Without them the
+video metrics are ``null`` and a note says why. ``--random_models`` (tests and demos only) uses a
+tiny randomly initialised CLIP (byte-level tokenizer) and a tiny random 3D feature network in place
+of I3D (8 frames of 32x32); the output says so in ``models`` and ``notes``, and such numbers
+measure nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vans_jax.data.csv_format import KINDS, VNEPRow, read_vnep_csv
+from vans_jax.data.video_io import VideoError, check_vae_frames, read_video, resize_center_crop, target_clip
+from vans_jax.eval.fvd import FeatureStats, fvd_from_stats, i3d_features
+from vans_jax.eval.text_metrics import caption_metrics, rouge_l
+from vans_jax.rl.rewards import THINK_CLOSE, THINK_OPEN, clip_score, clip_video_similarity, extract_answer
+
+__all__ = [
+    "EvalConfig",
+    "Models",
+    "Prediction",
+    "METRICS",
+    "BENCHMARKS",
+    "CONVENTIONS",
+    "load_models",
+    "random_models",
+    "read_prediction",
+    "evaluate",
+    "markdown_table",
+    "ByteTokenizer",
+    "TinyVideoFeatures",
+]
+
+METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "clip_v", "clip_t", "fvd")
+BENCHMARKS = KINDS + ("all",)
+ANSWER_JSON, ANSWER_MP4 = "answer.json", "answer.mp4"
+
+CONVENTIONS = {
+    "text": "BLEU@1..4 (corpus-level over the benchmark, COCO convention) and ROUGE-L (rouge-score "
+            "F-measure, mean over samples) of the predicted [Ans] caption (answer.json 'caption', else "
+            "extract_answer(answer.json 'text')) vs ENG_GT_Caption",
+    "gt_video": "output_video_path under video_root through target_clip at the eval geometry "
+                "(see config: frames, height x width, fps; nearest-frame re-timing, resize to cover + "
+                "center crop, short clips padded by repeating the last frame)",
+    "generated_video": "answer.mp4, every decoded frame, not re-timed; resized to cover the eval "
+                       "height x width and center-cropped when its size differs",
+    "clip_v": "cosine(CLIP image embedding of generated frame i, of ground-truth frame i) averaged over "
+              "i < min(F_gen, F_gt), then over samples; CLIP preprocessing (bicubic short-side resize, "
+              "center crop, CLIP mean/std) on both",
+    "clip_t": "cosine(CLIP image embedding of each generated frame, CLIP text embedding of the "
+              "GROUND-TRUTH caption ENG_GT_Caption, truncated to 77 tokens) averaged over the generated "
+              "frames, then over samples; raw cosine (no 100x scale, no clamp at 0)",
+    "fvd": "Frechet distance between I3D features (400-d time-averaged logits; 16 frames sampled uniformly, "
+           "224x224 bilinear, [-1, 1]) of all generated vs all ground-truth target videos of the benchmark "
+           "(rows having both videos); null with fewer than 2 videos; biased upward for small sets",
+    "benchmarks": "procedural / predictive by the row's kind (CSV 'kind' column or the question heuristic); "
+                  "'all' is every row; the top-level metrics are those of 'all'",
+    "missing": "rows without a valid answer.json are left out of every metric (counted); rows without a "
+               "readable answer.mp4, or whose ground-truth video cannot be read, get text metrics only",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# configuration and models
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Eval geometry of the ground-truth target clip and FVD / batching settings."""
+
+    num_frames: int = 33
+    height: int = 352
+    width: int = 640
+    fps: float = 11.0
+    resample: str = "bicubic"
+    fvd_num_frames: int = 16
+    fvd_size: int = 224
+    fvd_sampling: str = "uniform"
+    fvd_batch_size: int = 8
+    clip_batch_size: int = 64
+
+    def __post_init__(self):
+        check_vae_frames(self.num_frames, "EvalConfig.num_frames")  # target_clip's rule
+        if self.height < 1 or self.width < 1 or not self.fps > 0:
+            raise ValueError(f"EvalConfig: bad geometry {self.height}x{self.width} at {self.fps} fps")
+
+
+@dataclasses.dataclass
+class Models:
+    """What computes the video metrics; ``None`` turns the corresponding metrics off (null)."""
+
+    clip: object | None = None            # a models.clip.CLIPModel
+    tokenizer: object | None = None       # its tokenizer (``tokenizer(texts, padding=..., ...)`` callable)
+    video_features: object | None = None  # I3D, or anything with ``features(x)`` and ``num_classes``
+    clip_source: str | None = None
+    i3d_source: str | None = None
+    random: bool = False
+    fvd_overrides: dict = dataclasses.field(default_factory=dict)  # preprocessing for the feature net
+
+    def describe(self) -> dict:
+        return {"clip": self.clip_source, "i3d": self.i3d_source, "random_models": self.random}
+
+
+class ByteTokenizer:
+    """A byte-level stand-in for the CLIP tokenizer (``random_models`` only): ids 1..256 are the
+    UTF-8 bytes + 1, ``BOS`` / ``EOS`` follow, 0 pads. Same call interface as a Hugging Face
+    tokenizer with ``padding="max_length", truncation=True, return_tensors="np"``."""
+
+    PAD, BOS, EOS = 0, 257, 258
+    vocab_size = 259
+
+    def __call__(self, texts, padding="max_length", truncation=True, max_length=77, return_tensors="np"):
+        ids = np.full((len(texts), max_length), self.PAD, np.int64)
+        mask = np.zeros((len(texts), max_length), np.int64)
+        for i, t in enumerate(texts):
+            body = [b + 1 for b in t.encode("utf-8")][: max_length - 2]
+            seq = [self.BOS] + body + [self.EOS]
+            ids[i, : len(seq)] = seq
+            mask[i, : len(seq)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+class TinyVideoFeatures(nnx.Module):
+    """A tiny random video feature network with I3D's FVD interface (``random_models`` only):
+    (B, T, S, S, 3) in [-1, 1] -> 8x8 patches -> random projection + tanh -> mean and std over
+    time and space -> random projection to ``num_classes``."""
+
+    def __init__(self, num_classes: int = 16, patch: int = 8, hidden: int = 32, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.num_classes, self.patch = num_classes, patch
+        self.embed = nnx.Param(jnp.asarray(rng.normal(size=(patch * patch * 3, hidden)) / patch, jnp.float32))
+        self.head = nnx.Param(jnp.asarray(rng.normal(size=(2 * hidden, num_classes)) / math.sqrt(hidden), jnp.float32))
+
+    def features(self, x):
+        b, t, h, w, c = x.shape
+        p = self.patch
+        x = x.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, -1, p * p * c)
+        z = jnp.tanh(x @ self.embed[...])
+        return jnp.concatenate([z.mean(axis=1), z.std(axis=1)], axis=-1) @ self.head[...]
+
+
+def random_models(seed: int = 0) -> Models:
+    """Tiny random CLIP (32x32 images, byte tokenizer) and video feature net: for tests and demos."""
+    from vans_jax.models import clip as C
+
+    tok = ByteTokenizer()
+    cfg = C.CLIPConfig(
+        text=C.CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=77, pad_token_id=tok.PAD,
+                              bos_token_id=tok.BOS, eos_token_id=tok.EOS),
+        vision=C.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=32, patch_size=8),
+        projection_dim=32)
+    model = C.CLIPModel(cfg, rngs=nnx.Rngs(seed))
+    return Models(clip=model, tokenizer=tok, video_features=TinyVideoFeatures(seed=seed),
+                  clip_source="random (tiny, 32x32, byte tokenizer)", i3d_source="random (tiny 3D features, not I3D)",
+                  random=True, fvd_overrides={"fvd_num_frames": 8, "fvd_size": 32})
+
+
+def load_models(clip_dir: str | None = None, i3d_path: str | None = None, *, use_random: bool = False) -> Models:
+    """The CLIP model + tokenizer from a Hugging Face directory and I3D from its weights; either may
+    be None (its metrics become null). ``use_random``: ``random_models()`` instead (not with paths)."""
+    if use_random:
+        if clip_dir or i3d_path:
+            raise ValueError("--random_models cannot be combined with --clip / --i3d")
+        return random_models()
+    models = Models()
+    if clip_dir:
+        from vans_jax.models import clip as C
+
+        if not os.path.isdir(clip_dir):
+            raise FileNotFoundError(f"CLIP directory not found: {clip_dir}")
+        models.clip, models.tokenizer = C.from_pretrained(clip_dir), C.load_tokenizer(clip_dir)
+        models.clip_source = os.path.abspath(clip_dir)
+    if i3d_path:
+        from vans_jax.models.i3d import load_i3d
+
+        if not os.path.exists(i3d_path):
+            raise FileNotFoundError(f"I3D weights not found: {i3d_path}")
+        models.video_features = load_i3d(i3d_path)
+        models.i3d_source = os.path.abspath(i3d_path)
+    return models
+
+
+# --------------------------------------------------------------------------------------------
+# predictions
+
+
+@dataclasses.dataclass
+class Prediction:
+    index: int
+    status: str                      # "ok" | "missing" | "invalid"
+    text: str = ""
+    caption: str = ""
+    think: str = ""
+    video_path: str | None = None    # answer.mp4 when it exists
+    detail: str = ""
+
+
+def _think(text: str) -> str:
+    i = text.find(THINK_OPEN)
+    if i < 0:
+        return ""
+    rest = text[i + len(THINK_OPEN):]
+    j = rest.find(THINK_CLOSE)
+    return (rest if j < 0 else rest[:j]).strip()
+
+
+def read_prediction(predictions_dir: str, index: int) -> Prediction:
+    """``<predictions_dir>/<index>/answer.json`` (+ ``answer.mp4``), see the module docstring."""
+    d = os.path.join(predictions_dir, str(int(index)))
+    path = os.path.join(d, ANSWER_JSON)
+    if not os.path.isfile(path):
+        return Prediction(index, "missing", detail=f"no {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return Prediction(index, "invalid", detail=f"{path}: {type(e).__name__}: {e}")
+    text, caption = (data.get("text"), data.get("caption")) if isinstance(data, dict) else (None, None)
+    if not isinstance(caption, str) and not isinstance(text, str):
+        return Prediction(index, "invalid", detail=f"{path}: needs a string 'caption' or 'text'")
+    text = text if isinstance(text, str) else ""
+    caption = caption.strip() if isinstance(caption, str) else extract_answer(text)
+    think = data.get("think")
+    think = think if isinstance(think, str) else _think(text)
+    mp4 = os.path.join(d, ANSWER_MP4)
+    return Prediction(index, "ok", text, caption, think, mp4 if os.path.isfile(mp4) else None)
+
+
+# --------------------------------------------------------------------------------------------
+# streaming FVD features
+
+
+class _FeatureQueue:
+    """Videos waiting for the feature network, grouped by shape so each batch stacks; every
+    feature row goes to the ``FeatureStats`` of its benchmarks."""
+
+    def __init__(self, model, batch_size: int, stats: dict[str, FeatureStats], **preprocess):
+        self.model, self.batch_size, self.stats, self.preprocess = model, batch_size, stats, preprocess
+        self.pending: dict[tuple, list] = {}
+
+    def add(self, video: np.ndarray, keys: Sequence[str]):
+        group = self.pending.setdefault(video.shape, [])
+        group.append((video, tuple(keys)))
+        if len(group) >= self.batch_size:
+            self._flush(video.shape)
+
+    def _flush(self, shape):
+        group = self.pending.pop(shape, [])
+        if not group:
+            return
+        feats = i3d_features(self.model, np.stack([v for v, _ in group]), self.batch_size, **self.preprocess)
+        for f, (_, keys) in zip(feats, group):
+            for k in keys:
+                self.stats[k].update(f[None])
+
+    def finish(self):
+        for shape in list(self.pending):
+            self._flush(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool, every_s: float = 5.0):
+        self.total, self.enabled, self.every_s = total, enabled, every_s
+        self.t0 = self.last = time.time()
+
+    def __call__(self, done: int):
+        now = time.time()
+        if not self.enabled or (now - self.last < self.every_s and done < self.total and done > 1):
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        print(f"[eval] {done}/{self.total} rows  {rate:.2f} rows/s  eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+
+def _clean(x):
+    """JSON-safe: numpy scalars -> Python, non-finite floats -> None."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _first(items, n=20):
+    items = list(items)
+    return items[:n] + (["..."] if len(items) > n else [])
+
+
+def evaluate(predictions_dir: str, csv_path: str, video_root: str, output: str | None = None, *,
+             models: Models | None = None, config: EvalConfig = EvalConfig(), method: str | None = None,
+             progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """Scores a predictions directory against the eval CSV; returns the result dict and, with
+    ``output``, writes it as JSON plus the markdown table (same stem, ``.md``)."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    predictions_dir = os.fspath(predictions_dir)
+    if not os.path.isdir(predictions_dir):
+        raise FileNotFoundError(f"predictions directory not found: {predictions_dir} "
+                                f"(expected <DIR>/<row index>/{ANSWER_JSON} and {ANSWER_MP4})")
+    models = models if models is not None else Models()
+    if models.fvd_overrides:
+        config = dataclasses.replace(config, **models.fvd_overrides)
+    rows = read_vnep_csv(csv_path)
+    if not rows:
+        raise ValueError(f"{csv_path}: no usable rows ({rows.report.summary()})")
+    t_start = time.time()
+
+    preds = {r.index: read_prediction(predictions_dir, r.index) for r in rows}
+    found = [i for i, p in preds.items() if p.status != "missing"]
+    if not found:
+        raise ValueError(f"{predictions_dir} holds no prediction for any of the {len(rows)} rows of {csv_path} "
+                         f"(expected {predictions_dir}/<row index>/{ANSWER_JSON}, row indices "
+                         f"{rows[0].index}..{rows[-1].index})")
+    row_ids = {str(r.index) for r in rows}
+    unmatched = sorted(n for n in os.listdir(predictions_dir)
+                       if os.path.isdir(os.path.join(predictions_dir, n)) and n not in row_ids)
+
+    def bench(row: VNEPRow) -> list[str]:
+        return [row.kind, "all"] if row.kind in KINDS else ["all"]
+
+    has_clip = models.clip is not None
+    has_fvd = models.video_features is not None
+    fvd_stats = {side: {b: FeatureStats() for b in BENCHMARKS} for side in ("gen", "gt")}
+    fvd_pre = dict(num_frames=config.fvd_num_frames, size=config.fvd_size, sampling=config.fvd_sampling)
+    queues = {side: _FeatureQueue(models.video_features, config.fvd_batch_size, fvd_stats[side], **fvd_pre)
+              for side in fvd_stats} if has_fvd else {}
+
+    counts = Counter()
+    lists: dict[str, list] = {k: [] for k in ("missing_prediction", "invalid_prediction", "missing_video",
+                                              "bad_video", "gt_video_error", "fps_mismatch")}
+    texts = {b: ([], []) for b in BENCHMARKS}                       # (predicted captions, references)
+    clip_vals = {b: {"clip_v": [], "clip_t": []} for b in BENCHMARKS}
+    n_video = Counter()
+    samples = []
+    prog = _Progress(len(rows), progress)
+    need_video = has_clip or has_fvd
+
+    for done, row in enumerate(rows, 1):
+        p = preds[row.index]
+        rec = {"index": row.index, "kind": row.kind, "status": p.status}
+        samples.append(rec)
+        if p.status != "ok":
+            key = f"{p.status}_prediction"
+            lists[key].append(row.index)
+            rec["detail"] = p.detail
+            prog(done)
+            continue
+        counts["text_evaluated"] += 1
+        for b in bench(row):
+            texts[b][0].append(p.caption)
+            texts[b][1].append(row.caption)
+        rec["caption"] = p.caption
+        rec["rouge_l"] = rouge_l([p.caption], [row.caption])
+
+        if p.video_path is None:
+            rec["video"] = "missing_video"
+            lists["missing_video"].append(row.index)
+        elif need_video:
+            gen, gt = _video_pair(p.video_path, os.path.join(video_root, row.output_video_path), config, rec)
+            if rec["video"] in lists:
+                lists[rec["video"]].append(row.index)
+            if rec.get("generated_fps") is not None and abs(rec["generated_fps"] - config.fps) > 0.01 * config.fps:
+                lists["fps_mismatch"].append(row.index)
+            if rec["video"] == "ok":
+                counts["video_evaluated"] += 1
+                for b in bench(row):
+                    n_video[b] += 1
+                if has_clip:
+                    v, t = _clip_metrics(models, gen, gt, row.caption, config.clip_batch_size)
+                    rec["clip_v"], rec["clip_t"] = v, t
+                    for b in bench(row):
+                        clip_vals[b]["clip_v"].append(v)
+                        clip_vals[b]["clip_t"].append(t)
+                if has_fvd:
+                    queues["gen"].add(gen, bench(row))
+                    queues["gt"].add(gt, bench(row))
+        else:
+            rec["video"] = "not_scored"
+        prog(done)
+
+    for q in queues.values():
+        q.finish()
+
+    notes = []
+    if models.random:
+        notes.append("RANDOM MODELS (--random_models): clip_v, clip_t and fvd come from tiny randomly initialised "
+                     "networks (test/demo mode); they measure nothing and are not comparable to any published number.")
+    if not has_clip:
+        notes.append("clip_v and clip_t are null: no CLIP model was given (--clip DIR).")
+    if not has_fvd:
+        notes.append("fvd is null: no I3D weights were given (--i3d FILE).")
+    for key, what in (("missing_prediction", "have no answer.json (left out of every metric)"),
+                      ("invalid_prediction", "have an unreadable answer.json (left out of every metric)"),
+                      ("missing_video", "have no answer.mp4 (text metrics only)"),
+                      ("bad_video", "have an unreadable answer.mp4 (text metrics only)"),
+                      ("gt_video_error", "have an unreadable ground-truth video (text metrics only)"),
+                      ("fps_mismatch", f"have an answer.mp4 whose frame rate is not {config.fps:g} fps "
+                                       "(its frames are compared as they are, not re-timed)")):
+        if lists[key]:
+            notes.append(f"{len(lists[key])} of {len(rows)} rows {what}: indices {_first(lists[key])}")
+    if unmatched:
+        notes.append(f"{len(unmatched)} folder(s) in the predictions directory match no CSV row "
+                     f"(ignored): {_first(unmatched)}")
+
+    splits = {}
+    for b in BENCHMARKS:
+        n_rows = sum(1 for r in rows if b in bench(r))
+        hyps, refs = texts[b]
+        out = {m: None for m in METRICS}
+        if hyps:
+            tm = caption_metrics(hyps, refs, extract=False)
+            out.update({f"bleu{n}": tm[f"bleu{n}"] for n in range(1, 5)}, rouge_l=tm["rougeL"])
+        if has_clip and clip_vals[b]["clip_v"]:
+            out["clip_v"] = float(np.mean(clip_vals[b]["clip_v"]))
+            out["clip_t"] = float(np.mean(clip_vals[b]["clip_t"]))
+        if has_fvd and n_video[b] >= 2:
+            out["fvd"] = fvd_from_stats(fvd_stats["gen"][b], fvd_stats["gt"][b])
+        elif has_fvd and n_rows:
+            notes.append(f"fvd of '{b}' is null: {n_video[b]} video pair(s), at least 2 needed.")
+        out.update(num_rows=n_rows, num_text=len(hyps), num_video=n_video[b])
+        splits[b] = out
+
+    counts_out = {"rows": len(rows), "predictions": len(found), "unmatched_prediction_dirs": len(unmatched),
+                  "csv_skipped_rows": rows.report.num_skipped}
+    counts_out.update(text_evaluated=counts["text_evaluated"], video_evaluated=counts["video_evaluated"])
+    counts_out.update({k: len(v) for k, v in lists.items()})
+    result = {
+        **{m: splits["all"][m] for m in METRICS},
+        "splits": splits,
+        "counts": counts_out,
+        "missing": {k: v for k, v in lists.items()},
+        "method": method or os.path.basename(os.path.normpath(predictions_dir)),
+        "models": models.describe(),
+        "notes": notes,
+        "conventions": CONVENTIONS,
+        "config": dataclasses.asdict(config),
+        "inputs": {"predictions": os.path.abspath(predictions_dir), "csv": os.path.abspath(csv_path),
+                   "video_root": os.path.abspath(video_root)},
+        "csv_report": rows.report.to_dict(),
+        "elapsed_s": round(time.time() - t_start, 3),
+        "samples": samples,
+    }
+    result = _clean(result)
+    if output:
+        write_outputs(result, output)
+        log(f"[eval] wrote {output} and {markdown_path(output)}")
+    return result
+
+
+def _video_pair(gen_path: str, gt_path: str, config: EvalConfig, rec: dict):
+    """(generated, ground truth) uint8 videos at the eval geometry, or Nones; sets ``rec["video"]``
+    to "ok", "bad_video" or "gt_video_error" (and ``detail``)."""
+    try:
+        gen, rec["generated_fps"] = read_video(gen_path)
+        if gen.shape[1:3] != (config.height, config.width):
+            gen = resize_center_crop(gen, config.height, config.width, resample=config.resample)
+    except VideoError as e:
+        rec["video"], rec["detail"] = "bad_video", str(e)
+        return None, None
+    try:
+        frames, fps = read_video(gt_path)
+        gt = target_clip(frames, fps, config.num_frames, config.height, config.width, config.fps,
+                         resample=config.resample)
+    except (VideoError, ValueError) as e:
+        rec["video"], rec["detail"] = "gt_video_error", str(e)
+        return None, None
+    rec["video"], rec["generated_frames"] = "ok", int(gen.shape[0])
+    return gen, gt
+
+
+def _clip_metrics(models: Models, gen: np.ndarray, gt: np.ndarray, caption: str, batch_size: int):
+    from vans_jax.models.clip import encode_frames, encode_texts
+
+    n = min(gen.shape[0], gt.shape[0])
+    fg = encode_frames(models.clip, gen, batch_size=batch_size)
+    ft = encode_frames(models.clip, gt[:n], batch_size=batch_size)
+    txt = encode_texts(models.clip, models.tokenizer, [caption])
+    v = float(clip_video_similarity(fg[None, :n], ft[None])[0])
+    t = float(clip_score(fg[None], txt)[0])
+    return v, t
+
+
+# --------------------------------------------------------------------------------------------
+# outputs
+
+_COLUMNS = (("bleu1", "BLEU@1↑", 4), ("bleu2", "BLEU@2↑", 4), ("bleu3", "BLEU@3↑", 4), ("bleu4", "BLEU@4↑", 4),
+            ("rouge_l", "ROUGE-L↑", 4), ("fvd", "FVD↓", 2), ("clip_v", "CLIP-V↑", 4), ("clip_t", "CLIP-T↑", 4))
+_BENCH_NAMES = {"procedural": "Procedural", "predictive": "Predictive", "all": "All"}
+
+
+def _fmt(v: float, digits: int) -> str:
+    out = f"{v:.{digits}f}"
+    return f"{0.0:.{digits}f}" if float(out) == 0 else out  # no "-0.00" from rounding noise
+
+
+def markdown_path(output: str) -> str:
+    return os.path.splitext(output)[0] + ".md"
+
+
+def markdown_table(result: dict) -> str:
+    """The paper's Table 1 layout: a line per benchmark (procedural, predictive; then all rows),
+    columns BLEU@1..4, ROUGE-L, FVD, CLIP-V, CLIP-T; n/a for null metrics; notes below."""
+    head = "| Benchmark | Method | " + " | ".join(c[1] for c in _COLUMNS) + " | n (text / video) |"
+    lines = [f"# VNEP evaluation: {result['method']}", "", head, "|" + "---|" * (len(_COLUMNS) + 3)]
+    for b in BENCHMARKS:
+        s = result["splits"][b]
+        if not s["num_rows"] and b != "all":
+            continue
+        cells = ["n/a" if s[k] is None else _fmt(s[k], d) for k, _, d in _COLUMNS]
+        lines.append(f"| {_BENCH_NAMES[b]} | {result['method']} | " + " | ".join(cells)
+                     + f" | {s['num_text']} / {s['num_video']} |")
+    c = result["counts"]
+    lines += ["", f"{c['rows']} rows, {c['predictions']} with a prediction, {c['text_evaluated']} scored on text, "
+                  f"{c['video_evaluated']} on video. Models: CLIP {result['models']['clip'] or 'none'}, "
+                  f"I3D {result['models']['i3d'] or 'none'}."]
+    if result["notes"]:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, output: str) -> None:
+    d = os.path.dirname(os.path.abspath(output))
+    os.makedirs(d, exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2, ensure_ascii=False)
+    with open(markdown_path(output), "w", encoding="utf-8") as f:
+        f.write(markdown_table(result))
