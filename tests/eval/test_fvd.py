@@ -15,6 +15,7 @@ from flax import nnx
 from vans_jax.convert.safetensors_io import CheckpointError, save_file
 from vans_jax.eval import fvd as F
 from vans_jax.models import i3d as I
+from tests.utils import rel_err as _rel
 
 torch = pytest.importorskip("torch")
 nn, tF = torch.nn, torch.nn.functional
@@ -259,10 +260,6 @@ def loaded(torch_ref):
 
 def _to_torch(x):  # (B, T, H, W, C) -> (B, C, T, H, W)
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 4, 1, 2, 3)))
-
-
-def _rel(got, want):
-    return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
 
 
 def test_state_dict_layout_and_round_trip(torch_ref, loaded, tmp_path):

@@ -85,6 +85,3 @@ def to_torch(batch, keys):
     return {k: torch.from_numpy(np.asarray(batch[k])) for k in keys}
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))

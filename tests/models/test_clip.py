@@ -12,6 +12,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from vans_jax.convert.safetensors_io import Checkpoint, CheckpointError, save_file  # noqa: E402
 from vans_jax.models import clip  # noqa: E402
+from tests.utils import rel_err as _rel
 
 BOS, EOS, VOCAB = 97, 98, 99
 
@@ -41,11 +42,6 @@ def _save(tmp, hf_cfg, seed=0):
 def saved(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("clip"))
     return d, _save(d, _hf_config())
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / np.abs(b).max()
 
 
 def _inputs(seed=0):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.models import qwen_tiny as tiny
+from tests.utils import rel_err
 from vans_jax.convert.safetensors_io import CheckpointError, save_file
 from vans_jax.models import qwen2_5_vl as qwen
 from vans_jax.models.qwen2_5_vl.rope import get_rope_index
@@ -55,7 +56,7 @@ def test_logits_match_transformers(hf_tied, ours, padding):
     ref = hf_logits(hf_tied, batch, pos)
     got = our_logits(ours, batch)
     valid = batch["attention_mask"].astype(bool)
-    assert tiny.rel_err(got[valid], ref[valid]) < TOL
+    assert rel_err(got[valid], ref[valid]) < TOL
 
 
 def test_vision_features_match(hf_tied, ours):
@@ -69,7 +70,7 @@ def test_vision_features_match(hf_tied, ours):
         "pixel_values", "image_grid_thw")})
     got = np.asarray(ours.vision_features(prepared["video"]))
     assert got.shape == ref.shape
-    assert tiny.rel_err(got, ref) < TOL
+    assert rel_err(got, ref) < TOL
 
 
 def test_rope_index_matches_transformers_where_conventions_agree(hf_tied, ours):
@@ -115,7 +116,7 @@ def test_untied_head_and_new_key_layout(tmp_path):
     pos, _ = get_rope_index(ours.config, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
                             batch["video_grid_thw"], batch["second_per_grid_ts"])
     valid = batch["attention_mask"].astype(bool)
-    assert tiny.rel_err(our_logits(ours, batch)[valid], hf_logits(hf, batch, pos)[valid]) < TOL
+    assert rel_err(our_logits(ours, batch)[valid], hf_logits(hf, batch, pos)[valid]) < TOL
 
 
 def _hf_generate(hf, batch, n):
@@ -198,7 +199,7 @@ def test_bf16_logits_close(ckpt_dir, ours):
     assert low.layers.q_proj.kernel[...].dtype == jnp.bfloat16
     valid = batch["attention_mask"].astype(bool)
     # bf16 weights and activations: ~3 significant digits
-    assert tiny.rel_err(our_logits(low, batch)[valid], our_logits(ours, batch)[valid]) < 5e-2
+    assert rel_err(our_logits(low, batch)[valid], our_logits(ours, batch)[valid]) < 5e-2
 
 
 # ----------------------------------------------------------------------------- bad input

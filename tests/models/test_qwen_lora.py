@@ -7,6 +7,7 @@ import torch
 from flax import nnx
 
 from tests.models import qwen_tiny as tiny
+from tests.utils import rel_err
 from vans_jax.models import qwen2_5_vl as qwen
 from vans_jax.models.layers import LoRAParam
 from vans_jax.models.lora import lora_state, merge_lora, without_lora
@@ -54,12 +55,12 @@ def test_without_lora_is_the_base_policy_and_merge_is_exact(setup):
     model = nnx.merge(graphdef, state)
     randomize_lora_b(model)
     adapted = logits(model, batch)
-    assert tiny.rel_err(adapted, logits(base, batch)) > 1e-3
+    assert rel_err(adapted, logits(base, batch)) > 1e-3
     ref = nnx.merge(graphdef, without_lora(nnx.state(model)))
     np.testing.assert_array_equal(logits(ref, batch), logits(base, batch))
     merged = merge_lora(nnx.merge(graphdef, nnx.state(model)))
     assert merged.layers.q_proj.lora_a is None
-    assert tiny.rel_err(logits(merged, batch), adapted) < 1e-5
+    assert rel_err(logits(merged, batch), adapted) < 1e-5
 
 
 def test_gradients_reach_only_lora_and_dropout_needs_a_key(setup):
@@ -97,7 +98,7 @@ def test_export_merges_lora_and_transformers_agrees(setup, tmp_path):
         ref = hf(**tiny.to_torch(batch, KEYS), position_ids=torch.from_numpy(pos)).logits.numpy()
     valid = batch["attention_mask"].astype(bool)
     assert model.layers.q_proj.lora_a is not None  # export did not modify the model
-    assert tiny.rel_err(logits(model, batch)[valid], ref[valid]) < 1e-4
+    assert rel_err(logits(model, batch)[valid], ref[valid]) < 1e-4
 
 
 def test_remat_policies_give_the_same_gradients(setup):

@@ -18,6 +18,7 @@ from vans_jax.convert import umt5 as convert  # noqa: E402
 from vans_jax.convert.safetensors_io import Checkpoint, CheckpointError, save_file  # noqa: E402
 from vans_jax.models.wan import text  # noqa: E402
 from vans_jax.models.wan.umt5 import UMT5Config, UMT5Encoder, relative_position_bucket  # noqa: E402
+from tests.utils import rel_err as _rel
 
 VOCAB = 300
 TINY = dict(vocab_size=VOCAB, d_model=64, d_kv=16, num_heads=4, d_ff=96, num_layers=2,
@@ -72,11 +73,6 @@ def _batch(seed=0, lens=(9, 17, 4), n=17):
 def _hf(model, ids, mask):
     with torch.no_grad():
         return model(torch.as_tensor(ids), torch.as_tensor(mask)).last_hidden_state.numpy()
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / np.abs(b).max()
 
 
 # ------------------------------------------------------------------------------------------ model

@@ -14,17 +14,13 @@ from flax import nnx
 from vans_jax.convert.safetensors_io import Checkpoint, CheckpointError, save_file
 from vans_jax.convert.wan_dit import check_coverage, export_dit_diffusers, key_table, load_dit
 from vans_jax.models.wan import WanConfig, WanLoRAConfig
+from tests.utils import rel_err
 
 diffusers = pytest.importorskip("diffusers")
 
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
             text_dim=48, freq_dim=32, ffn_dim=96, num_layers=2, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")

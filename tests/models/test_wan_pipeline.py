@@ -18,6 +18,7 @@ from vans_jax.convert.wan_dit import iter_dit_tensors  # noqa: E402
 from vans_jax.models.wan import pipeline as wp  # noqa: E402
 from vans_jax.models.wan import text  # noqa: E402
 from vans_jax.sampling import flow  # noqa: E402
+from tests.utils import rel_err
 
 Z = 16
 DIT = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=Z, out_channels=Z,
@@ -31,11 +32,6 @@ UMT5 = dict(vocab_size=300, d_model=32, d_kv=16, num_heads=2, d_ff=64, num_layer
 SHIFT = 3.0                 # the saved scheduler's flow_shift (read back with shift=None)
 H, W, F = 32, 48, 5         # latents (2, 4, 6)
 CAPTIONS = ["a red cat runs on the grass", "the big dog"]
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def _perturb(m, scale, pred=lambda n: True):

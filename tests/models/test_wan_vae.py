@@ -13,6 +13,7 @@ from flax import nnx
 from vans_jax.convert.safetensors_io import Checkpoint, CheckpointError, save_file
 from vans_jax.convert.wan_vae import check_coverage, key_table, load_vae
 from vans_jax.models.wan.vae import WanVAEConfig
+from tests.utils import rel_err
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -20,11 +21,6 @@ TINY = dict(base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_
             temperal_downsample=[False, True, True], dropout=0.0,
             latents_mean=[0.3, -0.7, 1.1, 0.05], latents_std=[1.9, 0.6, 2.4, 1.2])
 H, W = 32, 48  # non-square; latents 4 x 6
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")

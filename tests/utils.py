@@ -1,0 +1,8 @@
+"""Helpers shared by the tests."""
+import numpy as np
+
+
+def rel_err(a, b):
+    """The parity measure used throughout: max |a - b| / max |b| (float64)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
