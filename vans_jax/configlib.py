@@ -67,14 +67,6 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> ml_collections
         if parts[-1] not in node:
             raise KeyError(f"config has no field {key!r}")
         current = node[parts[-1]]
-        with cfg.unlocked() if hasattr(cfg, "unlocked") else _null():
+        with cfg.unlocked():
             node[parts[-1]] = _parse_value(text, current)
     return cfg
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

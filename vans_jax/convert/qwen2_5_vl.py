@@ -7,16 +7,13 @@ transformers version reads), with LoRA merged.
 """
 from __future__ import annotations
 
-import math
 import os
-import zlib
 
-import jax
 import numpy as np
 from flax import nnx
 
 from ..models.layers import resolve_dtype
-from ..models.lora import merge_lora_copy
+from ..models.lora import lora_init_fill, merge_lora_copy
 from ..models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from ..models.qwen2_5_vl.modeling import LoRAConfig, Qwen2_5_VLModel
 from .loading import RenamedCheckpoint, export_tensors, load_into, save_sharded
@@ -85,23 +82,12 @@ def from_pretrained(path: str, dtype="float32", mesh=None, *, lora: LoRAConfig |
     if "lm_head.weight" not in ckpt.names:
         cfg.tie_word_embeddings = True  # absent lm_head = tied, as the 3B checkpoint
     abstract = nnx.eval_shape(lambda: Qwen2_5_VLModel(cfg, rngs=nnx.Rngs(seed), lora=lora))
-    key = jax.random.key(seed)
-
-    def fill_lora(p, shape, dt):
-        if p.endswith(".lora_b"):
-            return np.zeros(shape, np.float32)
-        if p.endswith(".lora_a"):
-            bound = 1.0 / math.sqrt(shape[-2])
-            k = jax.random.fold_in(key, zlib.crc32(p.encode()) % (2 ** 31))
-            return np.asarray(jax.random.uniform(k, shape, minval=-bound, maxval=bound))
-        return None
-
     extra = {}
     if axis_rules is not None:
         extra["axis_rules"] = axis_rules
     return load_into(abstract, ckpt, RULES, TRANSFORMS, dtype=jdtype, mesh=mesh,
                      skip=lambda k: k == "lm_head.weight" and cfg.tie_word_embeddings and abstract.lm_head is None,
-                     fill_unloaded=fill_lora, stacked_prefixes=STACKED, **extra)
+                     fill_unloaded=lora_init_fill(seed), stacked_prefixes=STACKED, **extra)
 
 
 def _export_key(path: str, layer):

@@ -19,16 +19,14 @@ import dataclasses
 import json
 import os
 import re
-import zlib
 from typing import Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from ..models.layers import LoRAParam, resolve_dtype
-from ..models.lora import merge_lora_copy
+from ..models.lora import lora_init_fill, merge_lora_copy
 from ..models.wan.dit import WanConfig, WanLoRAConfig, WanTransformer3D
 from ..parallel import DEFAULT_RULES
 from .loading import RenamedCheckpoint, _flat_params, export_tensors, load_into, open_checkpoint, save_sharded
@@ -252,22 +250,6 @@ def check_coverage(ckpt, cfg: WanConfig, layout: str | None = None, *, model_sta
 # ----------------------------------------------------------------------------- loading
 
 
-def _init_lora(key):
-    """``fill_unloaded`` for ``load_into``: PEFT's LoRA init (as ``Linear.add_lora``),
-    A ~ U(+-1/sqrt(in)), B = 0, stacked over layers; None for any other parameter."""
-
-    def fill(path, shape, dtype):
-        if path.endswith(".lora_b"):
-            return np.zeros(shape, dtype)
-        if not path.endswith(".lora_a"):
-            return None
-        bound = 1.0 / np.sqrt(shape[-2])
-        k = jax.random.fold_in(key, zlib.crc32(path.encode()))
-        return np.asarray(jax.random.uniform(k, shape, jnp.float32, -bound, bound)).astype(dtype)
-
-    return fill
-
-
 def load_dit(src, config: WanConfig | None = None, dtype=None, mesh=None, *, rules=DEFAULT_RULES,
              layout: str | None = None, lora: WanLoRAConfig | None = None, lora_seed: int = 0,
              **config_overrides) -> WanTransformer3D:
@@ -299,7 +281,7 @@ def load_dit(src, config: WanConfig | None = None, dtype=None, mesh=None, *, rul
     layout = layout or detect_layout(view.keys())
     check_coverage(ckpt, config, layout, model_state=nnx.state(abstract, nnx.Param))  # names stored keys
     return load_into(abstract, view, load_rules(layout), TRANSFORMS, mesh=mesh, axis_rules=rules,
-                     fill_unloaded=_init_lora(jax.random.key(lora_seed)), stacked_prefixes=STACKED)
+                     fill_unloaded=lora_init_fill(lora_seed), stacked_prefixes=STACKED)
 
 
 # ----------------------------------------------------------------------------- export

@@ -6,7 +6,6 @@ Linear kernels are stored (in, out) as is usual in JAX; converters transpose tor
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -224,11 +223,3 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None, *, remat: str = "none"
     elif remat != "none":
         raise ValueError(f"unknown remat policy {remat!r}; expected 'none', 'full' or 'dots'")
     return jax.lax.scan(step, carry, (state, xs))
-
-
-def num_params(tree) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(tree))
-
-
-def as_tuple(x: Sequence[int] | int, n: int) -> tuple:
-    return tuple(x) if isinstance(x, (list, tuple)) else (x,) * n

@@ -6,8 +6,11 @@ with fresh adapters computes exactly the base model.
 """
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .layers import Linear, LoRAParam
@@ -50,3 +53,21 @@ def merge_lora_copy(model: nnx.Module) -> nnx.Module:
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
     return merge_lora(copy)
+
+
+def lora_init_fill(seed: int = 0):
+    """``fill_unloaded`` for ``convert.loading.load_into``: fresh adapters for a loaded model with
+    PEFT's init (as ``Linear.add_lora``): A ~ U(+-1/sqrt(in)), B = 0, stacked layers included;
+    deterministic per parameter path. None for any other parameter."""
+    key = jax.random.key(seed)
+
+    def fill(path, shape, dtype):
+        if path.endswith(".lora_b"):
+            return np.zeros(shape, np.float32)
+        if not path.endswith(".lora_a"):
+            return None
+        bound = 1.0 / np.sqrt(shape[-2])
+        k = jax.random.fold_in(key, zlib.crc32(path.encode()) % (2 ** 31))
+        return np.asarray(jax.random.uniform(k, shape, jnp.float32, -bound, bound))
+
+    return fill
