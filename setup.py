@@ -9,6 +9,7 @@ RUNTIME = [
     "grain",
     "ml_collections",
     "clu",
+    "tensorboardX",  # TensorBoard event files for the clu metric writer, without TensorFlow
     "transformers>=4.50",
     "safetensors",
     "numpy",

@@ -26,5 +26,9 @@ def get_config():
                             text_len=16))
     c.generation.max_new_tokens = 24
     c.generation.num_return_sequences = 4
-    c.video.update(dict(height=64, width=64, num_frames=9, num_steps=4))
+    c.video.update(dict(height=64, width=64, num_frames=9, num_steps=4, n_ref=3, fps=4))
+    c.train.update(dict(batch_size=2, log_every=1, checkpoint_every=2, steps=2))
+    c.train.sft_vlm.update(dict(lr=1e-3, max_len=384))
+    c.train.sft_vdm.update(dict(lr=1e-3))
+    c.train.grpo.update(dict(group_size=4, train_sampling_steps=4, train_cfg=2.0, lr=1e-4, anchor_max_tries=2))
     return c

@@ -26,7 +26,7 @@ def wan2_1_t2v_1_3b():
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))
     c.vlm = ml_collections.ConfigDict(dict(
         path="",                  # local HF directory; empty = random init from `model`
         dtype="bfloat16", attn_impl="auto", remat="none",
@@ -42,11 +42,30 @@ def get_config():
                                                   num_return_sequences=1))
     c.video = ml_collections.ConfigDict(dict(height=352, width=640, num_frames=33, fps=11, n_ref=6,
                                              num_steps=50, cfg_scale=5.0, shift=5.0))
+    c.clip = ml_collections.ConfigDict(dict(path=""))   # local Hugging Face CLIP directory (rewards, eval)
+    c.data = ml_collections.ConfigDict(dict(
+        train_csv="", rl_csv="", eval_csv="", video_root="", num_workers=0,
+        # what one sample looks like (vans_jax.data.pipeline.PipelineConfig): VANS numbers
+        pipeline=dict(num_vlm_frames=6, vlm_sample_fps=1.0, target_frames=33, target_height=352, target_width=640,
+                      target_fps=11.0, reference_frames=33, reference_height=352, reference_width=640,
+                      reference_fps=11.0),
+    ))
     c.train = ml_collections.ConfigDict(dict(
-        sft_vlm=dict(steps=10_000, lr=5e-5),
-        sft_vdm=dict(steps=20_000, lr=5e-5),
+        mode="grpo_stage1",       # sft_vlm | sft_vdm | grpo_stage1 | grpo_stage2 | grpo_vlm | grpo_vdm | grpo_all_in_one
+        workdir="", steps=0,      # 0: the mode's own step count below
+        batch_size=1,             # prompts per step (SFT: examples per step)
+        pad_multiple=64,          # token sequences padded to a multiple of this (fewer recompilations)
+        log_every=10, checkpoint_every=100, keep_checkpoints=3, async_checkpoint=True,
+        export=True, export_link=True,
+        sft_vlm=dict(steps=10_000, lr=5e-5, trainable="lora", grad_clip=1.0, warmup_steps=0, schedule="constant",
+                     weight_decay=0.0, dropout=True, max_len=0),   # max_len > 0: fixed sequence length
+        sft_vdm=dict(steps=20_000, lr=5e-5, trainable="full", grad_clip=1.0, warmup_steps=0, schedule="constant",
+                     weight_decay=0.0, text_dropout=0.1),
         grpo=dict(group_size=8, beta=0.004, clip_eps=1e-3, lr=5e-5, stage1_steps=800, stage2_steps=1000,
-                  anchor_rouge_threshold=0.6, sde_noise_level=0.7, train_sampling_steps=20, train_cfg=4.5,
-                  advantage_clip=5.0, grad_clip=1.0),
+                  num_updates=1, aggregation="sequence_mean", anchor_rouge_threshold=0.6, anchor_max_tries=4,
+                  anchor_temperature=1.0, caption_fallback="full", sde_noise_level=0.7, sde_std_form="flow_grpo",
+                  sde_window=(), train_sampling_steps=20, train_cfg=4.5, render_sampler="euler",
+                  advantage_clip=5.0, grad_clip=1.0, weight_decay=0.0, warmup_steps=0, schedule="constant",
+                  vlm_trainable="lora", dit_trainable="full", disabled_rewards=""),
     ))
     return c

@@ -1,0 +1,156 @@
+"""The pieces every training step shares: the train state, the optimizer from config, the split of a
+model into what trains and what is frozen, and one jitted update with NaN/Inf skipping.
+
+A step is a pure function of (graphdef, state, frozen, batch) under ``jax.jit``; the state is
+donated, the RNG lives in the state and is folded with the step number, so a restored run draws
+exactly the numbers an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ..models.layers import LoRAParam
+
+TRAINABLE = ("lora", "full")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array          # int32 scalar: optimizer updates applied
+    params: Any              # the trainable nnx.State (LoRA adapters, or every parameter)
+    opt_state: Any
+    rng: jax.Array           # raw uint32 key data (checkpointable)
+    skipped: jax.Array       # int32 scalar: updates skipped for a non-finite loss or gradient
+
+    @property
+    def key(self):
+        return jax.random.wrap_key_data(self.rng)
+
+
+def trainable_filter(what: str):
+    if what == "lora":
+        return LoRAParam
+    if what == "full":
+        return nnx.Param
+    raise ValueError(f"trainable must be one of {TRAINABLE}, got {what!r}")
+
+
+def split_model(model: nnx.Module, what: str):
+    """(graphdef, trainable state, frozen state). ``what``: "lora" (adapters only) or "full"."""
+    graphdef, params, frozen = nnx.split(model, trainable_filter(what), ...)
+    if not jax.tree.leaves(params):
+        raise ValueError(f"the model has nothing to train with trainable={what!r}"
+                         + (" (no LoRA adapters: set a LoRA config)" if what == "lora" else ""))
+    return graphdef, params, frozen
+
+
+def make_schedule(cfg) -> optax.Schedule:
+    """Constant (default), linear warmup then constant, or warmup + cosine decay to ``final_lr_ratio``."""
+    lr = float(cfg.lr)
+    warmup = int(cfg.get("warmup_steps", 0))
+    kind = cfg.get("schedule", "constant")
+    if kind == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
+                                    [warmup]) if warmup else optax.constant_schedule(lr)
+    if kind == "cosine":
+        steps = int(cfg.steps)
+        return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, max(warmup, 1), max(steps, warmup + 1),
+                                                  lr * float(cfg.get("final_lr_ratio", 0.0)))
+    raise ValueError(f"unknown schedule {kind!r}; expected 'constant' or 'cosine'")
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """AdamW (the paper's; betas, eps, weight decay from config) behind global-norm clipping."""
+    parts = []
+    clip = cfg.get("grad_clip", None)
+    if clip:
+        parts.append(optax.clip_by_global_norm(float(clip)))
+    name = cfg.get("optimizer", "adamw")
+    sched = make_schedule(cfg)
+    if name == "adamw":
+        parts.append(optax.adamw(sched, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
+                                 eps=float(cfg.get("eps", 1e-8)), weight_decay=float(cfg.get("weight_decay", 0.0))))
+    elif name == "sgd":
+        parts.append(optax.sgd(sched))
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; expected 'adamw' or 'sgd'")
+    return optax.chain(*parts)
+
+
+def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """Optimizer state is created under jit so it inherits the parameters' shardings."""
+    opt_state = jax.jit(optimizer.init)(params)
+    return TrainState(step=jnp.int32(0), params=params, opt_state=opt_state,
+                      rng=jax.random.key_data(jax.random.key(seed)), skipped=jnp.int32(0))
+
+
+def tree_shardings(tree, mesh):
+    """Each array's NamedSharding on ``mesh`` (arrays without one - scalars, single-device
+    arrays - are replicated), so jitted steps get the same shardings in and out and never
+    recompile for a sharding change."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def one(x):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding) and sh.mesh == mesh:
+            return sh
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, tree)
+
+
+def place(tree, mesh):
+    """(tree placed with ``tree_shardings``, the shardings)."""
+    sh = tree_shardings(tree, mesh)
+    return jax.device_put(tree, sh), sh
+
+
+def all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTransformation):
+    """One optimizer update; skipped (parameters and moments untouched, ``skipped`` += 1) when the
+    loss or any gradient is NaN/Inf. Returns (new state, {grad_norm, skipped_step})."""
+    ok = jnp.isfinite(loss) & all_finite(grads)
+    safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+    updates, new_opt = optimizer.update(safe, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new = TrainState(step=state.step + ok.astype(jnp.int32), params=keep(new_params, state.params),
+                     opt_state=keep(new_opt, state.opt_state), rng=state.rng,
+                     skipped=state.skipped + (~ok).astype(jnp.int32))
+    return new, {"grad_norm": optax.global_norm(safe), "skipped_step": (~ok).astype(jnp.float32)}
+
+
+def make_update_step(loss_fn: Callable, optimizer: optax.GradientTransformation, graphdef, *, shardings=None,
+                     donate=True):
+    """jit(step)(state, frozen, batch) -> (state, metrics), ``graphdef`` static (closed over).
+
+    ``loss_fn(params, graphdef, frozen, batch, rng) -> (loss, metrics dict)``; ``rng`` is the state's
+    key folded with the update counter (applied + skipped) and ``batch["update_index"]`` (the
+    policy update within one batch of rollouts; 0 if absent).
+    ``shardings``: (state, frozen, batch) shardings for explicit in/out shardings (None: inferred).
+    """
+
+    def step(state: TrainState, frozen, batch):
+        sub = batch.get("update_index", jnp.int32(0))
+        rng = jax.random.fold_in(jax.random.fold_in(state.key, state.step + state.skipped), sub)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, graphdef, frozen, batch,
+                                                                           rng)
+        new, extra = apply_gradients(state, grads, loss, optimizer)
+        return new, dict(metrics, loss=loss, **extra)
+
+    donate_argnums = (0,) if donate else ()
+    if shardings is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    st, fr, bt = shardings
+    return jax.jit(step, in_shardings=(st, fr, bt), out_shardings=(st, None), donate_argnums=donate_argnums)

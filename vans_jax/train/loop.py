@@ -1,0 +1,379 @@
+"""``vans-jax train``: one loop for every mode.
+
+    sft_vlm          SFT of the VLM (LoRA by default, ``train.sft_vlm.trainable=full``)
+    sft_vdm          SFT of the DiT (full by default), reference-frame conditioning, text dropout
+    grpo_stage1      Joint-GRPO stage 1 (VLM LoRA; r_format + r_t1 + r_v1 through the frozen VDM)
+    grpo_stage2      Joint-GRPO stage 2 (DiT; anchors from the frozen stage-1 VLM; r_v2 + r_c2)
+    grpo_vlm         ablation: standard GRPO on the VLM alone (text rewards)
+    grpo_vdm         ablation: standard GRPO on the VDM alone (ground-truth captions as anchors)
+    grpo_all_in_one  ablation: one stage, both models, one joint reward
+
+Reward ablations: ``train.grpo.disabled_rewards="t1"`` (names: format, t1, v1, v2, c2). "Both
+isolated then cascaded" = a grpo_vlm run and a grpo_vdm run from the same SFT models, evaluated
+together; "Stage 1 only" = a grpo_stage1 run evaluated with the SFT DiT.
+
+The work directory holds ``checkpoints/`` (orbax; the same command resumes), ``tb/`` (TensorBoard
+via clu), ``metrics.jsonl`` (one line per step), ``final_metrics.json`` and ``export/`` (the
+trained models in their real checkpoint layouts: ``export/vlm`` a Hugging Face Qwen2.5-VL
+directory with the LoRA merged, ``export/vdm`` a diffusers Wan directory).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import jax
+import numpy as np
+
+from .. import parallel
+from ..data.pipeline import PipelineConfig, VNEPSource, make_dataset, skip_stats
+from .checkpoint import Checkpointer
+from .core import make_update_step
+from .joint_grpo import GRPO_MODES, GRPOSettings, JointGRPO, Part, RenderSettings
+from .sft import build_sft_vlm_batch, clip_to_video, sft_vdm_loss, sft_vlm_loss
+
+MODES = ("sft_vlm", "sft_vdm") + GRPO_MODES
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _lora_config(cfg):
+    from ..models.qwen2_5_vl import LoRAConfig
+    lc = cfg.vlm.lora
+    return LoRAConfig(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
+                      targets=tuple(lc.targets), include_vision=bool(lc.include_vision))
+
+
+def load_vlm(cfg, mesh, *, lora: bool):
+    from ..models import qwen2_5_vl as qwen
+    from ..models.qwen2_5_vl import tokenizer as qtok
+    path = cfg.vlm.path
+    if not path:
+        raise ValueError("vlm.path is empty: training needs a local Hugging Face Qwen2.5-VL directory "
+                         "(--config.vlm.path=DIR)")
+    model = qwen.from_pretrained(path, dtype=cfg.vlm.dtype, mesh=mesh, lora=_lora_config(cfg) if lora else None,
+                                 attn_impl=cfg.vlm.attn_impl, remat=cfg.vlm.remat)
+    return model, qtok.load_tokenizer(path)
+
+
+def load_vdm(cfg, mesh):
+    from ..models.wan import pipeline as wp
+    if not cfg.vdm.path:
+        raise ValueError("vdm.path is empty: training needs a local diffusers Wan directory (--config.vdm.path=DIR)")
+    return wp.from_pretrained(cfg.vdm.path, dtype=cfg.vdm.dtype, mesh=mesh, dit_path=cfg.vdm.dit_path or None)
+
+
+def load_clip(cfg, mesh):
+    from ..models import clip
+    if not cfg.clip.path:
+        raise ValueError("clip.path is empty: the CLIP rewards need a local Hugging Face CLIP directory "
+                         "(--config.clip.path=DIR)")
+    return clip.from_pretrained(cfg.clip.path, mesh=mesh), clip.load_tokenizer(cfg.clip.path)
+
+
+def render_settings(cfg) -> RenderSettings:
+    v, g = cfg.video, cfg.train.grpo
+    return RenderSettings(height=int(v.height), width=int(v.width), num_frames=int(v.num_frames),
+                          num_steps=int(g.train_sampling_steps), cfg_scale=float(g.train_cfg), shift=float(v.shift),
+                          negative_prompt=str(v.get("negative_prompt", "")), mode=str(g.render_sampler),
+                          noise_level=float(g.sde_noise_level), std_form=str(g.sde_std_form),
+                          sde_window=tuple(g.sde_window) if g.sde_window else None, n_ref=int(v.n_ref))
+
+
+def grpo_settings(cfg, mode) -> GRPOSettings:
+    g, gen = cfg.train.grpo, cfg.generation
+    disabled = tuple(x for x in str(g.disabled_rewards).replace(" ", "").split(",") if x)
+    return GRPOSettings(mode=mode, group_size=int(g.group_size), beta=float(g.beta), clip_eps=float(g.clip_eps),
+                        num_updates=int(g.num_updates), aggregation=str(g.aggregation),
+                        advantage_clip=float(g.advantage_clip), temperature=float(gen.temperature),
+                        top_p=float(gen.top_p), top_k=int(gen.top_k), max_new_tokens=int(gen.max_new_tokens),
+                        anchor_rouge_threshold=float(g.anchor_rouge_threshold), anchor_max_tries=int(g.anchor_max_tries),
+                        anchor_temperature=float(g.anchor_temperature), caption_fallback=str(g.caption_fallback),
+                        disabled_rewards=disabled, pad_multiple=int(cfg.train.pad_multiple))
+
+
+# ----------------------------------------------------------------------------- SFT runners
+
+
+class SFTVLM:
+    def __init__(self, cfg, mesh):
+        sc = cfg.train.sft_vlm
+        self.model, self.tokenizer = load_vlm(cfg, mesh, lora=sc.trainable == "lora")
+        self.model_cfg = self.model.config
+        self.vcfg = cfg.vlm
+        self.pad_multiple = int(cfg.train.pad_multiple)
+        self.max_len = int(sc.max_len)
+        self.part = Part(self.model, sc.trainable, sc, int(cfg.seed), reference=False, mesh=mesh)
+        self.parts = {"vlm": self.part}
+        dropout = bool(sc.get("dropout", True))
+        self._update = make_update_step(lambda p, g, f, b, k: sft_vlm_loss(p, g, f, b, k, dropout=dropout),
+                                        self.part.optimizer, self.part.graphdef, shardings=self.part.shardings())
+
+    def step(self, examples, step_index, rng):
+        t0 = time.perf_counter()
+        batch = build_sft_vlm_batch(examples, self.tokenizer, self.model_cfg, self.vcfg, self.pad_multiple,
+                                    self.max_len)
+        truncated = batch.pop("truncated")
+        self.part.state, m = self._update(self.part.state, self.part.frozen, batch)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        m["truncated_examples"] = float(truncated)
+        dt = time.perf_counter() - t0
+        ntok = int(np.asarray(batch["attention_mask"]).sum())
+        return dict(m, **{"time/step_s": dt, "throughput/tokens_per_s": ntok / max(dt, 1e-9)})
+
+
+class SFTVDM:
+    def __init__(self, cfg, mesh):
+        sc = cfg.train.sft_vdm
+        self.vdm = load_vdm(cfg, mesh)
+        self.n_ref = int(cfg.video.n_ref)
+        self.render = render_settings(cfg)
+        self.part = Part(self.vdm.dit, sc.trainable, sc, int(cfg.seed), reference=False, mesh=mesh)
+        self.parts = {"dit": self.part}
+        shift, drop = float(cfg.video.shift), float(sc.text_dropout)
+        self._update = make_update_step(lambda p, g, f, b, k: sft_vdm_loss(p, g, f, b, k, shift=shift,
+                                                                           text_dropout=drop),
+                                        self.part.optimizer, self.part.graphdef, shardings=self.part.shardings())
+
+    def step(self, examples, step_index, rng):
+        from ..models.wan import pipeline as wp
+        from .joint_grpo import reference_latents
+        t0 = time.perf_counter()
+        target = np.stack([np.asarray(e["target"]) for e in examples])
+        latents = wp.encode_video(self.vdm, clip_to_video(target))
+        batch = dict(latents=latents, context=wp.encode_text(self.vdm, [e["caption"] for e in examples]),
+                     null_context=self.vdm.negative_embeddings("", 1))
+        if self.n_ref:
+            batch["ref_latents"] = reference_latents(self.vdm, examples, self.render)
+        self.part.state, m = self._update(self.part.state, self.part.frozen, batch)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        dt = time.perf_counter() - t0
+        return dict(m, **{"time/step_s": dt, "throughput/frames_per_s": target.shape[0] * target.shape[1] / dt})
+
+
+def build_runner(cfg, mode, mesh):
+    if mode == "sft_vlm":
+        return SFTVLM(cfg, mesh)
+    if mode == "sft_vdm":
+        return SFTVDM(cfg, mesh)
+    g = cfg.train.grpo
+    needs_vlm = mode != "grpo_vdm"
+    needs_video = mode != "grpo_vlm"
+    train_vlm = mode in ("grpo_stage1", "grpo_vlm", "grpo_all_in_one")
+    vlm = tok = vdm = clip_model = clip_tok = None
+    if needs_vlm:
+        vlm, tok = load_vlm(cfg, mesh, lora=train_vlm and g.vlm_trainable == "lora")
+    if needs_video:
+        vdm = load_vdm(cfg, mesh)
+        clip_model, clip_tok = load_clip(cfg, mesh)
+    return JointGRPO(grpo_settings(cfg, mode), render_settings(cfg), vlm=vlm, vlm_tokenizer=tok, vlm_vcfg=cfg.vlm,
+                     vdm=vdm, clip_model=clip_model, clip_tokenizer=clip_tok, vlm_trainable=str(g.vlm_trainable),
+                     dit_trainable=str(g.dit_trainable), optim_cfg=g, seed=int(cfg.seed), mesh=mesh)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def data_source(cfg, mode) -> VNEPSource:
+    d = cfg.data
+    csv = d.train_csv if mode.startswith("sft") else (d.rl_csv or d.train_csv)
+    if not csv:
+        raise ValueError(f"data.{'train_csv' if mode.startswith('sft') else 'rl_csv'} is empty: give the VANS-Data "
+                         f"CSV (--config.data.train_csv=FILE --config.data.video_root=DIR)")
+    if not os.path.isfile(csv):
+        raise FileNotFoundError(f"data CSV {csv} does not exist")
+    pc = PipelineConfig(**dict(d.pipeline))
+    return VNEPSource(csv, d.video_root, pc)
+
+
+def uncollate(batch: dict) -> list[dict]:
+    n = len(batch["question"])
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _copy_tokenizer(src: str, dst: str):
+    for name in os.listdir(src):
+        if name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template",
+                            "preprocessor_config", "generation_config")):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def export_parts(cfg, runner, out_dir: str, *, link: bool = True) -> dict:
+    """Writes the trained models in their real layouts (see the module docstring)."""
+    from ..convert.wan_dit import export_dit_diffusers
+    from ..models import qwen2_5_vl as qwen
+    written = {}
+    os.makedirs(out_dir, exist_ok=True)
+    if "vlm" in runner.parts:
+        d = os.path.join(out_dir, "vlm")
+        os.makedirs(d, exist_ok=True)
+        qwen.export_pretrained(runner.parts["vlm"].model(), d)
+        _copy_tokenizer(cfg.vlm.path, d)
+        written["vlm"] = d
+    if "dit" in runner.parts:
+        d = os.path.join(out_dir, "vdm")
+        os.makedirs(d, exist_ok=True)
+        src = cfg.vdm.path
+        for name in os.listdir(src):
+            if name == "transformer":
+                continue
+            s, t = os.path.join(src, name), os.path.join(d, name)
+            if os.path.lexists(t):
+                (shutil.rmtree if os.path.isdir(t) and not os.path.islink(t) else os.remove)(t)
+            if link:
+                os.symlink(os.path.abspath(s), t)
+            elif os.path.isdir(s):
+                shutil.copytree(s, t)
+            else:
+                shutil.copy2(s, t)
+        tdir = os.path.join(d, "transformer")
+        if os.path.isdir(tdir):
+            shutil.rmtree(tdir)
+        os.makedirs(tdir)
+        export_dit_diffusers(runner.parts["dit"].model(), tdir)
+        written["vdm"] = d
+    return written
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _fmt_eta(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _scalars(m: dict) -> dict:
+    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float, np.floating, np.integer))
+            and math.isfinite(float(v))}
+
+
+def steps_for(cfg, mode) -> int:
+    t = cfg.train
+    if int(t.steps) > 0:
+        return int(t.steps)
+    if mode == "sft_vlm":
+        return int(t.sft_vlm.steps)
+    if mode == "sft_vdm":
+        return int(t.sft_vdm.steps)
+    return int(t.grpo.stage2_steps if mode in ("grpo_stage2", "grpo_vdm") else t.grpo.stage1_steps)
+
+
+def train(cfg, *, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Runs (or resumes) the configured training; returns the final metrics.
+    ``stop_after``: return after that many steps of this invocation (tests of resumption)."""
+    mode = str(cfg.train.mode)
+    if mode not in MODES:
+        raise ValueError(f"unknown train.mode {mode!r}; expected one of {MODES}")
+    workdir = cfg.train.workdir
+    if not workdir:
+        raise ValueError("train.workdir is empty (--config.train.workdir=DIR)")
+    os.makedirs(workdir, exist_ok=True)
+    total = steps_for(cfg, mode)
+    mesh = parallel.make_mesh(dict(cfg.mesh))
+    runner = build_runner(cfg, mode, mesh)
+    source = data_source(cfg, mode)
+    bs = int(cfg.train.batch_size)
+    ds = make_dataset(source, batch_size=bs, seed=int(cfg.seed), num_epochs=None, drop_remainder=True,
+                      num_workers=int(cfg.data.num_workers), shard_index=jax.process_index(),
+                      shard_count=jax.process_count())
+    it = iter(ds)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=int(cfg.train.checkpoint_every),
+                        keep=int(cfg.train.keep_checkpoints), use_async=bool(cfg.train.async_checkpoint))
+    start = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        parts, data_state, meta = ckpt.restore(latest, {k: p.ckpt_items() for k, p in runner.parts.items()})
+        for k, p in runner.parts.items():
+            p.restore_items(parts[k])
+        it.set_state(data_state)
+        start = int(meta["step"])
+        if meta.get("mode") != mode:
+            raise ValueError(f"{workdir} holds a {meta.get('mode')} run; this command is {mode}: use another workdir")
+        if progress:
+            print(f"resumed {mode} from {ckpt.directory} at step {start}/{total}", flush=True)
+
+    from .metrics import create_writer
+    writer = create_writer(os.path.join(workdir, "tb"), primary=jax.process_index() == 0)
+    jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
+    base = jax.random.key(int(cfg.seed))
+    log_every = max(1, int(cfg.train.log_every))
+    t_start, done_here, last = time.perf_counter(), 0, {}
+    skipped_total = 0
+    for step in range(start + 1, total + 1):
+        try:
+            batch = next(it)
+        except StopIteration:  # pragma: no cover - num_epochs=None never stops
+            break
+        m = runner.step(uncollate(batch), step, jax.random.fold_in(base, step))
+        skipped = m.get("skipped_step", 0.0) + m.get("skipped_rewards", 0.0)
+        for k in list(m):
+            if k.endswith("/skipped_step"):
+                skipped += m[k]
+        skipped_total += int(skipped > 0)
+        m["skipped_total"] = float(skipped_total)
+        st = skip_stats(it)
+        m["data/skipped_samples"] = float(st["num_skipped"])
+        last = m
+        scal = _scalars(m)
+        writer.write_scalars(step, scal)
+        if "sample_text" in m:
+            writer.write_texts(step, {"sample": str(m["sample_text"])})
+        if jsonl is not None:
+            jsonl.write(json.dumps(dict(scal, step=step)) + "\n")
+            jsonl.flush()
+        done_here += 1
+        if skipped > 0 and progress:
+            print(f"step {step}: non-finite loss/gradient/reward, update skipped ({skipped_total} so far)",
+                  flush=True)
+        if progress and (step % log_every == 0 or step == total):
+            el = time.perf_counter() - t_start
+            eta = el / done_here * (total - step)
+            keys = [k for k in ("loss", "reward/total", "vlm/loss", "dit/loss", "vlm/kl", "dit/kl",
+                                "vlm/clip_fraction", "dit/clip_fraction", "token_accuracy") if k in scal]
+            body = " ".join(f"{k}={scal[k]:.4g}" for k in keys)
+            print(f"[{mode}] step {step}/{total} {body} {scal.get('time/step_s', 0):.2f}s/step ETA {_fmt_eta(eta)}",
+                  flush=True)
+        if ckpt.should_save(step, step == total):
+            parts = {k: p.ckpt_items() for k, p in runner.parts.items()}
+            ckpt.save(step, parts, it.get_state(), {"step": step, "mode": mode})
+        if stop_after is not None and done_here >= stop_after:
+            ckpt.wait()
+            writer.flush()
+            return _scalars(last)
+    ckpt.close()
+    writer.flush()
+    writer.close()
+    if jsonl is not None:
+        jsonl.close()
+    final = _scalars(last)
+    final["step"] = total
+    if jax.process_index() == 0:
+        if cfg.train.export:
+            final_exports = export_parts(cfg, runner, os.path.join(workdir, "export"),
+                                         link=bool(cfg.train.export_link))
+            final["exports"] = final_exports
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump(final, f, indent=2)
+    return final
+
+
+def main_train(cfg) -> int:
+    try:
+        final = train(cfg)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"vans-jax train: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in final.items() if not isinstance(v, dict)}, indent=None)[:2000])
+    return 0
+
+
+__all__ = ["MODES", "train", "export_parts", "build_runner", "main_train"]
