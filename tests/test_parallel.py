@@ -15,7 +15,7 @@ class FakeMesh:
 
 def test_make_mesh_shapes_and_errors():
     mesh = parallel.make_mesh({"data": -1})
-    assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.devices.size == len(jax.devices())
+    assert mesh.axis_names == ("data", "fsdp", "sequence", "tensor") and mesh.devices.size == len(jax.devices())
     with pytest.raises(ValueError, match="unknown mesh axes \\['model'\\]"):
         parallel.make_mesh({"model": 2})
     with pytest.raises(ValueError, match="needs 4 devices"):

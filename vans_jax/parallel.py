@@ -5,9 +5,15 @@ Every parameter carries a tuple of *logical* axis names in its ``axes`` metadata
 sharding of any state follows from it. Parameters stacked over layers (scanned
 blocks) have one more dimension than names; that leading dimension is the logical
 axis ``"layers"``, which is never sharded by default.
+
+Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameters, gradients
+and optimizer state sharded), ``sequence`` (the token axis of activations: long video token
+counts; attention gathers keys/values), ``tensor`` (heads / MLP width). Axes of size 1 vanish
+from every spec, so a mesh that does not use an axis behaves as if it did not exist.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
@@ -15,14 +21,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
+    ("activation_length", "sequence"),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
     ("batch", ("data", "fsdp")),
     ("layers", None),
     ("vocab", "tensor"),
@@ -48,7 +55,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds a (data, fsdp, tensor) mesh. One axis may be -1 (= all remaining devices)."""
+    """Builds a (data, fsdp, sequence, tensor) mesh; missing axes have size 1, one axis may be
+    -1 (= all remaining devices)."""
     devices = list(devices if devices is not None else jax.devices())
     shape = dict(shape or {"data": -1})
     unknown = set(shape) - set(MESH_AXES)
@@ -140,7 +148,155 @@ def shard_module(module: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Mod
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None = None, rules=DEFAULT_RULES) -> jax.Array:
-    """Activation sharding constraint by logical names; a no-op without a mesh."""
+    """Activation sharding constraint by logical names. ``mesh`` defaults to the context mesh
+    (``with jax.set_mesh(mesh):`` around the jitted call); a no-op without either."""
+    if mesh is None:
+        mesh = context_mesh()
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)))
+
+
+def context_mesh():
+    """The mesh set by ``jax.set_mesh`` (an ``AbstractMesh`` while tracing), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+DEFAULT_COORDINATOR_PORT = 8476
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[003-005,009],cpu1`` -> ``gpu003``,
+    ``rack[1-2]-n[07-08]`` -> ``rack1-n07`` (what ``scontrol show hostnames | head -1`` prints)."""
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ValueError("empty SLURM node list")
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):       # the first top-level comma ends the first entry
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    entry, host = nodelist[:end], ""
+    while "[" in entry:
+        pre, rest = entry.split("[", 1)
+        if "]" not in rest:
+            raise ValueError(f"malformed SLURM node list {nodelist!r} (unclosed '[')")
+        inside, entry = rest.split("]", 1)
+        host += pre + inside.split(",", 1)[0].split("-", 1)[0]
+    return host + entry
+
+
+def _env_int(env, name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def distributed_settings(env: Mapping[str, str] | None = None) -> dict | None:
+    """How this process joins a multi-process JAX run, read from the environment.
+
+    In order of precedence:
+    - ``VANS_DISTRIBUTED=off``: single process; ``VANS_DISTRIBUTED=auto``: JAX's own cluster
+      detection (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes) -> ``{"auto": True}``.
+    - ``JAX_COORDINATOR_ADDRESS`` (``host`` or ``host:port``), ``JAX_NUM_PROCESSES``,
+      ``JAX_PROCESS_ID``: all three or none.
+    - SLURM (``SLURM_NTASKS`` > 1): coordinator = the first host of ``SLURM_STEP_NODELIST``
+      (inside ``srun``; else ``SLURM_JOB_NODELIST``), process id ``SLURM_PROCID``, count
+      ``SLURM_NTASKS``; port ``JAX_COORDINATOR_PORT`` or 8476 + SLURM_JOB_ID % 1000 (two jobs
+      sharing a first node do not collide).
+    ``JAX_LOCAL_DEVICE_IDS=0,1,..`` restricts this process to those local devices.
+    Returns None for a single process, else a dict of ``jax.distributed.initialize`` arguments."""
+    env = os.environ if env is None else env
+    mode = env.get("VANS_DISTRIBUTED", "").strip().lower()
+    if mode in ("off", "0", "false", "no"):
+        return None
+    if mode == "auto":
+        return {"auto": True}
+    if mode:
+        raise ValueError(f"VANS_DISTRIBUTED={env['VANS_DISTRIBUTED']!r}: expected 'auto' or 'off' (or unset)")
+    jax_vars = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    given = [v for v in jax_vars if env.get(v)]
+    port = env.get("JAX_COORDINATOR_PORT")
+    if given:
+        missing = [v for v in jax_vars if v not in given]
+        if missing:
+            raise ValueError(f"{', '.join(given)} set but {', '.join(missing)} missing: set all three of "
+                             f"{', '.join(jax_vars)} (or none)")
+        address = env["JAX_COORDINATOR_ADDRESS"]
+        num, pid = _env_int(env, "JAX_NUM_PROCESSES"), _env_int(env, "JAX_PROCESS_ID")
+        source = "JAX_*"
+    elif env.get("SLURM_NTASKS") and _env_int(env, "SLURM_NTASKS") > 1:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise ValueError("SLURM_NTASKS > 1 but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set")
+        if "SLURM_PROCID" not in env:
+            raise ValueError("SLURM_NTASKS > 1 but SLURM_PROCID is not set (launch with srun)")
+        address = first_slurm_host(nodelist)
+        num, pid = _env_int(env, "SLURM_NTASKS"), _env_int(env, "SLURM_PROCID")
+        if port is None:
+            port = str(DEFAULT_COORDINATOR_PORT + (_env_int(env, "SLURM_JOB_ID") % 1000 if env.get("SLURM_JOB_ID")
+                                                   else 0))
+        source = "SLURM"
+    else:
+        return None
+    if num < 1 or not 0 <= pid < num:
+        raise ValueError(f"process id {pid} is not in [0, {num}) ({source} environment)")
+    if num == 1:
+        return None
+    if ":" not in address.rsplit("]", 1)[-1]:      # no port given (IPv6 literals come bracketed)
+        address = f"{address}:{port or DEFAULT_COORDINATOR_PORT}"
+    out = dict(coordinator_address=address, num_processes=num, process_id=pid)
+    if env.get("JAX_LOCAL_DEVICE_IDS"):
+        try:
+            out["local_device_ids"] = [int(i) for i in env["JAX_LOCAL_DEVICE_IDS"].split(",")]
+        except ValueError:
+            raise ValueError(f"JAX_LOCAL_DEVICE_IDS={env['JAX_LOCAL_DEVICE_IDS']!r} must be comma-separated "
+                             f"integers") from None
+    return out
+
+
+def initialize_distributed(env: Mapping[str, str] | None = None, *, timeout_s: int = 300) -> dict | None:
+    """Joins the multi-process JAX runtime (``jax.distributed.initialize``) as described by the
+    environment (see ``distributed_settings``); a no-op for a single process. Call it first,
+    before anything touches a JAX device. Returns the settings used (None: single process)."""
+    settings = distributed_settings(env)
+    if settings is None:
+        return None
+    if settings.get("auto"):
+        jax.distributed.initialize(initialization_timeout=timeout_s)
+    else:
+        jax.distributed.initialize(initialization_timeout=timeout_s, **settings)
+    return settings
+
+
+def host_local_batch_to_global(batch, mesh: Mesh, spec=None):
+    """Turns each host's slice of the global batch (a pytree of numpy arrays, leading dim = this
+    process's rows) into global ``jax.Array``s sharded on ``mesh``
+    (``jax.make_array_from_process_local_data``). ``spec``: a PartitionSpec for every leaf, a
+    pytree of them matching ``batch``, or None = the leading (batch) axis over the mesh axes the
+    logical axis ``batch`` maps to. Processes must hold equal numbers of rows, in process order."""
+    if spec is None:
+        spec = logical_to_spec(("batch",), DEFAULT_RULES, mesh)
+    specs = jax.tree.map(lambda _: spec, batch) if isinstance(spec, P) else spec
+
+    def one(path, x, s):
+        x = np.asarray(x)
+        if len(s) > x.ndim:
+            raise ValueError(f"batch{jax.tree_util.keystr(path)}: spec {s} has more entries than the array's "
+                             f"{x.ndim} dims (shape {x.shape})")
+        for dim, axes in enumerate(s):
+            parts = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+            # dim 0 is split between processes; other dims are whole on every process
+            n = x.shape[dim] * (jax.process_count() if dim == 0 else 1)
+            if n % parts:
+                raise ValueError(f"batch{jax.tree_util.keystr(path)}: global size {n} of dim {dim} (shape {x.shape} "
+                                 f"on each of {jax.process_count()} process(es)) is not divisible by the {parts} "
+                                 f"shards of mesh axes {axes}")
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, s), x)
+
+    return jax.tree_util.tree_map_with_path(one, batch, specs, is_leaf=lambda s: isinstance(s, P))

@@ -22,8 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ...parallel import constrain
 from ..layers import (LayerNorm, Linear, RMSNorm, attention, layer_norm, resolve_dtype, scan_layers,
                       stack_layers)
+
+# Logical axes of activations (sharding constraints under ``jax.set_mesh``; no-ops without a mesh).
+TOKENS = ("activation_batch", "activation_length", "activation_embed")      # (B, L, d) video tokens
+TEXT = ("activation_batch", None, "activation_embed")                        # (B, L_text, d)
+QUERY_HEADS = ("activation_batch", "activation_length", "activation_heads", None)
+KV_HEADS = ("activation_batch", None, "activation_heads", None)              # keys/values: all positions
+FFN_HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +263,9 @@ class WanAttention(nnx.Module):
             cos, sin = rope
             q = apply_rope_interleaved(q, cos, sin)
             k = apply_rope_interleaved(k, cos, sin)
-        o = attention(q, k, v, impl=self.attn_impl)
+        # heads over `tensor`; queries keep their token sharding (`sequence`), keys/values are gathered
+        q, k, v = constrain(q, QUERY_HEADS), constrain(k, KV_HEADS), constrain(v, KV_HEADS)
+        o = constrain(attention(q, k, v, impl=self.attn_impl), QUERY_HEADS)
         return self.to_out(o.reshape(b, lq, d), keys[3])
 
 
@@ -288,8 +298,9 @@ class WanBlock(nnx.Module):
         h = (self.norm2(x) if self.norm2 is not None else x).astype(dtype)
         x = x + self.attn2(h, context, None, keys[4:8]).astype(dtype)
         h = (layer_norm(x, self.eps) * (1.0 + c_scale) + c_shift).astype(dtype)
-        f = self.ffn_out(jax.nn.gelu(self.ffn_in(h, keys[8]), approximate=True), keys[9])
-        return (x.astype(jnp.float32) + f.astype(jnp.float32) * c_gate).astype(dtype)
+        f = constrain(jax.nn.gelu(self.ffn_in(h, keys[8]), approximate=True), FFN_HIDDEN)
+        f = self.ffn_out(f, keys[9])
+        return constrain((x.astype(jnp.float32) + f.astype(jnp.float32) * c_gate).astype(dtype), TOKENS)
 
 
 class WanTransformer3D(nnx.Module):
@@ -338,11 +349,12 @@ class WanTransformer3D(nnx.Module):
             raise ValueError(f"n_ref={n_ref} must be a multiple of the temporal patch {pt} and < frames {t}")
         grid = (t // pt, h // ph, w // pw)
         x = self.patch_embedding(patchify(hidden_states, cfg.patch_size).astype(dtype)).astype(dtype)
+        x = constrain(x, TOKENS)
 
         ang = rope_angles(cfg, *grid)
         rope = (jnp.asarray(np.cos(ang), jnp.float32), jnp.asarray(np.sin(ang), jnp.float32))
         temb, mod = self.embed_time(timestep, b)
-        context = self.embed_text(encoder_hidden_states)
+        context = constrain(self.embed_text(encoder_hidden_states), TEXT)
 
         layer_keys = None if rng is None else jax.random.split(rng, cfg.num_layers)
 
