@@ -1,5 +1,6 @@
 """The ``vans-jax`` command.
 
+    vans-jax train --config configs/NAME.py [--config.train.mode=grpo_stage1] [--config.a.b=value ...]
     vans-jax demo [--config configs/tiny.py] [--config.a.b=value ...] [--question TEXT] [--output FILE]
     vans-jax make-data --output_dir DIR --num_samples N --seed S [--split all|train|rl|eval]
     vans-jax validate-data --csv FILE --video_root DIR [--output report.json] [--quick]
@@ -113,8 +114,15 @@ def main(argv=None):
     ev.add_argument("--fps", type=float, default=11.0)
     ev.add_argument("--batch_size", type=int, default=8, help="videos per FVD feature batch")
     ev.add_argument("--quiet", action="store_true", help="no progress lines")
+    tr = sub.add_parser("train", help="SFT / Joint-GRPO training (modes: sft_vlm, sft_vdm, grpo_stage1, grpo_stage2, "
+                                      "grpo_vlm, grpo_vdm, grpo_all_in_one); the same command resumes")
+    tr.add_argument("--config", required=True, help="config file or name in configs/; override with --config.a.b=v")
     args = parser.parse_args(rest)
     try:
+        if args.command == "train":
+            from .configlib import load_config
+            from .train.loop import main_train
+            return main_train(load_config(args.config, overrides))
         if args.command == "demo":
             return _demo(args, overrides)
         if args.command == "validate-data":
