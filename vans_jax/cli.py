@@ -1,6 +1,8 @@
 """The ``vans-jax`` command.
 
     vans-jax train --config configs/NAME.py [--config.train.mode=grpo_stage1] [--config.a.b=value ...]
+    vans-jax predict [--vlm DIR --vdm DIR] [--dit FILE] [--lora DIR] (--video FILE --question TEXT | --csv FILE
+                     --video_root DIR) --output_dir DIR [--seed S] [--num_steps N ...any setting]
     vans-jax demo [--config configs/tiny.py] [--config.a.b=value ...] [--question TEXT] [--output FILE]
     vans-jax make-data --output_dir DIR --num_samples N --seed S [--split all|train|rl|eval]
     vans-jax validate-data --csv FILE --video_root DIR [--output report.json] [--quick]
@@ -117,8 +119,15 @@ def main(argv=None):
     tr = sub.add_parser("train", help="SFT / Joint-GRPO training (modes: sft_vlm, sft_vdm, grpo_stage1, grpo_stage2, "
                                       "grpo_vlm, grpo_vdm, grpo_all_in_one); the same command resumes")
     tr.add_argument("--config", required=True, help="config file or name in configs/; override with --config.a.b=v")
+    pr = sub.add_parser("predict", help="VANS inference: clip + question -> answer.json + answer.mp4 (or a whole CSV, "
+                                        "resumable; default: the shipped tiny models)")
+    from . import predict as _predict_args
+    _predict_args.add_arguments(pr)
     args = parser.parse_args(rest)
     try:
+        if args.command == "predict":
+            from . import predict
+            return predict.run_cli(args)
         if args.command == "train":
             from .configlib import load_config
             from .train.loop import main_train
