@@ -3,6 +3,7 @@ response parsing and fallback, determinism, the reference-latent path, batching 
 still images), one compilation per shape, the fine-tuned DiT / LoRA arguments and bad input."""
 import os
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -212,3 +213,23 @@ def test_vans_dit_file_replaces_the_transformer(pipe, dirs, tmp_path):
     new = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(tuned.vdm.dit, nnx.Param))}
     changed = [k for k in base if not np.array_equal(base[k], new[k])]
     assert changed and all("ffn" in ".".join(map(str, k)) for k in changed)
+
+
+def test_lora_adapter_is_merged_into_the_vlm(pipe, dirs, tmp_path):
+    """``lora=`` takes a PEFT adapter directory: the VLM's weights become the merged ones."""
+    from vans_jax.convert.peft_lora import export_peft_adapter
+    from vans_jax.models import qwen2_5_vl as qwen
+    from vans_jax.models.lora import lora_state, merge_lora
+
+    adapted = qwen.from_pretrained(dirs["vlm"], lora=qwen.LoRAConfig(rank=2, alpha=4))
+    rng = np.random.default_rng(0)
+    nnx.update(adapted, jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(x.dtype), lora_state(adapted)))
+    adapter = export_peft_adapter(adapted, str(tmp_path / "adapter"))
+    tuned = VANSPipeline.from_pretrained(dirs["vlm"], dirs["vdm"], lora=adapter, settings=pipe.settings)
+    merge_lora(adapted)
+    assert tuned.sources["lora"] == adapter
+    for name in ("q_proj", "down_proj"):
+        want = np.asarray(getattr(adapted.layers, name).kernel[...])
+        got = np.asarray(getattr(tuned.vlm.layers, name).kernel[...])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        assert np.abs(got - np.asarray(getattr(pipe.vlm.layers, name).kernel[...])).max() > 1e-3

@@ -44,7 +44,7 @@ import time
 import numpy as np
 
 __all__ = ["SETTING_ARGS", "add_arguments", "run_cli", "resolve_models", "write_prediction", "strip_image",
-           "predict_one", "predict_csv", "is_finished"]
+           "prepare_input", "predict_one", "predict_csv", "is_finished"]
 
 ANSWER_JSON, ANSWER_MP4, STRIP_PNG, ERROR_JSON = "answer.json", "answer.mp4", "answer_strip.png", "error.json"
 
@@ -199,7 +199,7 @@ def is_finished(row_dir: str) -> bool:
 # ----------------------------------------------------------------------------- runs
 
 
-def _synthetic_clip(seed: int, fps: float):
+def _synthetic_clip(seed: int):
     """An eval-split scene of the synthetic world: (frames, fps, question, think, caption)."""
     from .data import synthetic
 
@@ -218,32 +218,46 @@ def _models_record(pipe) -> dict:
     return dict(pipe.sources)
 
 
-def predict_one(pipe, video, question: str | None, output_dir: str, *, seed: int = 0, strip: bool = True,
-                synthetic: bool = False, log=print) -> dict:
-    """One clip -> ``output_dir/answer.json`` + ``answer.mp4`` (+ strip). Returns the JSON dict."""
+def prepare_input(video, question: str | None, output_dir: str, *, seed: int = 0, fps: float = 11.0,
+                  synthetic: bool = False):
+    """The single-clip input, checked before any model is loaded: ``(Clip, question, extra record)``.
+    ``video`` None: an eval-split synthetic scene (only with ``synthetic``), written as
+    ``output_dir/input.mp4``, its question the default and its ground truth in the record."""
     from .data.video_io import write_video
     from .pipeline import Clip, load_clip
 
-    s = pipe.settings
     extra = {}
-    os.makedirs(output_dir, exist_ok=True)
     if video is None:
         if not synthetic:
             raise ValueError("--video is required (or --csv); a synthetic clip is the default only with the "
                              "shipped tiny models")
-        frames, fps, q, think, cap = _synthetic_clip(seed, s.fps)
-        write_video(os.path.join(output_dir, "input.mp4"), frames, fps=fps)
-        clip = Clip(frames, fps, os.path.join(output_dir, "input.mp4"))
+        frames, clip_fps, q, think, cap = _synthetic_clip(seed)
+        os.makedirs(output_dir, exist_ok=True)
+        path = write_video(os.path.join(output_dir, "input.mp4"), frames, fps=clip_fps)
+        clip = Clip(frames, clip_fps, path)
         question = q if question is None else question
         extra["ground_truth"] = {"question": q, "think": think, "caption": cap}
     else:
-        clip = load_clip(video, image_fps=s.fps)
+        clip = load_clip(video, image_fps=fps)
     if question is None:
         raise ValueError("--question is required")
+    if not question.strip():
+        raise ValueError("question 0 is empty")
+    return clip, question, extra
+
+
+def predict_one(pipe, clip, question: str, output_dir: str, *, seed: int = 0, strip: bool = True,
+                extra: dict | None = None, log=print) -> dict:
+    """One clip (a ``pipeline.Clip`` or anything ``load_clip`` takes) -> ``output_dir/answer.json`` +
+    ``answer.mp4`` (+ strip). Returns the JSON dict."""
+    from .pipeline import load_clip
+
+    s = pipe.settings
+    clip = load_clip(clip, image_fps=s.fps)
     out = pipe(clip, question, seed=seed)
     a = out[0]
     record = {"video": clip.source, "input_frames": int(clip.frames.shape[0]), "input_fps": float(clip.fps),
-              "settings": s.to_dict(), "timings": out.timings, "models": _models_record(pipe), **extra}
+              "settings": s.to_dict(), "timings": out.timings, "models": _models_record(pipe), **(extra or {})}
     write_prediction(output_dir, a, record, s.fps, clip.frames, strip)
     if not a.valid_format:
         log(f"warning: the response has no valid [Think]..[/Think][Ans]..[/Ans] block; caption from "
@@ -360,6 +374,14 @@ def run_cli(args) -> int:
         raise ValueError("give either --csv (a dataset) or --video/--question (one clip), not both")
     vlm_dir, vdm_dir, base, tiny = resolve_models(args.vlm, args.vdm)
     settings = base.replace(**{k: getattr(args, k) for k in SETTING_ARGS}).validate()
+    single = None
+    if args.csv is None:     # bad input fails before minutes of model loading
+        try:
+            single = prepare_input(args.video, args.question, args.output_dir, seed=args.seed, fps=settings.fps,
+                                   synthetic=tiny)
+        except VideoError as e:
+            print(f"vans-jax predict: error: {e}", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
     pipe = VANSPipeline.from_pretrained(vlm_dir, vdm_dir, vans_dit=args.dit, lora=args.lora, dtype=args.dtype,
                                         settings=settings)
@@ -367,7 +389,7 @@ def run_cli(args) -> int:
     if not args.quiet:
         print(f"[predict] loaded {'the shipped tiny models' if tiny else vlm_dir + ' + ' + vdm_dir} "
               f"in {load_s:.1f}s", file=sys.stderr)
-    if args.csv is not None:
+    if single is None:
         summary = predict_csv(pipe, args.csv, args.video_root, args.output_dir, seed=args.seed,
                               batch_size=args.batch_size, limit=args.limit, strip=not args.no_strip,
                               progress=not args.quiet)
@@ -377,10 +399,11 @@ def run_cli(args) -> int:
         for k, v in list(summary["failures"].items())[:20]:
             print(f"  row {k}: {v}", file=sys.stderr)
         return 1 if summary["failed"] else 0
+    clip, question, extra = single
     try:
-        data = predict_one(pipe, args.video, args.question, args.output_dir, seed=args.seed, strip=not args.no_strip,
-                           synthetic=tiny, log=lambda m: print(m, file=sys.stderr))
-    except (VideoError, InvalidResponseError) as e:
+        data = predict_one(pipe, clip, question, args.output_dir, seed=args.seed, strip=not args.no_strip,
+                           extra=extra, log=lambda m: print(m, file=sys.stderr))
+    except InvalidResponseError as e:
         print(f"vans-jax predict: error: {e}", file=sys.stderr)
         return 2
     t = data["timings"]
