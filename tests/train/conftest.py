@@ -3,7 +3,6 @@ layouts (Hugging Face, diffusers), shared by the trainer tests."""
 import os
 import string
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

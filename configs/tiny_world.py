@@ -1,0 +1,50 @@
+"""The embedded synthetic VNEP world (data/SYNTHETIC_WORLD.md) and its tiny VANS models
+(data/models/tiny_world/): what `vans-jax demo` trains, and what `python -m vans_jax.world.build`
+used to build the shipped models. Every VANS mechanism is kept (video VLM with M-RoPE, [Think]/[Ans]
+format, reference latents in front on the time axis, CFG, SDE rollouts); only sizes are small:
+64x64 clips, 9 target frames at 4 fps, 3 reference latent frames."""
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("_vans_full", os.path.join(os.path.dirname(__file__), "vans.py"))
+_full = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_full)
+
+_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "models", "tiny_world")
+WORLD = os.environ.get("VANS_TINY_WORLD") or _ROOT
+
+
+def get_config():
+    c = _full.get_config()
+    c.seed = 0
+    c.vlm.update(dict(path=os.path.join(WORLD, "vlm"), dtype="float32", attn_impl="xla", remat="none",
+                      num_frames=6, sample_fps=2.0, video_min_pixels=112 * 112, video_max_pixels=112 * 112))
+    c.vlm.model.update(dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        rope_scaling=dict(type="mrope", mrope_section=[4, 6, 6]), tie_word_embeddings=True,
+        vision_config=dict(depth=2, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128,
+                           patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=56,
+                           fullatt_block_indexes=[1], in_channels=3, tokens_per_second=2, hidden_act="silu"),
+    ))
+    c.vlm.lora.update(dict(rank=8, alpha=16.0, dropout=0.0))
+    c.vdm.update(dict(path=os.path.join(WORLD, "vdm"), dtype="float32"))
+    c.vdm.model = dict(dim=128, num_layers=4, num_heads=4, ffn_dim=256, patch_size=(1, 2, 2), in_channels=16,
+                       out_channels=16, text_dim=64, freq_dim=64, eps=1e-6, text_len=32)
+    c.clip.path = os.path.join(WORLD, "clip")
+    c.generation.update(dict(max_new_tokens=96, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=1))
+    c.video.update(dict(height=64, width=64, num_frames=9, fps=4, n_ref=3, num_steps=10, cfg_scale=3.0, shift=3.0,
+                        negative_prompt=""))
+    c.data.pipeline = dict(num_vlm_frames=6, vlm_sample_fps=2.0, target_frames=9, target_height=64, target_width=64,
+                           target_fps=4.0, reference_frames=9, reference_height=64, reference_width=64,
+                           reference_fps=4.0)
+    c.train.update(dict(batch_size=2, log_every=5, checkpoint_every=50, steps=0, pad_multiple=64))
+    c.train.sft_vlm.update(dict(steps=1500, lr=2e-3, trainable="full", max_len=320, warmup_steps=50,
+                                schedule="cosine", final_lr_ratio=0.05, dropout=False))
+    c.train.sft_vdm.update(dict(steps=2500, lr=1e-3, trainable="full", warmup_steps=50, schedule="cosine",
+                                final_lr_ratio=0.05, text_dropout=0.1))
+    c.train.grpo.update(dict(group_size=4, lr=3e-4, stage1_steps=24, stage2_steps=24, num_updates=2,
+                             train_sampling_steps=8, train_cfg=3.0, clip_eps=0.2, beta=0.01,
+                             anchor_max_tries=3, render_sampler="euler"))
+    # the demo: evaluate the SFT models, Joint-GRPO stage 1 then stage 2, evaluate again
+    c.demo = dict(eval_samples=24, rl_samples=200, eval_batch=8, seeds=(0,))
+    return c

@@ -1,0 +1,266 @@
+"""The trainer on tiny random models in their real layouts (tests/train/conftest.py): one full step of
+every mode and every reward ablation, what each stage trains (and what it must not touch), NaN/Inf
+skipping, several policy updates per rollout, exports that load through the real loaders, and a run
+killed with SIGKILL that resumes to the same final metrics as an uninterrupted one."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tests.train.conftest import ROOT, make_config
+from vans_jax.train import core, loop
+from vans_jax.train.joint_grpo import reward_config
+
+SMALL = {"video.height": 32, "video.width": 32, "train.steps": 1, "train.checkpoint_every": 0}
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _changed(a, b):
+    return any(not np.array_equal(x, y) for x, y in zip(_leaves(a), _leaves(b)))
+
+
+def _examples(cfg, mode, n):
+    from vans_jax.data.pipeline import make_dataset
+    ds = make_dataset(loop.data_source(cfg, mode), batch_size=n, seed=0, num_epochs=None, shard_index=0,
+                      shard_count=1)
+    return loop.uncollate(next(iter(ds)))
+
+
+# ----------------------------------------------------------------------------- unit pieces
+
+
+def test_update_step_skips_non_finite_loss():
+    opt = optax.adam(0.1)
+    params = {"w": jnp.ones((3,))}
+    state = core.init_state(params, opt, seed=0)
+
+    def loss_fn(p, graphdef, frozen, batch, rng):
+        return jnp.sum(p["w"] * batch["x"]), {}
+
+    step = core.make_update_step(loss_fn, opt, None)
+    state, m = step(state, {}, {"x": jnp.array([1.0, 2.0, 3.0])})
+    assert int(state.step) == 1 and int(state.skipped) == 0 and float(m["skipped_step"]) == 0
+    before = _leaves(state)
+    state, m = step(state, {}, {"x": jnp.array([1.0, jnp.nan, 3.0])})
+    assert float(m["skipped_step"]) == 1 and int(state.skipped) == 1 and int(state.step) == 1
+    after = _leaves(state)
+    for a, b in zip(before[:-1], after[:-1]):   # everything but the skip counter is untouched
+        np.testing.assert_array_equal(a, b)
+    state, m = step(state, {}, {"x": jnp.array([jnp.inf, 0.0, 0.0])})
+    assert int(state.skipped) == 2
+
+
+def test_reward_config_per_mode():
+    assert set(reward_config("grpo_stage1").active) == {"format", "t1", "v1"}
+    assert set(reward_config("grpo_stage1", ("t1",)).active) == {"format", "v1"}
+    assert set(reward_config("grpo_stage2", ("c2",)).active) == {"v2"}
+    assert set(reward_config("grpo_vlm").active) == {"format", "t1"}
+    assert set(reward_config("grpo_all_in_one").active) == {"format", "t1", "v1", "c2"}
+    with pytest.raises(ValueError, match="cannot disable"):
+        reward_config("grpo_stage2", ("t1",))
+
+
+def test_stage2_accumulated_gradient_equals_whole_trajectory_loss():
+    """The per-timestep gradient accumulation of the stage-2 update equals the gradient of the loss
+    averaged over the trajectory at once (and its metrics)."""
+    from flax import nnx
+    from vans_jax.models.wan.dit import WanConfig, WanTransformer3D
+    from vans_jax.rl.grpo import vdm_grpo_loss
+    from vans_jax.sampling import flow
+    from vans_jax.train.joint_grpo import make_stage2_update
+
+    cfg = WanConfig(dim=32, num_layers=1, num_heads=2, ffn_dim=32, in_channels=4, out_channels=4,
+                    text_dim=8, freq_dim=16, text_len=4, patch_size=(1, 2, 2))
+    dit = WanTransformer3D(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, frozen = core.split_model(dit, "full")
+    ref = jax.tree.map(lambda x: x + 0.01, params)
+    k = jax.random.split(jax.random.key(1), 8)
+    n, s = 4, 3
+    noise = jax.random.normal(k[0], (n, 4, 2, 4, 4))
+    ctx = jax.random.normal(k[1], (n, 4, 8))
+    ref_lat = jax.random.normal(k[2], (n, 4, 1, 4, 4))
+    lat, traj = flow.sample(nnx.merge(graphdef, params, frozen), noise, ctx, guidance_scale=1.0, ref_latents=ref_lat,
+                            num_steps=s + 1, shift=3.0, mode="sde", rng=k[3], sde_window=(0, s),
+                            return_trajectory=True)
+    adv = jnp.array([1.0, -0.5, 2.0, -2.5])
+    idx = np.arange(s)
+    batch = dict(x=traj.latents[idx], x_next=traj.latents[idx + 1], old_logp=traj.log_probs[idx] - 0.003,
+                 steps=jnp.asarray(idx, jnp.int32), timesteps=traj.timesteps[idx], sigmas=traj.sigmas, context=ctx,
+                 cfg=jnp.float32(1.0), ref_latents=ref_lat, advantages=adv)
+    opt = optax.sgd(1.0)
+    kw = dict(beta=0.5, clip_eps=0.2, advantage_clip=2.0, noise_level=0.7, std_form="flow_grpo")
+    update = make_stage2_update(graphdef, opt, **kw)
+    state = core.init_state(params, opt, 0)
+    p0 = jax.tree.map(jnp.copy, params)
+    new, m = update(state, frozen, ref, batch)
+
+    def whole(p):
+        lps, means, rmeans = [], [], []
+        for j in range(s):
+            v = flow.guided_velocity(nnx.merge(graphdef, p, frozen), batch["x"][j], batch["timesteps"][j], ctx,
+                                     None, 1.0, ref_lat)
+            out = flow.sde_step(batch["x"][j], v, traj.sigmas, j, prev_sample=batch["x_next"][j])
+            vr = flow.guided_velocity(nnx.merge(graphdef, ref, frozen), batch["x"][j], batch["timesteps"][j], ctx,
+                                      None, 1.0, ref_lat)
+            lps.append(out.log_prob)
+            means.append(out.mean)
+            rmeans.append(flow.sde_step(batch["x"][j], vr, traj.sigmas, j, prev_sample=batch["x_next"][j]).mean)
+            std = out.std
+        stdv = jnp.stack([flow.sde_step(batch["x"][j], jnp.zeros_like(batch["x"][j]), traj.sigmas, j,
+                                        prev_sample=batch["x_next"][j]).std for j in range(s)])
+        del std
+        t = vdm_grpo_loss(jnp.stack(lps, 1), batch["old_logp"].T, jnp.stack(means, 1), jnp.stack(rmeans, 1), stdv,
+                          adv, **{k: v for k, v in kw.items() if k in ("beta", "clip_eps", "advantage_clip")})
+        return t.loss, t
+
+    (loss, terms), grads = jax.jit(jax.value_and_grad(whole, has_aux=True))(p0)
+    np.testing.assert_allclose(float(m["loss"]), float(loss), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(m["kl"]), float(terms.kl), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(float(m["clip_fraction"]), float(terms.clip_fraction), atol=1e-6)
+    expect = jax.tree.map(lambda a, g: a - g, p0, grads)   # sgd(1.0)
+    for a, b in zip(_leaves(new.params), _leaves(expect)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    assert _changed(new.params, p0)
+
+
+# ----------------------------------------------------------------------------- every mode, one step
+
+
+@pytest.mark.parametrize("mode", loop.MODES)
+def test_one_step_of_every_mode(tiny_world, tmp_path, mode):
+    cfg = make_config(tiny_world, str(tmp_path / mode), mode, **SMALL)
+    final = loop.train(cfg, progress=False)
+    assert final["step"] == 1
+    for k, v in final.items():
+        if not isinstance(v, dict):
+            assert np.isfinite(v), (k, v)
+    assert final["skipped_total"] == 0
+    lines = open(tmp_path / mode / "metrics.jsonl").read().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["step"] == 1
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / mode / "tb"))
+    exports = final["exports"]
+    if mode in ("sft_vlm", "grpo_stage1", "grpo_vlm", "grpo_all_in_one"):
+        from vans_jax.models import qwen2_5_vl as qwen
+        from vans_jax.models.qwen2_5_vl import tokenizer as qtok
+        qwen.from_pretrained(exports["vlm"])
+        qtok.load_tokenizer(exports["vlm"])
+    if mode in ("sft_vdm", "grpo_stage2", "grpo_vdm", "grpo_all_in_one"):
+        from vans_jax.models.wan import pipeline as wp
+        wp.from_pretrained(exports["vdm"])
+    expected = {"grpo_stage1": {"format", "t1", "v1"}, "grpo_vlm": {"format", "t1"}, "grpo_stage2": {"v2", "c2"},
+                "grpo_vdm": {"v2", "c2"}, "grpo_all_in_one": {"format", "t1", "v1", "c2"}}.get(mode, set())
+    assert {k.split("/")[1] for k in final if k.startswith("reward/") and k != "reward/total"} == expected
+    if mode == "grpo_vdm":
+        assert final["anchor/rouge_l"] == 1.0   # ground-truth captions are the anchors
+    if mode == "grpo_stage2":
+        assert "anchor/resamples" in final and "anchor/failed" in final
+
+
+@pytest.fixture(scope="module")
+def stage_runners(tiny_world, tmp_path_factory):
+    out = {}
+    for mode in ("grpo_stage1", "grpo_stage2"):
+        cfg = make_config(tiny_world, str(tmp_path_factory.mktemp(mode)), mode,
+                          **dict(SMALL, **{"train.grpo.num_updates": 2, "train.grpo.clip_eps": 0.2}))
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+        out[mode] = (cfg, loop.build_runner(cfg, mode, mesh))
+    return out
+
+
+@pytest.mark.parametrize("mode,disabled", [("grpo_stage1", ()), ("grpo_stage1", ("t1",)), ("grpo_stage1", ("v1",)),
+                                           ("grpo_stage2", ()), ("grpo_stage2", ("c2",)), ("grpo_stage2", ("v2",))])
+def test_stage_trains_only_its_part_and_reward_ablations(stage_runners, mode, disabled):
+    cfg, runner = stage_runners[mode]
+    runner.rewards = reward_config(mode, disabled)
+    examples = _examples(cfg, mode, 2)
+    if mode == "grpo_stage1":
+        trained, frozen_before = runner.vlm, _leaves(runner.vlm.frozen)
+        from vans_jax.models.layers import LoRAParam
+        assert all(isinstance(v, LoRAParam) for v in jax.tree.leaves(
+            trained.state.params, is_leaf=lambda x: hasattr(x, "get_metadata")))
+        from flax import nnx
+        dit_before = _leaves(nnx.state(runner.vdm.dit))
+    else:
+        trained, frozen_before = runner.dit, _leaves(runner.dit.frozen)
+        vlm_before = _leaves(runner.vlm.state.params)
+    params_before = jax.tree.map(jnp.copy, trained.state.params)
+    m = runner.step(examples, 1, jax.random.key(3))
+    assert m["skipped_rewards"] == 0
+    active = set(reward_config(mode, disabled).active)
+    assert {k.split("/")[1] for k in m if k.startswith("reward/") and k != "reward/total"} == active
+    name = "vlm" if mode == "grpo_stage1" else "dit"
+    assert _changed(trained.state.params, params_before), "the trained part did not change"
+    for a, b in zip(frozen_before, _leaves(trained.frozen)):
+        np.testing.assert_array_equal(a, b)
+    if mode == "grpo_stage1":
+        for a, b in zip(dit_before, _leaves(nnx.state(runner.vdm.dit))):
+            np.testing.assert_array_equal(a, b)
+    else:
+        for a, b in zip(vlm_before, _leaves(runner.vlm.state.params)):
+            np.testing.assert_array_equal(a, b)
+    # two policy updates per rollout: the first has ratio 1 (same parameters), the second does not
+    first = 2 * m[f"{name}/ratio"] - m[f"{name}/ratio_last_update"]   # metrics average the 2 updates
+    assert abs(first - 1.0) < 1e-4, first
+    assert m[f"{name}/ratio_last_update"] != 1.0
+
+
+# ----------------------------------------------------------------------------- resumption
+
+
+def _train_cmd(world, workdir, steps):
+    cfg_args = [f"--config.vlm.path={world['vlm']}", f"--config.data.train_csv={world['train_csv']}",
+                f"--config.data.video_root={world['video_root']}", f"--config.train.workdir={workdir}",
+                "--config.train.mode=sft_vlm", f"--config.train.steps={steps}", "--config.train.checkpoint_every=1",
+                "--config.train.export=False"]
+    cfg_args += [f"--config.data.pipeline.{k}={v}" for k, v in world["pipeline"].items()]
+    return [sys.executable, "-m", "vans_jax.cli", "train", "--config", os.path.join(ROOT, "configs", "tiny.py")] + cfg_args
+
+
+def test_sigkill_then_restart_matches_uninterrupted(tiny_world, tmp_path):
+    steps = 5
+    base = {"train.steps": steps, "train.checkpoint_every": 1, "train.export": False}
+    full = loop.train(make_config(tiny_world, str(tmp_path / "full"), "sft_vlm", **base), progress=False)
+
+    work = str(tmp_path / "killed")
+    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
+    proc = subprocess.Popen(_train_cmd(tiny_world, work, steps), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    ckdir = os.path.join(work, "checkpoints")
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(os.path.join(ckdir, "2")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(d) for d in os.listdir(ckdir) if d.isdigit())
+    assert done and max(done) < steps, done
+    resumed = loop.train(make_config(tiny_world, work, "sft_vlm", **base), progress=False)
+    for k in ("loss", "grad_norm", "token_accuracy", "target_tokens"):
+        assert resumed[k] == full[k], (k, resumed[k], full[k])
+    lines = [json.loads(x) for x in open(os.path.join(work, "metrics.jsonl")).read().splitlines()]
+    assert lines[-1]["step"] == steps
+
+
+def test_grpo_resume_in_process_matches(tiny_world, tmp_path):
+    """Stage 2 (rollout RNG, data iterator, DiT + optimizer state) stopped after 1 of 2 steps and
+    restarted ends exactly where the uninterrupted run does."""
+    base = dict(SMALL, **{"train.steps": 2, "train.checkpoint_every": 1, "train.export": False})
+    full = loop.train(make_config(tiny_world, str(tmp_path / "a"), "grpo_stage2", **base), progress=False)
+    cfg = make_config(tiny_world, str(tmp_path / "b"), "grpo_stage2", **base)
+    loop.train(cfg, progress=False, stop_after=1)
+    resumed = loop.train(cfg, progress=False)
+    for k in ("dit/loss", "dit/kl", "reward/total", "reward/v2", "reward/c2", "anchor/rouge_l"):
+        assert resumed[k] == full[k], (k, resumed[k], full[k])

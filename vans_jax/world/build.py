@@ -1,0 +1,131 @@
+"""Builds the tiny VANS models of the synthetic world that ship in ``data/models/tiny_world``.
+
+    python -m vans_jax.world.build [--out data/models/tiny_world] [--work /tmp/vans_world_build]
+                                   [--train_samples 1500] [--quick]
+
+Steps (all on CPU, minutes): generate the world's train / eval splits; train a tokenizer on the
+world's text and start a random Qwen2.5-VL from it; SFT it (``vans-jax train`` mode sft_vlm); train
+a tiny CLIP contrastively on the world's frames and captions (the reward model); train a tiny Wan VAE
+on the world's clips and assemble a diffusers Wan directory (random tiny DiT, a tiny UMT5, UniPC
+scheduler); SFT the DiT (mode sft_vdm). The results are written in their real checkpoint layouts
+(Hugging Face Qwen2.5-VL + tokenizer, diffusers Wan, Hugging Face CLIP) with ``defaults.json`` (the
+world's generation settings) and ``BUILD.json`` (what was run and the measured quality).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+from ..configlib import load_config
+from ..data import synthetic
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+                      "tiny_world.py")
+
+
+def _train(cfg, mode, workdir, **paths):
+    import copy
+
+    from ..train import loop
+    c = copy.deepcopy(cfg)
+    c.train.mode, c.train.workdir, c.train.export_link = mode, workdir, False
+    for k, v in paths.items():
+        section, key = k.split("__")
+        c[section][key] = v
+    return loop.train(c)
+
+
+def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int = 100, quick: bool = False,
+          seed: int = 0) -> dict:
+    from ..pipeline import VANSSettings
+    from .clip_train import train_clip
+    from .text_models import write_vdm_dir
+    from .vae_train import train_vae
+    from .vlm_init import init_vlm_dir
+    from .demo import settings_from_config
+
+    t0 = time.perf_counter()
+    cfg = load_config(CONFIG)
+    if quick:
+        train_samples, eval_samples = 32, 8
+        cfg.train.sft_vlm.steps = 4
+        cfg.train.sft_vdm.steps = 4
+    os.makedirs(work, exist_ok=True)
+    wc = synthetic.WorldConfig()
+    data = os.path.join(work, "data")
+    csv = {s: synthetic.generate_world(data, s, n, config=wc).csv_path
+           for s, n in (("train", train_samples), ("eval", eval_samples))}
+    video_root = os.path.join(data, "videos")
+    cfg.data.train_csv, cfg.data.video_root = csv["train"], video_root
+    report: dict = {"train_samples": train_samples, "eval_samples": eval_samples, "seed": seed}
+
+    print("[build] 1/5 tokenizer + random Qwen2.5-VL", flush=True)
+    vlm_init = os.path.join(work, "vlm_init")
+    report["tokenizer"] = init_vlm_dir(vlm_init, cfg.vlm.model.to_dict(), synthetic.world_texts(wc), vocab_size=512,
+                                       seed=seed)
+    print("[build] 2/5 SFT of the VLM", flush=True)
+    t = time.perf_counter()
+    report["sft_vlm"] = _train(cfg, "sft_vlm", os.path.join(work, "sft_vlm"), vlm__path=vlm_init)
+    report["sft_vlm"]["wall_s"] = time.perf_counter() - t
+
+    print("[build] 3/5 CLIP reward model", flush=True)
+    t = time.perf_counter()
+    clip_dir = os.path.join(work, "clip")
+    report["clip"] = train_clip(data, clip_dir, steps=40 if quick else None, seed=seed)
+    report["clip"]["wall_s"] = time.perf_counter() - t
+
+    print("[build] 4/5 VAE + text encoder + random DiT", flush=True)
+    t = time.perf_counter()
+    vae_dir = os.path.join(work, "vae")
+    report["vae"] = train_vae(data, vae_dir, steps=20 if quick else None, seed=seed)
+    report["vae"]["wall_s"] = time.perf_counter() - t
+    vdm_init = os.path.join(work, "vdm_init")
+    write_vdm_dir(vdm_init, dit_config=dict(cfg.vdm.model), vae_dir=vae_dir, texts=synthetic.world_texts(wc),
+                  seed=seed, shift=float(cfg.video.shift))
+    print("[build] 5/5 SFT of the DiT", flush=True)
+    t = time.perf_counter()
+    report["sft_vdm"] = _train(cfg, "sft_vdm", os.path.join(work, "sft_vdm"), vdm__path=vdm_init)
+    report["sft_vdm"]["wall_s"] = time.perf_counter() - t
+
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    shutil.copytree(report["sft_vlm"]["exports"]["vlm"], os.path.join(tmp, "vlm"))
+    shutil.copytree(report["sft_vdm"]["exports"]["vdm"], os.path.join(tmp, "vdm"), symlinks=False)
+    shutil.copytree(clip_dir, os.path.join(tmp, "clip"))
+    defaults = dict(VANSSettings.from_dict(settings_from_config(cfg)).to_dict())
+    defaults["world"] = {"height": wc.height, "width": wc.width, "fps": wc.fps, "input_frames": wc.input_frames,
+                         "target_frames": wc.target_frames}
+    with open(os.path.join(tmp, "defaults.json"), "w") as f:
+        json.dump(defaults, f, indent=2)
+    report["wall_s"] = time.perf_counter() - t0
+    report["command"] = " ".join(["python -m vans_jax.world.build"] + sys.argv[1:])
+    for k in ("sft_vlm", "sft_vdm"):
+        report[k].pop("exports", None)
+    with open(os.path.join(tmp, "BUILD.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"[build] wrote {out} in {report['wall_s']:.0f}s", flush=True)
+    return report
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m vans_jax.world.build", description=__doc__.split("\n\n")[0])
+    from . import tiny_world_dir
+    p.add_argument("--out", default=tiny_world_dir())
+    p.add_argument("--work", default=os.path.join("/tmp", "vans_world_build"))
+    p.add_argument("--train_samples", type=int, default=1500)
+    p.add_argument("--quick", action="store_true", help="a few steps of everything (tests)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    build(a.out, a.work, train_samples=a.train_samples, quick=a.quick, seed=a.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
