@@ -18,7 +18,7 @@ from vans_jax.data.video_io import (VideoError, read_video, reference_clip, resi
                                     write_video)
 from vans_jax.models.qwen2_5_vl import generation  # noqa: E402
 from vans_jax.models.wan import pipeline as wp  # noqa: E402
-from vans_jax.pipeline import (Clip, InvalidResponseError, InvalidResponseWarning, VANSPipeline,  # noqa: E402
+from vans_jax.pipeline import (InvalidResponseError, InvalidResponseWarning, VANSPipeline,  # noqa: E402
                                VANSSettings, load_clip)
 from vans_jax.rl.rewards import extract_answer  # noqa: E402
 from vans_jax.sampling import flow  # noqa: E402
@@ -119,6 +119,7 @@ def test_parsed_caption_drives_the_video(pipe, dirs, monkeypatch):
         pipe(dirs["clip"], Q, fallback="error")
 
 
+@pytest.mark.slow
 def test_multi_future_image_and_batch_independence(pipe, dirs, first):
     q2 = "What should I do next?"
     with pytest.warns(InvalidResponseWarning):
@@ -146,6 +147,12 @@ def test_multi_future_image_and_batch_independence(pipe, dirs, first):
     np.testing.assert_array_equal(from_file, from_array)
     np.testing.assert_array_equal(from_file, static)
     assert [a.source for a in pair] == [png, dirs["clip"]]
+
+    # G sampled answers per pair from one prefill
+    with pytest.warns(InvalidResponseWarning):
+        sampled = pipe.answer(dirs["clip"], Q, seed=5, num_futures=3, temperature=1.0)
+    assert [a.seed for a in sampled] == [5, 6, 7] and {a.question for a in sampled} == {Q}
+    assert len(set(sampled.texts)) > 1 and sampled.videos is None
 
 
 def test_short_clip_repeats_frames(pipe, dirs):
@@ -188,6 +195,8 @@ def test_bad_input(pipe, dirs, tmp_path):
         pipe(dirs["clip"], Q, fallback="guess")
     with pytest.raises(TypeError, match="unknown setting"):
         pipe(dirs["clip"], Q, nun_steps=3)
+    with pytest.raises(ValueError, match="num_futures"):
+        pipe.answer(dirs["clip"], Q, num_futures=0)
     with pytest.raises(ValueError, match="2 seeds for 1 samples"):
         pipe(dirs["clip"], Q, seed=[1, 2])
 

@@ -54,7 +54,7 @@ def test_one_clip(dirs, tmp_path, capsys):
                *SETTING_FLAGS) == 0
     assert "caption:" in capsys.readouterr().out
     data = json.load(open(os.path.join(out, "answer.json")))
-    assert data["question"] == Q and data["seed"] == 3 and data["video"] == dirs["clip"]
+    assert data["question"] == Q and data["seed"] == 3 and data["input_video"] == dirs["clip"]
     assert isinstance(data["text"], str) and data["text"] and data["valid_format"] is False   # random VLM
     assert data["caption"] == data["text"].strip() and data["fallback_used"] is True and data["think"] == ""
     assert data["settings"] == VANSSettings(**T.SETTINGS).to_dict()
@@ -124,7 +124,7 @@ def test_default_models_are_the_shipped_tiny_world(dirs, tmp_path, monkeypatch, 
     data = json.load(open(os.path.join(out, "answer.json")))
     assert data["settings"] == VANSSettings(**T.SETTINGS).replace(num_steps=3).to_dict()
     gt = data["ground_truth"]
-    assert data["question"] == gt["question"] and gt["caption"] and data["video"].endswith("input.mp4")
+    assert data["question"] == gt["question"] and gt["caption"] and data["input_video"].endswith("input.mp4")
     assert read_video(os.path.join(out, "input.mp4"))[0].shape[0] == synthetic.WorldConfig().input_frames
     assert read_video(os.path.join(out, "answer.mp4"))[0].shape == (T.F, T.H, T.W, 3)
 

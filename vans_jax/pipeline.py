@@ -47,7 +47,6 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -456,6 +455,8 @@ class VANSPipeline:
                **overrides) -> VANSOutput:
         """The VLM stage alone: reasoning + caption per sample (``videos`` is None)."""
         s = self.resolve_settings(**overrides)
+        if num_futures < 1:
+            raise ValueError(f"num_futures must be >= 1, got {num_futures}")
         clips, clip_index, questions = self._pairs(video, question, video_fps, s.fps)
         seeds = self._seeds(seed, len(questions) * num_futures)
         t0 = time.perf_counter()

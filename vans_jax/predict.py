@@ -256,7 +256,7 @@ def predict_one(pipe, clip, question: str, output_dir: str, *, seed: int = 0, st
     clip = load_clip(clip, image_fps=s.fps)
     out = pipe(clip, question, seed=seed)
     a = out[0]
-    record = {"video": clip.source, "input_frames": int(clip.frames.shape[0]), "input_fps": float(clip.fps),
+    record = {"input_video": clip.source, "input_frames": int(clip.frames.shape[0]), "input_fps": float(clip.fps),
               "settings": s.to_dict(), "timings": out.timings, "models": _models_record(pipe), **(extra or {})}
     write_prediction(output_dir, a, record, s.fps, clip.frames, strip)
     if not a.valid_format:
@@ -267,13 +267,16 @@ def predict_one(pipe, clip, question: str, output_dir: str, *, seed: int = 0, st
 
 
 class _Progress:
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.t0 = total, enabled, time.time()
+    def __init__(self, total: int, enabled: bool, every_s: float = 5.0):
+        self.total, self.enabled, self.every_s = total, enabled, every_s
+        self.t0 = self.last = time.time()
 
     def __call__(self, done: int, computed: int, skipped: int, failed: int):
-        if not self.enabled:
+        now = time.time()
+        if not self.enabled or (now - self.last < self.every_s and 1 < computed and done < self.total):
             return
-        el = time.time() - self.t0
+        self.last = now
+        el = now - self.t0
         rate = computed / el if el > 0 else 0.0
         left = self.total - done
         eta = f"{left / rate:.0f}s" if rate > 0 else "?"
@@ -314,8 +317,8 @@ def predict_csv(pipe, csv_path: str, video_root: str, output_dir: str, *, seed: 
                                                    "input_video_path": row.input_video_path, "text": text})
         failed[row.index] = f"{reason}: {detail}"
 
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
+    def run_batch(batch):
+        nonlocal computed
         clips, ok_rows = [], []
         for row in batch:
             try:
@@ -323,35 +326,44 @@ def predict_csv(pipe, csv_path: str, video_root: str, output_dir: str, *, seed: 
                 ok_rows.append(row)
             except (VideoError, ValueError) as e:
                 fail(row, "input_video", str(e))
-        if ok_rows:
-            seeds = [seed + r.index for r in ok_rows]
+        if not ok_rows:
+            return
+        seeds = [seed + r.index for r in ok_rows]
+        try:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", InvalidResponseWarning)   # counted and reported below
                 answers = pipe.answer(clips, [r.question for r in ok_rows], seed=seeds, fallback="full").answers
             t1 = time.perf_counter()
-            keep = []
-            for i, (row, a) in enumerate(zip(ok_rows, answers)):
-                if not a.valid_format:
-                    if s.fallback == "error":
-                        fail(row, "invalid_response", "no valid [Think]..[/Think][Ans]..[/Ans] block", a.text)
-                        continue
-                    fallbacks.append(row.index)
-                keep.append(i)
-            if keep:
-                videos = pipe.render([clips[i] for i in keep], [answers[i].caption for i in keep],
-                                     seed=[seeds[i] for i in keep])
-                t2 = time.perf_counter()
-                timings = {"vlm_s": round(t1 - t0, 4), "vdm_s": round(t2 - t1, 4), "batch_size": len(ok_rows)}
-                for i, v in zip(keep, videos):
-                    row, a = ok_rows[i], answers[i]
-                    a.video = v
-                    record = {"index": row.index, "input_video_path": row.input_video_path, "kind": row.kind,
-                              "input_frames": int(clips[i].frames.shape[0]), "input_fps": float(clips[i].fps),
-                              "settings": s.to_dict(), "timings": timings, "models": _models_record(pipe)}
-                    write_prediction(os.path.join(output_dir, str(row.index)), a, record, s.fps, clips[i].frames,
-                                     strip)
-                    computed += 1
+            keep = [i for i, a in enumerate(answers) if a.valid_format or s.fallback != "error"]
+            videos = pipe.render([clips[i] for i in keep], [answers[i].caption for i in keep],
+                                 seed=[seeds[i] for i in keep]) if keep else []
+        except ValueError as e:          # e.g. a frame too small for the VLM: find the row(s) one by one
+            if len(ok_rows) > 1:
+                for row in ok_rows:
+                    run_batch([row])
+            else:
+                fail(ok_rows[0], "error", f"{type(e).__name__}: {e}")
+            return
+        timings = {"vlm_s": round(t1 - t0, 4), "vdm_s": round(time.perf_counter() - t1, 4),
+                   "batch_size": len(ok_rows)}
+        for i, (row, a) in enumerate(zip(ok_rows, answers)):
+            if i not in keep:
+                fail(row, "invalid_response", "no valid [Think]..[/Think][Ans]..[/Ans] block", a.text)
+                continue
+            if not a.valid_format:
+                fallbacks.append(row.index)
+            a.video = videos[keep.index(i)]
+            record = {"index": row.index, "input_video_path": row.input_video_path, "kind": row.kind,
+                      "input_video": clips[i].source, "input_frames": int(clips[i].frames.shape[0]),
+                      "input_fps": float(clips[i].fps), "settings": s.to_dict(), "timings": timings,
+                      "models": _models_record(pipe)}
+            write_prediction(os.path.join(output_dir, str(row.index)), a, record, s.fps, clips[i].frames, strip)
+            computed += 1
+
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        run_batch(batch)
         prog(skipped + start + len(batch), computed, skipped, len(failed))
 
     summary = {"rows": len(rows), "computed": computed, "skipped_finished": skipped, "failed": len(failed),
