@@ -188,3 +188,23 @@ def test_csv_fallback_error(dirs, world_csv, tmp_path, capsys):
     assert err["reason"] == "invalid_response" and isinstance(err["text"], str)
     assert not os.path.exists(os.path.join(pred, "0", "answer.mp4"))
     assert "1 rows: 0 predicted, 0 already done, 1 failed" in capsys.readouterr().out
+
+
+def test_csv_bad_row_does_not_sink_its_batch(dirs, world_csv, tmp_path, capsys):
+    """A row the VLM cannot take (frames smaller than a 14x14 patch) fails alone: its batch is
+    retried row by row and the other row is predicted."""
+    from vans_jax.data.csv_format import write_vnep_csv
+
+    _, video_root, rows = world_csv
+    root = tmp_path / "videos"
+    shutil.copytree(video_root, root)
+    write_video(str(root / "small.mp4"), T.moving_square(num_frames=12, height=8, width=8), fps=T.FPS)
+    csv_path = write_vnep_csv([rows[0], dataclasses.replace(rows[1], input_video_path="small.mp4")],
+                              str(tmp_path / "mixed.csv"))
+    pred = str(tmp_path / "pred")
+    assert run(*models(dirs), "--csv", csv_path, "--video_root", str(root), "--output_dir", pred,
+               "--batch_size", "2", *SETTING_FLAGS) == 1
+    assert "2 rows: 1 predicted, 0 already done, 1 failed" in capsys.readouterr().out
+    assert predict.is_finished(os.path.join(pred, "0"))
+    err = json.load(open(os.path.join(pred, "1", "error.json")))
+    assert err["reason"] == "error" and "14x14 patch" in err["detail"]
