@@ -38,7 +38,7 @@ def test_full_config_matches_the_3b_and_1_3b_numbers():
 
 def test_demo_writes_answers(tmp_path, capsys):
     out = tmp_path / "demo.json"
-    rc = cli.main(["demo", "--output", str(out), "--config.generation.max_new_tokens=6",
+    rc = cli.main(["demo", "--vlm_only", "--output", str(out), "--config.generation.max_new_tokens=6",
                    "--config.generation.num_return_sequences=2"])
     assert rc == 0
     result = json.loads(out.read_text())

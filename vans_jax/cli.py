@@ -3,11 +3,13 @@
     vans-jax train --config configs/NAME.py [--config.train.mode=grpo_stage1] [--config.a.b=value ...]
     vans-jax predict [--vlm DIR --vdm DIR] [--dit FILE] [--lora DIR] (--video FILE --question TEXT | --csv FILE
                      --video_root DIR) --output_dir DIR [--seed S] [--num_steps N ...any setting]
-    vans-jax demo [--config configs/tiny.py] [--config.a.b=value ...] [--question TEXT] [--output FILE]
+    vans-jax demo [--output_dir DIR] [--quick] [--config configs/tiny_world.py] [--config.a.b=value ...]
+    vans-jax demo --vlm_only [--config configs/tiny.py] [--question TEXT] [--video FILE] [--output FILE]
     vans-jax make-data --output_dir DIR --num_samples N --seed S [--split all|train|rl|eval]
     vans-jax validate-data --csv FILE --video_root DIR [--output report.json] [--quick]
     vans-jax eval --predictions DIR --csv FILE --video_root DIR --output FILE.json
                   [--clip DIR] [--i3d FILE] [--random_models] [--num_frames 33 --height 352 --width 640 --fps 11]
+    vans-jax bench --config configs/bench_cpu.py --output FILE.json [--config.a.b=value ...]
 
 Config overrides use the ``--config.a.b=value`` form on any subcommand that takes a config.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -28,7 +31,17 @@ def _demo(args, overrides):
     from . import vlm_demo
     from .configlib import load_config
 
-    cfg = load_config(args.config, overrides)
+    if not args.vlm_only:
+        from .world import demo as world_demo
+        cfg = load_config(args.config or "tiny_world", overrides)
+        out_dir = args.output_dir or (os.path.splitext(args.output)[0] if args.output else "out/demo")
+        result = world_demo.run(cfg, out_dir, quick=args.quick)
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump({k: result[k] for k in ("before", "after", "settings", "timings")}, f, indent=2)
+            print(f"wrote {args.output}")
+        return 0
+    cfg = load_config(args.config or "tiny", overrides)
     result = vlm_demo.run(cfg, args.question, args.output, args.video)
     for i, a in enumerate(result["answers"]):
         print(f"[{i}] ({a['tokens']} tokens, valid format: {a['valid_format']}) {a['text']!r}")
@@ -84,11 +97,19 @@ def main(argv=None):
     rest, overrides = _split_overrides(argv)
     parser = argparse.ArgumentParser(prog="vans-jax", description="VANS (Video-as-Answer) in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="VLM inference on a clip (default: synthetic clip, tiny random model)")
-    demo.add_argument("--config", default="tiny", help="config file or name in configs/ (default: tiny)")
+    demo = sub.add_parser("demo", help="Joint-GRPO end to end on the embedded synthetic world: evaluate the shipped "
+                                       "SFT models, stage 1 + stage 2, evaluate again (before/after metrics, "
+                                       "videos, contact sheet, TensorBoard logs)")
+    demo.add_argument("--output_dir", default=None, help="where everything goes (default: out/demo)")
+    demo.add_argument("--quick", action="store_true", help="a shortened run (a few samples and steps; CI)")
+    demo.add_argument("--vlm_only", action="store_true",
+                      help="instead: VLM inference on one clip with a tiny random model (no shipped models needed)")
+    demo.add_argument("--config", default=None,
+                      help="config file or name in configs/ (default: tiny_world; with --vlm_only: tiny)")
     demo.add_argument("--question", default="What will happen next?")
     demo.add_argument("--video", default=None, help="an mp4 to answer about (default: a synthetic clip)")
-    demo.add_argument("--output", default=None, help="write the result as JSON here")
+    demo.add_argument("--output", default=None, help="also write the before/after metrics (or, with --vlm_only, "
+                                                     "the answers) as JSON here")
     make = sub.add_parser("make-data", help="write the synthetic VNEP world in the VANS-Data layout (CSV + mp4s)")
     make.add_argument("--output_dir", required=True)
     make.add_argument("--num_samples", type=int, required=True)
@@ -123,6 +144,10 @@ def main(argv=None):
                                         "resumable; default: the shipped tiny models)")
     from . import predict as _predict_args
     _predict_args.add_arguments(pr)
+    be = sub.add_parser("bench", help="throughput vs the PyTorch references (VLM, DiT, CFG generation, VAE): "
+                                      "JSON + a markdown table next to it")
+    be.add_argument("--config", required=True, help="configs/bench_cpu.py, configs/bench_gpu.py or your own")
+    be.add_argument("--output", required=True, help="results .json (the .md table goes next to it)")
     args = parser.parse_args(rest)
     try:
         if args.command == "predict":
@@ -134,6 +159,12 @@ def main(argv=None):
             return main_train(load_config(args.config, overrides))
         if args.command == "demo":
             return _demo(args, overrides)
+        if args.command == "bench":
+            from . import bench
+            from .configlib import load_config
+            result = bench.run(load_config(args.config, overrides), args.output)
+            print(bench.markdown_table(result) + f"wrote {args.output} and {bench.markdown_path(args.output)}")
+            return 0
         if args.command == "validate-data":
             return _validate(args)
         if args.command == "make-data":
