@@ -368,6 +368,7 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None) -> dict:
 
 def main_train(cfg) -> int:
     try:
+        parallel.initialize_distributed()   # multi-host: coordinator from JAX_* / SLURM_* variables; else a no-op
         final = train(cfg)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"vans-jax train: {e}", file=sys.stderr)
