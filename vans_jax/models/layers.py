@@ -151,7 +151,9 @@ def attention(q, k, v, *, mask=None, bias=None, scale: float | None = None, impl
     bias: additive logits bias broadcastable to (B, Hq, Lq, Lk) (e.g. T5 relative positions).
     scale: logits scale (default 1/sqrt(D); T5 uses 1.0).
     impl: "xla" (reference einsum; fp32 logits and softmax), "cudnn" (flash attention on NVIDIA
-    GPUs), or "auto" (cudnn when running on a GPU in bf16/fp16, else xla).
+    GPUs), "chunked" (the xla math over blocks of ``CHUNK`` queries, each recomputed in the
+    backward pass: memory O(CHUNK x Lk) instead of O(Lq x Lk), on any backend), or "auto" (cudnn
+    when running on a GPU in bf16/fp16, else xla).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "auto":
@@ -161,8 +163,10 @@ def attention(q, k, v, *, mask=None, bias=None, scale: float | None = None, impl
         if bias is not None:
             bias = jnp.asarray(bias).astype(q.dtype)
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
+    if impl == "chunked":
+        return _chunked_attention(q, k, v, mask, bias, scale)
     if impl != "xla":
-        raise ValueError(f"unknown attention impl {impl!r}; expected 'xla', 'cudnn' or 'auto'")
+        raise ValueError(f"unknown attention impl {impl!r}; expected 'xla', 'cudnn', 'chunked' or 'auto'")
     b, lq, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
@@ -178,6 +182,41 @@ def attention(q, k, v, *, mask=None, bias=None, scale: float | None = None, impl
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, lq, hq, d).astype(q.dtype)
+
+
+CHUNK = 512
+
+
+def _chunked_attention(q, k, v, mask, bias, scale):
+    """``attention(impl="xla")`` over query blocks of ``CHUNK`` (a ``lax.scan``; each block under
+    ``jax.checkpoint``), so neither pass holds more than one block's scores."""
+    lq = q.shape[1]
+    if lq <= CHUNK:
+        return attention(q, k, v, mask=mask, bias=bias, scale=scale, impl="xla")
+    n = -(-lq // CHUNK)
+    pad = n * CHUNK - lq
+
+    def by_query(x):
+        """(x, whether it has a query axis (-2) to slice), padded to n * CHUNK queries."""
+        if x is None or jnp.ndim(x) < 2 or jnp.shape(x)[-2] != lq:
+            return x, False
+        x = jnp.asarray(x)
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)]), True
+
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    (mask, mask_q), (bias, bias_q) = by_query(mask), by_query(bias)
+
+    @jax.checkpoint
+    def block(_, i):
+        start = i * CHUNK
+        take = lambda x, on: jax.lax.dynamic_slice_in_dim(x, start, CHUNK, axis=x.ndim - 2) if on else x
+        out = attention(jax.lax.dynamic_slice_in_dim(qp, start, CHUNK, axis=1), k, v, mask=take(mask, mask_q),
+                        bias=take(bias, bias_q), scale=scale, impl="xla")
+        return None, out
+
+    _, out = jax.lax.scan(block, None, jnp.arange(n))            # (n, B, CHUNK, H, D)
+    out = jnp.moveaxis(out, 0, 1).reshape((q.shape[0], n * CHUNK) + q.shape[2:])
+    return out[:, :lq]
 
 
 def rotate_half(x):
