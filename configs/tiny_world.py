@@ -38,9 +38,9 @@ def get_config():
                            target_fps=4.0, reference_frames=9, reference_height=64, reference_width=64,
                            reference_fps=4.0)
     c.train.update(dict(batch_size=2, log_every=5, checkpoint_every=50, steps=0, pad_multiple=64))
-    c.train.sft_vlm.update(dict(steps=1500, lr=2e-3, trainable="full", max_len=320, warmup_steps=50,
+    c.train.sft_vlm.update(dict(steps=800, lr=2e-3, trainable="full", max_len=320, warmup_steps=50,
                                 schedule="cosine", final_lr_ratio=0.05, dropout=False))
-    c.train.sft_vdm.update(dict(steps=2500, lr=1e-3, trainable="full", warmup_steps=50, schedule="cosine",
+    c.train.sft_vdm.update(dict(steps=1500, lr=1e-3, trainable="full", warmup_steps=50, schedule="cosine",
                                 final_lr_ratio=0.05, text_dropout=0.1))
     c.train.grpo.update(dict(group_size=4, lr=3e-4, stage1_steps=24, stage2_steps=24, num_updates=2,
                              train_sampling_steps=8, train_cfg=3.0, clip_eps=0.2, beta=0.01,

@@ -27,6 +27,56 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
                       "tiny_world.py")
 
 
+def write_vdm_dir(out_dir: str, *, dit_config: dict, vae_dir: str, texts, seed: int = 0, shift: float = 3.0,
+                  umt5: dict | None = None) -> str:
+    """A complete diffusers Wan directory: a random DiT (``dit_config``, our export), the trained VAE
+    (copied), a tiny random UMT5 encoder and a T5 tokenizer over the world's words (built with
+    transformers + torch: the build needs the test extra), a UniPC flow scheduler config and
+    model_index.json. Loads with ``vans_jax.models.wan.from_pretrained``."""
+    import re
+
+    import torch
+    import transformers
+    from flax import nnx
+
+    from ..convert.wan_dit import _diffusers_version, export_dit_diffusers
+    from ..models.wan.dit import WanConfig, WanTransformer3D
+
+    os.makedirs(out_dir, exist_ok=True)
+    dc = dict(dit_config)
+    cfg = WanConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in dc.items()})
+    os.makedirs(os.path.join(out_dir, "transformer"), exist_ok=True)
+    export_dit_diffusers(WanTransformer3D(cfg, rngs=nnx.Rngs(seed)), os.path.join(out_dir, "transformer"))
+    shutil.copytree(vae_dir, os.path.join(out_dir, "vae"), dirs_exist_ok=True)
+    words = sorted({w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", t)})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -3.0) for w in words] + [(c, -6.0) for c in "abcdefghijklmnopqrstuvwxyz.,?'"]
+    tok = transformers.T5Tokenizer(vocab=vocab, extra_ids=0)
+    tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
+    u = dict(vocab_size=len(vocab), d_model=int(cfg.text_dim), d_kv=16, num_heads=4, d_ff=2 * int(cfg.text_dim),
+             num_layers=2, relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0)
+    u.update(umt5 or {})
+    torch.manual_seed(seed)
+    te = transformers.UMT5EncoderModel(transformers.UMT5Config(**u)).eval()
+    with torch.no_grad():   # random init has tiny outputs after the final norm; give the embeddings scale
+        te.shared.weight.normal_(0.0, 1.0)
+    te.save_pretrained(os.path.join(out_dir, "text_encoder"), safe_serialization=True)
+    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+    sched = {"_class_name": "UniPCMultistepScheduler", "_diffusers_version": _diffusers_version(),
+             "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": float(shift),
+             "num_train_timesteps": 1000, "solver_order": 2, "predict_x0": True, "solver_type": "bh2",
+             "lower_order_final": True, "timestep_spacing": "linspace"}
+    with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(sched, f, indent=2)
+    index = {"_class_name": "WanPipeline", "_diffusers_version": _diffusers_version(),
+             "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
+             "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "WanTransformer3DModel"],
+             "vae": ["diffusers", "AutoencoderKLWan"]}
+    with open(os.path.join(out_dir, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return out_dir
+
+
 def _train(cfg, mode, workdir, **paths):
     import copy
 
@@ -43,7 +93,6 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
           seed: int = 0) -> dict:
     from ..pipeline import VANSSettings
     from .clip_train import train_clip
-    from .text_models import write_vdm_dir
     from .vae_train import train_vae
     from .vlm_init import init_vlm_dir
     from .demo import settings_from_config
@@ -75,17 +124,19 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
     print("[build] 3/5 CLIP reward model", flush=True)
     t = time.perf_counter()
     clip_dir = os.path.join(work, "clip")
-    report["clip"] = train_clip(data, clip_dir, steps=40 if quick else None, seed=seed)
+    report["clip"] = train_clip(data, clip_dir, seed=seed, **({"steps": 10, "batch_size": 16} if quick else {}))
     report["clip"]["wall_s"] = time.perf_counter() - t
 
     print("[build] 4/5 VAE + text encoder + random DiT", flush=True)
     t = time.perf_counter()
     vae_dir = os.path.join(work, "vae")
-    report["vae"] = train_vae(data, vae_dir, steps=20 if quick else None, seed=seed)
+    report["vae"] = train_vae(data, vae_dir, seed=seed, **({"steps": 4, "batch_size": 2} if quick else {}))
     report["vae"]["wall_s"] = time.perf_counter() - t
     vdm_init = os.path.join(work, "vdm_init")
     write_vdm_dir(vdm_init, dit_config=dict(cfg.vdm.model), vae_dir=vae_dir, texts=synthetic.world_texts(wc),
                   seed=seed, shift=float(cfg.video.shift))
+    from ..models.wan import pipeline as wp
+    wp.from_pretrained(vdm_init)   # loads through the real loaders
     print("[build] 5/5 SFT of the DiT", flush=True)
     t = time.perf_counter()
     report["sft_vdm"] = _train(cfg, "sft_vdm", os.path.join(work, "sft_vdm"), vdm__path=vdm_init)
