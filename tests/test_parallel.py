@@ -25,8 +25,8 @@ def test_make_mesh_shapes_and_errors():
 
 
 def test_logical_rules():
-    assert parallel.logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
-    assert parallel.logical_to_spec(("layers", "embed", "heads")) == P(None, "fsdp", "tensor")
+    assert parallel.logical_to_spec(("embed", "mlp")) == P(("fsdp", "sequence"), "tensor")
+    assert parallel.logical_to_spec(("layers", "embed", "heads")) == P(None, ("fsdp", "sequence"), "tensor")
     assert parallel.logical_to_spec(None) == P()
     mesh = FakeMesh(data=2, fsdp=4, tensor=2)
     # batch -> (data, fsdp) jointly when both divide

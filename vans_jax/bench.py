@@ -734,6 +734,8 @@ def run(cfg, output: str | None = None, progress: Callable[[str], None] | None =
                 progress(f"bench: {name} ...")
             figures.extend(SECTIONS[name](ctx))
             timings[name] = time.perf_counter() - t0
+            if ctx.torch is not None and ctx.torch_device.startswith("cuda"):
+                ctx.torch.cuda.empty_cache()     # give the GPU memory torch cached back for the next section
     finally:
         ctx.close()
     result = dict(
@@ -744,6 +746,8 @@ def run(cfg, output: str | None = None, progress: Callable[[str], None] | None =
                        device=ctx.torch_description() if ctx.torch is not None else None,
                        reason=ctx.reference_reason),
         versions=_versions(), sections=names, section_seconds=timings,
+        environment={k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                                                     "XLA_PYTHON_CLIENT_MEM_FRACTION")},
         total_seconds=time.perf_counter() - started,
         conventions=dict(
             warmup_s="first call: tracing + compilation + one run (ours); first call (reference)",

@@ -10,6 +10,7 @@
     vans-jax eval --predictions DIR --csv FILE --video_root DIR --output FILE.json
                   [--clip DIR] [--i3d FILE] [--random_models] [--num_frames 33 --height 352 --width 640 --fps 11]
     vans-jax bench --config configs/bench_cpu.py --output FILE.json [--config.a.b=value ...]
+    vans-jax memory-plan --config configs/vans.py [--meshes 1 fsdp=8 ...] [--remat none dots full] --output FILE.json
 
 Config overrides use the ``--config.a.b=value`` form on any subcommand that takes a config.
 """
@@ -148,6 +149,15 @@ def main(argv=None):
                                       "JSON + a markdown table next to it")
     be.add_argument("--config", required=True, help="configs/bench_cpu.py, configs/bench_gpu.py or your own")
     be.add_argument("--output", required=True, help="results .json (the .md table goes next to it)")
+    mp = sub.add_parser("memory-plan", help="per-device bytes of params, grads, optimizer and activations of the "
+                                            "VLM Stage-1 and DiT Stage-2 steps per mesh and remat policy")
+    mp.add_argument("--config", default="vans", help="experiment config (default: configs/vans.py)")
+    mp.add_argument("--meshes", nargs="+", default=None, help="e.g. 1 fsdp=8 fsdp=4,tensor=2 (default: 5 shapes)")
+    mp.add_argument("--remat", nargs="+", default=None, help="remat policies (default: none dots full)")
+    mp.add_argument("--workloads", nargs="+", default=None, help="vlm_stage1 dit_stage2 (default: both)")
+    mp.add_argument("--platform", default="cpu", choices=["cpu", "default"],
+                    help="compile for fake CPU devices (any mesh) or the default backend's own devices")
+    mp.add_argument("--output", required=True, help="FILE.json (the .md table goes next to it) or FILE.md")
     args = parser.parse_args(rest)
     try:
         if args.command == "predict":
@@ -159,7 +169,18 @@ def main(argv=None):
             return main_train(load_config(args.config, overrides))
         if args.command == "demo":
             return _demo(args, overrides)
+        if args.command == "memory-plan":
+            from . import memory_plan
+            from .configlib import load_config
+            kw = {k: tuple(v) for k, v in (("meshes", args.meshes), ("remats", args.remat),
+                                           ("workloads", args.workloads)) if v}
+            result = memory_plan.run(load_config(args.config, overrides), args.output,
+                                     settings=memory_plan.PlanSettings(platform=args.platform), **kw)
+            print(memory_plan.markdown(result) + "wrote " + " and ".join(memory_plan.output_paths(args.output)))
+            return 0
         if args.command == "bench":
+            # JAX and the torch reference share the accelerator: no up-front grab of 75% of its memory
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
             from . import bench
             from .configlib import load_config
             result = bench.run(load_config(args.config, overrides), args.output)

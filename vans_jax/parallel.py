@@ -33,7 +33,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("layers", None),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sequence")),   # ZeRO-3 over every data-parallel-like axis (sequence groups too)
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -96,7 +96,7 @@ def logical_to_spec(axes: Iterable[str | None] | None, rules=DEFAULT_RULES, mesh
             if t in used:
                 continue
             if mesh is not None:
-                size = mesh.shape[t]
+                size = mesh.shape.get(t, 1)     # an axis the mesh lacks acts as size 1
                 if size == 1:
                     continue
                 if shape is not None and shape[i] % (size * int(np.prod([mesh.shape[k] for k in keep] or [1]))):
@@ -300,3 +300,20 @@ def host_local_batch_to_global(batch, mesh: Mesh, spec=None):
         return jax.make_array_from_process_local_data(NamedSharding(mesh, s), x)
 
     return jax.tree_util.tree_map_with_path(one, batch, specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def optimizer_state_shardings(opt_state, params, param_shardings, mesh: Mesh):
+    """Shardings for an optimizer state (e.g. optax's): every subtree laid out like ``params``
+    (Adam's mu and nu, ...) takes ``param_shardings``; any other leaf (step counts) is
+    replicated. Pass as ``out_shardings`` when creating the state, e.g.
+    ``jax.jit(opt.init, out_shardings=optimizer_state_shardings(jax.eval_shape(opt.init, params),
+    params, shardings, mesh))(params)``: ``jax.jit(opt.init)`` alone does not shard it (zeros_like
+    has no data dependence on the parameters, so their shardings do not propagate)."""
+    structure = jax.tree.structure(params)
+    shapes = [np.shape(x) for x in jax.tree.leaves(params)]
+    replicated = NamedSharding(mesh, P())
+
+    def like_params(x):
+        return jax.tree.structure(x) == structure and [np.shape(y) for y in jax.tree.leaves(x)] == shapes
+
+    return jax.tree.map(lambda x: param_shardings if like_params(x) else replicated, opt_state, is_leaf=like_params)

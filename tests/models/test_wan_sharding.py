@@ -1,6 +1,7 @@
 """Wan DiT on a fake 8-device CPU mesh: parameters sharded by their logical axes, activation
 constraints at block boundaries (heads over `tensor`, tokens over `sequence`), the same forward
-and the same gradients as on one device; host-local batches assembled into global arrays."""
+and the same gradients as on one device; host-local batches assembled into global arrays; AdamW
+state sharded like the parameters."""
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import textwrap
 
 SCRIPT = textwrap.dedent("""
     import os, sys, json
-    import numpy as np, jax, jax.numpy as jnp
+    import numpy as np, jax, jax.numpy as jnp, optax
     from flax import nnx
     from jax.sharding import PartitionSpec as P
     sys.path.insert(0, os.getcwd())
@@ -54,10 +55,16 @@ SCRIPT = textwrap.dedent("""
             out = jax.jit(forward)(sstate, batch["x"], batch["t"], batch["ctx"])
             lval, grads = jax.jit(grad_fn)(sstate, batch["x"], batch["t"], batch["ctx"], batch["target"])
         q = sstate["blocks"]["attn1"]["to_q"]["kernel"].get_value()
+        # optimizer state created sharded like the parameters (moments), counts replicated
+        opt = optax.adamw(1e-3)
+        opt_state = jax.jit(opt.init, out_shardings=parallel.optimizer_state_shardings(
+            jax.eval_shape(opt.init, sstate), sstate, parallel.state_shardings(sstate, mesh), mesh))(sstate)
+        mu_q = opt_state[0].mu["blocks"]["attn1"]["to_q"]["kernel"].get_value()
         results[str(shape)] = dict(
             out_err=rel(out, ref_out), loss_err=abs(float(lval) - float(ref_loss)) / abs(float(ref_loss)),
             grad_err=max(rel(g, r) for g, r in zip(jax.tree.leaves(grads), ref_grads)),
             q_spec=str(q.sharding.spec), q_shard=list(q.addressable_shards[0].data.shape),
+            mu_spec=str(mu_q.sharding.spec), count_spec=str(opt_state[0].count.sharding.spec),
             x_spec=str(batch["x"].sharding.spec), x_shards=len(batch["x"].addressable_shards),
             constraint_specs=sorted({line.split("spec=", 1)[1].rstrip(")") + ")" for line in jaxpr.splitlines()
                                      if "sharding=NamedSharding" in line}),
@@ -78,7 +85,9 @@ def test_sharded_dit_equals_unsharded():
     assert results.pop("no_mesh_constraints") == 0
     # to_q kernel (2 layers, 64, 64): embed -> fsdp, qkv -> tensor
     assert results["{'fsdp': 2, 'tensor': 4}"]["q_shard"] == [2, 32, 16]
-    assert results["{'fsdp': 4, 'sequence': 2}"]["q_shard"] == [2, 16, 64]
+    # parameters are sharded over fsdp and sequence together (ZeRO-3 over both)
+    assert results["{'fsdp': 4, 'sequence': 2}"]["q_shard"] == [2, 8, 64]
+    assert results["{'data': 2, 'sequence': 2, 'tensor': 2}"]["q_shard"] == [2, 32, 32]
     # the batch axis goes over (data, fsdp); sequence/tensor groups hold the same rows
     assert results["{'data': 2, 'sequence': 2, 'tensor': 2}"]["x_spec"] == "P('data',)"
     assert results["{'fsdp': 4, 'sequence': 2}"]["x_spec"] == "P('fsdp',)"
@@ -92,6 +101,7 @@ def test_sharded_dit_equals_unsharded():
         assert ("'sequence'" in specs) == ("sequence" in shape), (shape, r)
         assert ("'tensor'" in specs) == ("tensor" in shape), (shape, r)
         assert r["x_shards"] == 8, (shape, r)
+        assert r["mu_spec"] == r["q_spec"] and r["count_spec"] == "P()", (shape, r)
         assert r["out_err"] < 1e-5, (shape, r)
         assert r["loss_err"] < 1e-5, (shape, r)
         assert r["grad_err"] < 1e-4, (shape, r)

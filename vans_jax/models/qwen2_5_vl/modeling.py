@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ...parallel import constrain
 from ..layers import Embed, Linear, RMSNorm, apply_rotary, attention, resolve_dtype, scan_layers, stack_layers
 from .config import Qwen2_5_VLConfig, TextConfig, VisionConfig
 
@@ -141,6 +142,11 @@ def _select_rows(freqs, row):
     return jnp.einsum("rblf,rf->blf", freqs, onehot)
 
 
+# The decoder's residual stream (B, S, D): rows over the batch mesh axes at every layer boundary (a
+# sharding constraint under ``jax.set_mesh``; a no-op without a mesh).
+HIDDEN = ("activation_batch", None, "activation_embed")
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, rngs, lora: LoRAConfig | None = None):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -174,7 +180,7 @@ class DecoderLayer(nnx.Module):
         x = x + self.o_proj(o.reshape(b, s, -1), keys[3])
         h = self.post_attention_layernorm(x)
         h = jax.nn.silu(self.gate_proj(h, keys[4])) * self.up_proj(h, keys[5])
-        return x + self.down_proj(h, keys[6]), k_cache, v_cache
+        return constrain(x + self.down_proj(h, keys[6]), HIDDEN), k_cache, v_cache
 
 
 class Qwen2_5_VLModel(nnx.Module):
@@ -235,8 +241,8 @@ class Qwen2_5_VLModel(nnx.Module):
             vc = jax.lax.dynamic_update_index_in_dim(vc, v_i, i, 0)
             return (h, kc, vc), None
 
-        (x, kc, vc), _ = scan_layers(self.layers, body, (x, cache[0], cache[1]), (jnp.arange(n), keys),
-                                     remat=cfg.remat)
+        carry = (constrain(x, HIDDEN), cache[0], cache[1])
+        (x, kc, vc), _ = scan_layers(self.layers, body, carry, (jnp.arange(n), keys), remat=cfg.remat)
         return self.norm(x), (kc, vc)
 
     def forward_arrays(self, input_ids, attention_mask, position_ids, video=None, image=None, rng=None):
