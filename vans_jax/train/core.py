@@ -84,9 +84,16 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    """Optimizer state is created under jit so it inherits the parameters' shardings."""
-    opt_state = jax.jit(optimizer.init)(params)
+def init_state(params, optimizer: optax.GradientTransformation, seed: int, mesh=None) -> TrainState:
+    """With ``mesh``, the optimizer moments are created sharded exactly like the parameters
+    (``jax.jit(optimizer.init)`` alone would not propagate the parameters' shardings)."""
+    if mesh is None:
+        opt_state = jax.jit(optimizer.init)(params)
+    else:
+        from .. import parallel
+        pshard = tree_shardings(params, mesh)
+        out = parallel.optimizer_state_shardings(jax.eval_shape(optimizer.init, params), params, pshard, mesh)
+        opt_state = jax.jit(optimizer.init, out_shardings=out)(params)
     return TrainState(step=jnp.int32(0), params=params, opt_state=opt_state,
                       rng=jax.random.key_data(jax.random.key(seed)), skipped=jnp.int32(0))
 

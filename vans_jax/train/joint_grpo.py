@@ -74,8 +74,8 @@ class Part:
         self.optimizer = make_optimizer(optim_cfg)
         # the reference is the starting point, which a restarted run loads again: never checkpointed
         self._ref = jax.tree.map(jnp.copy, params) if reference and trainable != "lora" else None
-        state = init_state(params, self.optimizer, seed)
         self.mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1})
+        state = init_state(params, self.optimizer, seed, self.mesh)
         self.state, self.state_shardings = place(state, self.mesh)
         self.frozen, self.frozen_shardings = place(frozen, self.mesh)
 
