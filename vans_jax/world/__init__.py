@@ -12,7 +12,8 @@ import json
 import os
 
 ENV = "VANS_TINY_WORLD"
-_REPO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "models", "tiny_world")
+_REPO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data", "models",
+                          "tiny_world")
 
 
 def tiny_world_dir() -> str:
