@@ -1,0 +1,292 @@
+"""The synthetic world's tiny Wan video VAE: ``models.wan.vae.WanVAE`` (the diffusers
+``AutoencoderKLWan`` architecture: causal 3D convs, 8x spatial / 4x temporal compression, 16 latent
+channels) trained for reconstruction on the world's 9-frame clips, then its latent statistics
+measured and written into the config (the DiT works on ``(mu - latents_mean) / latents_std``).
+
+Training: posterior sample -> decode, loss = L1 + ``mse_weight`` * MSE on pixels in [-1, 1] plus
+``kl_weight`` * KL(posterior || N(0, 1)) (per-element means), Adam with warmup + cosine decay, on
+random ``crop`` x ``crop`` crops of the clips (the convs do not care about the frame size, the
+smaller frames make every step cheaper; evaluation is on full frames). Clips: each training
+sample's target clip and the last ``F`` frames of its input clip (``F`` = the target length, 4k+1).
+
+The output ``vae/`` directory is a diffusers ``AutoencoderKLWan`` folder (config.json +
+diffusion_pytorch_model.safetensors) that ``convert.wan_vae.load_vae`` and
+``diffusers.AutoencoderKLWan.from_pretrained`` load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from vans_jax.convert.safetensors_io import save_file
+from vans_jax.convert.wan_vae import key_table, load_vae
+from vans_jax.data.video_io import check_vae_frames
+from vans_jax.models.wan.vae import WanVAE, WanVAEConfig
+from vans_jax.world.clips import WorldClips, load_world_clips
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyVAESpec:
+    """The tiny VAE's architecture (Wan2.1 layout: 8x spatial, 4x temporal compression)."""
+    base_dim: int = 8
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 1
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+
+    def config(self, **kw) -> WanVAEConfig:
+        return WanVAEConfig(base_dim=self.base_dim, z_dim=self.z_dim, dim_mult=self.dim_mult,
+                            num_res_blocks=self.num_res_blocks, attn_scales=(),
+                            temperal_downsample=self.temperal_downsample,
+                            latents_mean=(0.0,) * self.z_dim, latents_std=(1.0,) * self.z_dim, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAETrainConfig:
+    steps: int = 400
+    batch_size: int = 8
+    crop: int | None = 32          # random crop size (multiple of 8), None = full frames
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    mse_weight: float = 1.0
+    kl_weight: float = 1e-6
+    # decode a posterior sample (a VAE) instead of the posterior mean (an autoencoder, the default):
+    # in a few hundred steps from a random init the sampling noise (std ~1 at init) drowns the
+    # encoder's small means and the decoder learns to ignore the latents (measured: eval PSNR 13.8 dB,
+    # the all-black level); the pipeline only ever uses the mean.
+    sample_posterior: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+_TO_TORCH = {
+    "identity": lambda a: a,
+    "conv3d": lambda a: np.transpose(a, (4, 3, 0, 1, 2)),        # (T, H, W, I, O) -> (O, I, T, H, W)
+    "conv2d": lambda a: np.transpose(a, (3, 2, 0, 1)),           # (H, W, I, O) -> (O, I, H, W)
+    "conv1x1": lambda a: np.transpose(a)[:, :, None, None],      # (I, O) -> (O, I, 1, 1)
+    "gamma_image": lambda a: a.reshape(-1, 1, 1),
+    "gamma_video": lambda a: a.reshape(-1, 1, 1, 1),
+}
+
+
+def vae_state_dict(vae: WanVAE, dtype=np.float32) -> dict[str, np.ndarray]:
+    """diffusers ``AutoencoderKLWan`` state dict of ``vae`` (the inverse of ``convert.wan_vae``'s table)."""
+    params = {".".join(str(p) for p in path): np.asarray(jax.device_get(v.get_value()))
+              for path, v in nnx.to_flat_state(nnx.state(vae, nnx.Param))}
+    out = {}
+    for key, (path, transform, torch_shape) in key_table(vae.cfg, vae).items():
+        a = np.ascontiguousarray(_TO_TORCH[transform](params[path])).astype(dtype)
+        if a.shape != tuple(torch_shape):
+            raise AssertionError(f"{key}: exported shape {a.shape} != expected {tuple(torch_shape)}")
+        out[key] = a
+    return out
+
+
+def _diffusers_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("diffusers")
+    except Exception:  # noqa: BLE001 - diffusers is optional at run time
+        return "0.33.0"
+
+
+def save_vae(vae: WanVAE, out_dir: str, *, dtype=np.float32) -> str:
+    """Writes ``vae`` as a diffusers ``AutoencoderKLWan`` directory (config.json with its
+    latents_mean / latents_std + diffusion_pytorch_model.safetensors); returns out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(vae_state_dict(vae, dtype), os.path.join(out_dir, "diffusion_pytorch_model.safetensors"))
+    cfg = vae.cfg.to_diffusers_config()
+    cfg["_diffusers_version"] = _diffusers_version()
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def vae_clips(clips: WorldClips, num_frames: int | None = None) -> np.ndarray:
+    """uint8 (2N, F, H, W, 3): every target clip and the last F frames of every input clip
+    (F = ``num_frames``, default the target length; must be 4k+1)."""
+    f = clips.targets.shape[1] if num_frames is None else int(num_frames)
+    check_vae_frames(f, "vae_clips")
+    if clips.inputs.shape[1] < f or clips.targets.shape[1] < f:
+        raise ValueError(f"vae_clips: clips of {clips.inputs.shape[1]} / {clips.targets.shape[1]} frames are "
+                         f"shorter than {f}")
+    return np.concatenate([clips.targets[:, :f], clips.inputs[:, -f:]])
+
+
+def _to_unit(x):
+    return x.astype(jnp.float32) / 127.5 - 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+def _make_step(graphdef, tx, cfg: VAETrainConfig):
+    def loss_fn(params, batch, key):
+        vae = nnx.merge(graphdef, params)
+        x = _to_unit(batch)                                                    # (B, F, H, W, 3)
+        post = vae.encode(x, channels_last=True)
+        # unclamped: the clamp would stop the gradient wherever the output is out of [-1, 1] (a decoder
+        # that outputs "blacker than black" would never learn the objects)
+        y = vae.decode(post.sample(key) if cfg.sample_posterior else post.mean, channels_last=True, clamp=False)
+        l1 = jnp.mean(jnp.abs(y - x))
+        mse = jnp.mean((y - x) ** 2)
+        kl = 0.5 * jnp.mean(post.mean ** 2 + jnp.exp(post.logvar) - 1.0 - post.logvar)
+        return l1 + cfg.mse_weight * mse + cfg.kl_weight * kl, {"l1": l1, "mse": mse, "kl": kl}
+
+    def step(params, opt_state, batch, key):
+        (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss, **aux}
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode_mean(graphdef, state, clips_u8):
+    return nnx.merge(graphdef, state).encode(_to_unit(clips_u8), channels_last=True).mean
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _reconstruct(graphdef, state, clips_u8):
+    vae = nnx.merge(graphdef, state)
+    y = vae.decode(vae.encode(_to_unit(clips_u8), channels_last=True).mean, channels_last=True)
+    return jnp.round((y + 1.0) * 127.5).clip(0, 255).astype(jnp.uint8)
+
+
+def _batches(x: np.ndarray, batch_size: int):
+    """Fixed-size batches (the last one padded by repeating the first clip), with their real sizes."""
+    for s in range(0, len(x), batch_size):
+        chunk = x[s:s + batch_size]
+        n = len(chunk)
+        if n < batch_size and len(x) > batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - n, 0)])
+        yield jnp.asarray(chunk), n
+
+
+def latent_stats(vae: WanVAE, clips_u8: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of the posterior means of ``clips_u8`` (N, F, H, W, 3) (float64)."""
+    graphdef, state = nnx.split(vae)
+    s1 = s2 = 0.0
+    count = 0
+    for batch, n in _batches(clips_u8, batch_size):
+        mu = np.asarray(_encode_mean(graphdef, state, batch))[:n].astype(np.float64)
+        mu = mu.reshape(-1, mu.shape[-1])
+        s1, s2, count = s1 + mu.sum(0), s2 + (mu ** 2).sum(0), count + mu.shape[0]
+    mean = s1 / count
+    return mean, np.sqrt(np.maximum(s2 / count - mean ** 2, 1e-12))
+
+
+def reconstruction_psnr(vae: WanVAE, clips_u8: np.ndarray, batch_size: int = 16) -> dict:
+    """Encode (posterior mean) -> decode -> uint8, against ``clips_u8``: PSNR in dB (255 peak) over
+    all pixels (``psnr``), the mean of the per-clip PSNRs (``psnr_clip_mean``) and the worst clip."""
+    graphdef, state = nnx.split(vae)
+    per_clip = []
+    for batch, n in _batches(clips_u8, batch_size):
+        rec = np.asarray(_reconstruct(graphdef, state, batch))[:n].astype(np.float64)
+        ref = np.asarray(batch)[:n].astype(np.float64)
+        per_clip.extend(np.mean((rec - ref) ** 2, axis=(1, 2, 3, 4)))
+    mse = np.asarray(per_clip)
+    psnr = lambda m: float(10.0 * np.log10(255.0 ** 2 / np.maximum(m, 1e-10)))
+    return {"psnr": psnr(mse.mean()), "psnr_clip_mean": float(np.mean([psnr(m) for m in mse])),
+            "psnr_worst_clip": psnr(mse.max()), "num_clips": int(len(mse))}
+
+
+def train_vae(world_dir: str, out_dir: str, *, steps: int = 400, seed: int = 0, batch_size: int = 8,
+              crop: int | None = 32, lr: float = 2e-3, spec: TinyVAESpec = TinyVAESpec(),
+              train_config: VAETrainConfig | None = None, train_clips: WorldClips | None = None,
+              eval_clips: WorldClips | None = None, max_train_samples: int | None = None,
+              max_eval_samples: int | None = 200, stats_clips: int = 512, num_frames: int | None = None,
+              train_source: str = "render", log: Callable[[str], None] | None = print) -> dict:
+    """Trains the tiny VAE on ``<world_dir>``'s train split, measures its latent statistics (on up
+    to ``stats_clips`` training clips), writes the diffusers ``AutoencoderKLWan`` directory
+    ``out_dir`` (e.g. ``<vdm>/vae``), reloads it with ``convert.wan_vae.load_vae`` and measures the
+    reconstruction PSNR on the eval split's clips. Returns the metrics.
+
+    The training clips are rendered from the scenes (``train_source="render"``, ~25x faster than
+    decoding the mp4s; ``"video"`` decodes them); the eval clips are the decoded mp4s, what the
+    pipeline encodes. ``num_frames`` (4k+1, default the target length) sets the clip length;
+    ``train_clips`` / ``eval_clips`` (``clips.load_world_clips``) skip loading."""
+    t0 = time.time()
+    log = log or (lambda s: None)
+    cfg = train_config or VAETrainConfig(steps=steps, batch_size=batch_size, crop=crop, lr=lr)
+    train = (train_clips if train_clips is not None
+             else load_world_clips(world_dir, "train", max_train_samples, source=train_source))
+    evalc = eval_clips if eval_clips is not None else load_world_clips(world_dir, "eval", max_eval_samples)
+    data = vae_clips(train, num_frames)
+    n, f, h, w = data.shape[:4]
+    crop_size = cfg.crop
+    if crop_size is not None:
+        if crop_size % 8 or crop_size > min(h, w):
+            raise ValueError(f"crop {crop_size} must be a multiple of 8 and at most the frame size {h}x{w}")
+    t_data = time.time() - t0
+
+    vae = WanVAE(spec.config(scan_unroll=True), rngs=nnx.Rngs(seed))   # unrolled: fast backward on CPU
+    graphdef, params = nnx.split(vae)
+    b = min(cfg.batch_size, n)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup_steps, max(cfg.steps - 1, 1)),
+                                                  max(cfg.steps, 2), cfg.lr * 0.05)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+    opt_state = tx.init(params)
+    step_fn = _make_step(graphdef, tx, cfg)
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    history = []
+    t1 = time.time()
+    for i in range(cfg.steps):
+        idx = rng.choice(n, b, replace=False)
+        if crop_size is None:
+            batch = data[idx]
+        else:
+            ys, xs = rng.integers(0, h - crop_size + 1, b), rng.integers(0, w - crop_size + 1, b)
+            batch = np.stack([data[j, :, y:y + crop_size, x:x + crop_size] for j, y, x in zip(idx, ys, xs)])
+        params, opt_state, m = step_fn(params, opt_state, jnp.asarray(batch), jax.random.fold_in(key, i))
+        history.append({k: float(v) for k, v in m.items()})
+        if log and (i == 0 or (i + 1) % 50 == 0 or i + 1 == cfg.steps):
+            el = time.time() - t1
+            log(f"[vae] step {i + 1}/{cfg.steps} loss {history[-1]['loss']:.4f} (l1 {history[-1]['l1']:.4f}, "
+                f"kl {history[-1]['kl']:.2f})  {el:.0f}s, eta {el / (i + 1) * (cfg.steps - i - 1):.0f}s")
+    t_train = time.time() - t1
+
+    vae = nnx.merge(graphdef, params)
+    stats_idx = np.random.default_rng(seed + 1).permutation(n)[:stats_clips]
+    mean, std = latent_stats(vae, data[np.sort(stats_idx)])
+    final_cfg = dataclasses.replace(vae.cfg, latents_mean=tuple(round(float(v), 4) for v in mean),
+                                    latents_std=tuple(round(float(v), 4) for v in std), scan_unroll=1)
+    vae.cfg = final_cfg
+    save_vae(vae, out_dir)
+    loaded = load_vae(out_dir)
+    ev = vae_clips(evalc, f)
+    k = len(evalc)
+    rec_t, rec_i = reconstruction_psnr(loaded, ev[:k]), reconstruction_psnr(loaded, ev[k:])
+    mean_loss = lambda key_, sl: float(np.mean([hh[key_] for hh in history[sl]])) if history else float("nan")
+    metrics = {
+        "loss_first": mean_loss("loss", slice(0, 10)), "loss_last": mean_loss("loss", slice(-10, None)),
+        "l1_last": mean_loss("l1", slice(-10, None)), "kl_last": mean_loss("kl", slice(-10, None)),
+        "eval_psnr_target": rec_t["psnr"], "eval_psnr_input": rec_i["psnr"],
+        "eval_psnr_worst_clip": min(rec_t["psnr_worst_clip"], rec_i["psnr_worst_clip"]),
+        "latents_mean": list(final_cfg.latents_mean), "latents_std": list(final_cfg.latents_std),
+        "steps": cfg.steps, "batch_size": b, "crop": crop_size, "train_clips": int(n),
+        "num_params": int(sum(x.size for x in jax.tree.leaves(nnx.state(vae, nnx.Param)))),
+        "file_bytes": int(sum(os.path.getsize(os.path.join(out_dir, p)) for p in os.listdir(out_dir))),
+        "seconds_data": t_data, "seconds_train": t_train, "seconds_total": time.time() - t0,
+    }
+    log(f"[vae] eval PSNR target clips {metrics['eval_psnr_target']:.2f} dB, input clips "
+        f"{metrics['eval_psnr_input']:.2f} dB (worst clip {metrics['eval_psnr_worst_clip']:.2f}); latent std "
+        f"{np.min(std):.3f}..{np.max(std):.3f}  ({metrics['seconds_total']:.0f}s)")
+    return metrics
