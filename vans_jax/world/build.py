@@ -89,11 +89,18 @@ def _train(cfg, mode, workdir, **paths):
     return loop.train(c)
 
 
+def _timed(fn, *a, **kw) -> dict:
+    t = time.perf_counter()
+    rep = fn(*a, **kw)
+    rep["wall_s"] = time.perf_counter() - t
+    return rep
+
+
 def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int = 100, quick: bool = False,
           seed: int = 0) -> dict:
     from ..pipeline import VANSSettings
     from .clip_train import train_clip
-    from .vae_train import train_vae
+    from .vae_train import VAETrainConfig, train_vae
     from .vlm_init import init_vlm_dir
     from .demo import settings_from_config
 
@@ -106,41 +113,58 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
     os.makedirs(work, exist_ok=True)
     wc = synthetic.WorldConfig()
     data = os.path.join(work, "data")
-    csv = {s: synthetic.generate_world(data, s, n, config=wc).csv_path
-           for s, n in (("train", train_samples), ("eval", eval_samples))}
+    # a stage whose ``<work>/<name>.done.json`` exists (same build arguments) is reused: a killed or
+    # partly changed build reruns only what is missing (delete the file to redo a stage)
+    key = {"train_samples": train_samples, "eval_samples": eval_samples, "quick": quick, "seed": seed}
+
+    def stage(name, fn):
+        marker = os.path.join(work, f"{name}.done.json")
+        if os.path.exists(marker):
+            with open(marker) as f:
+                done = json.load(f)
+            if done.get("key") == key:
+                print(f"[build] reusing {name} ({marker})", flush=True)
+                return done["report"]
+        rep = fn()
+        with open(marker + ".tmp", "w") as f:
+            json.dump({"key": key, "report": rep}, f, indent=2, default=str)
+        os.replace(marker + ".tmp", marker)
+        return rep
+
+    def world():
+        return {s: synthetic.generate_world(data, s, n, config=wc).csv_path
+                for s, n in (("train", train_samples), ("eval", eval_samples))}
+
+    csv = stage("world", world)
     video_root = os.path.join(data, "videos")
     cfg.data.train_csv, cfg.data.video_root = csv["train"], video_root
     report: dict = {"train_samples": train_samples, "eval_samples": eval_samples, "seed": seed}
 
     print("[build] 1/5 tokenizer + random Qwen2.5-VL", flush=True)
     vlm_init = os.path.join(work, "vlm_init")
-    report["tokenizer"] = init_vlm_dir(vlm_init, cfg.vlm.model.to_dict(), synthetic.world_texts(wc), vocab_size=512,
-                                       seed=seed)
+    report["tokenizer"] = stage("vlm_init", lambda: init_vlm_dir(vlm_init, cfg.vlm.model.to_dict(),
+                                                                 synthetic.world_texts(wc), vocab_size=512, seed=seed))
     print("[build] 2/5 SFT of the VLM", flush=True)
-    t = time.perf_counter()
-    report["sft_vlm"] = _train(cfg, "sft_vlm", os.path.join(work, "sft_vlm"), vlm__path=vlm_init)
-    report["sft_vlm"]["wall_s"] = time.perf_counter() - t
+    report["sft_vlm"] = stage("sft_vlm", lambda: _timed(_train, cfg, "sft_vlm", os.path.join(work, "sft_vlm"),
+                                                         vlm__path=vlm_init))
 
     print("[build] 3/5 CLIP reward model", flush=True)
-    t = time.perf_counter()
     clip_dir = os.path.join(work, "clip")
-    report["clip"] = train_clip(data, clip_dir, seed=seed, **({"steps": 10, "batch_size": 16} if quick else {}))
-    report["clip"]["wall_s"] = time.perf_counter() - t
+    report["clip"] = stage("clip", lambda: _timed(train_clip, data, clip_dir, seed=seed,
+                                                  **({"steps": 10, "batch_size": 16} if quick else {})))
 
     print("[build] 4/5 VAE + text encoder + random DiT", flush=True)
-    t = time.perf_counter()
     vae_dir = os.path.join(work, "vae")
-    report["vae"] = train_vae(data, vae_dir, seed=seed, **({"steps": 4, "batch_size": 2} if quick else {}))
-    report["vae"]["wall_s"] = time.perf_counter() - t
+    vae_quick = {"train_config": VAETrainConfig(image_steps=4, steps=4, batch_size=2)} if quick else {}
+    report["vae"] = stage("vae", lambda: _timed(train_vae, data, vae_dir, seed=seed, **vae_quick))
     vdm_init = os.path.join(work, "vdm_init")
     write_vdm_dir(vdm_init, dit_config=dict(cfg.vdm.model), vae_dir=vae_dir, texts=synthetic.world_texts(wc),
                   seed=seed, shift=float(cfg.video.shift))
     from ..models.wan import pipeline as wp
     wp.from_pretrained(vdm_init)   # loads through the real loaders
     print("[build] 5/5 SFT of the DiT", flush=True)
-    t = time.perf_counter()
-    report["sft_vdm"] = _train(cfg, "sft_vdm", os.path.join(work, "sft_vdm"), vdm__path=vdm_init)
-    report["sft_vdm"]["wall_s"] = time.perf_counter() - t
+    report["sft_vdm"] = stage("sft_vdm", lambda: _timed(_train, cfg, "sft_vdm", os.path.join(work, "sft_vdm"),
+                                                         vdm__path=vdm_init))
 
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -355,13 +355,14 @@ def train_clip(world_dir: str, out_dir: str, *, steps: int = 300, seed: int = 0,
     model = nnx.merge(graphdef, params, rest)
 
     save_clip(model, out_dir)
+    w = max(1, min(10, len(history) // 3))     # means over the first / last min(10, steps // 3) steps
     mean = lambda k, sl: float(np.mean([h[k] for h in history[sl]])) if history else float("nan")
     metrics.update({
-        "loss_first": mean("loss", slice(0, 10)), "loss_last": mean("loss", slice(-10, None)),
-        "caption_loss_first": mean("caption_loss", slice(0, 10)),
-        "caption_loss_last": mean("caption_loss", slice(-10, None)),
-        "image_loss_first": mean("image_loss", slice(0, 10)),
-        "image_loss_last": mean("image_loss", slice(-10, None)),
+        "loss_first": mean("loss", slice(0, w)), "loss_last": mean("loss", slice(-w, None)),
+        "caption_loss_first": mean("caption_loss", slice(0, w)),
+        "caption_loss_last": mean("caption_loss", slice(-w, None)),
+        "image_loss_first": mean("image_loss", slice(0, w)),
+        "image_loss_last": mean("image_loss", slice(-w, None)),
         "logit_scale": float(np.exp(model.logit_scale[...])),
         "eval": evaluate_clip(model, tok, evalc, seed=seed),
         "steps": cfg.steps, "batch_size": b, "train_samples": n,

@@ -1,0 +1,120 @@
+"""The world's tiny Wan VAE: a short training run lowers the loss, the latent statistics land in the
+config, and the exported diffusers directory loads in our loader and in diffusers with equal
+encode / decode."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from vans_jax.convert.safetensors_io import Checkpoint  # noqa: E402
+from vans_jax.convert.wan_vae import load_vae  # noqa: E402
+from vans_jax.data import synthetic  # noqa: E402
+from vans_jax.models.wan.vae import WanVAE  # noqa: E402
+from vans_jax.world import vae_train as vt  # noqa: E402
+from vans_jax.world.clips import load_world_clips  # noqa: E402
+from tests.utils import rel_err  # noqa: E402
+
+SPEC = vt.TinyVAESpec(base_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("world"))
+    synthetic.generate_world(d, "train", 16)
+    synthetic.generate_world(d, "eval", 4)
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("vdm")) + "/vae"
+    cfg = vt.VAETrainConfig(image_steps=10, image_batch_size=4, steps=6, batch_size=2, lr=3e-3, warmup_steps=2)
+    metrics = vt.train_vae(world, out, spec=SPEC, train_config=cfg, num_frames=5, stats_clips=8, seed=0, log=None)
+    return out, metrics
+
+
+def test_short_training_lowers_the_loss(trained):
+    _, m = trained
+    assert m["image_loss_last"] < 0.8 * m["image_loss_first"], m
+    assert m["clip_loss_last"] < m["image_loss_first"], m          # the clip phase starts from the image phase
+    assert np.isfinite(m["eval_psnr_target"]) and np.isfinite(m["eval_psnr_input"])
+    assert m["train_clips"] == 32 and m["num_frames"] == 5 and m["image_steps"] == 10 and m["steps"] == 6
+
+
+def test_latent_stats_are_written(trained, world):
+    out, m = trained
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["_class_name"] == "AutoencoderKLWan" and cfg["latents_mean"] == m["latents_mean"]
+    assert len(cfg["latents_std"]) == 16 and min(cfg["latents_std"]) > 0
+    vae = load_vae(out)
+    # recomputed on the same clips (the first 8 of a fixed permutation of the training clips) they agree
+    clips = vt.vae_clips(load_world_clips(world, "train", source="render"), 5)
+    idx = np.sort(np.random.default_rng(1).permutation(len(clips))[:8])
+    mean, std = vt.latent_stats(vae, clips[idx])
+    np.testing.assert_allclose(mean, cfg["latents_mean"], atol=2e-4)
+    np.testing.assert_allclose(std, cfg["latents_std"], atol=2e-4)
+    # normalized latents of those clips: zero mean, unit std per channel
+    graphdef, state = nnx.split(vae)
+    mu = np.asarray(vt._encode_mean(graphdef, state, jnp.asarray(clips[idx])))
+    z = np.asarray(vae.normalize_latents(jnp.asarray(mu), channels_last=True)).reshape(-1, 16)
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-2)
+    np.testing.assert_allclose(z.std(0), 1.0, atol=1e-2)
+
+
+def test_export_matches_diffusers(trained):
+    out, _ = trained
+    ours = load_vae(out)
+    ref = diffusers.AutoencoderKLWan.from_pretrained(out).eval()
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 9, 32, 48)).astype(np.float32)
+    with torch.no_grad():
+        r = ref.encode(torch.from_numpy(x)).latent_dist
+        r_mean = r.mean.numpy()
+        r_dec = ref.decode(r.mean).sample.numpy()
+    post = ours.encode(jnp.asarray(x))
+    assert rel_err(post.mean, r_mean) < 1e-4 and rel_err(post.logvar, r.logvar.numpy()) < 1e-4
+    assert rel_err(ours.decode(jnp.asarray(r_mean)), r_dec) < 1e-4
+    assert ref.config.latents_std == list(ours.cfg.latents_std)
+
+
+def test_state_dict_round_trip(trained):
+    """vae_state_dict inverts the loader's mapping exactly (every key, shape and value)."""
+    out, _ = trained
+    vae = load_vae(out)
+    sd = vt.vae_state_dict(vae)
+    ck = Checkpoint(out)
+    assert set(sd) == set(ck.keys())
+    for k in sd:
+        np.testing.assert_array_equal(sd[k], ck.get(k), err_msg=k)
+    fresh = WanVAE(SPEC.config(), rngs=nnx.Rngs(3))
+    assert set(vt.vae_state_dict(fresh)) == set(sd)
+
+
+def test_vae_clips_and_bad_input(world):
+    clips = load_world_clips(world, "eval")
+    v = vt.vae_clips(clips)
+    assert v.shape == (8, 9, 64, 64, 3)
+    np.testing.assert_array_equal(v[4:], clips.inputs[:, -9:])
+    with pytest.raises(ValueError, match="4k\\+1"):
+        vt.vae_clips(clips, 8)
+    with pytest.raises(FileNotFoundError, match="no train.csv"):
+        vt.train_vae(os.path.dirname(world), "/nonexistent", spec=SPEC, log=None)
+
+
+def test_training_init_is_a_per_frame_autoencoder():
+    """init_for_training: residual blocks start as identities, the VAE as a 2D autoencoder applied
+    to frame 0 and to the last frame of every 4-frame chunk, each decoded latent frame repeated."""
+    vae = vt.init_for_training(WanVAE(SPEC.config(), rngs=nnx.Rngs(0)))
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 9, 16, 16, 3)).astype(np.float32))
+    clip = np.asarray(vae.decode(vae.encode(x, channels_last=True).mean, channels_last=True))
+    frame = lambda i: np.asarray(vae.decode(vae.encode(x[:, i:i + 1], channels_last=True).mean, channels_last=True))[:, 0]
+    for t, src in ((0, 0), (1, 4), (3, 4), (4, 4), (5, 8), (8, 8)):
+        np.testing.assert_allclose(clip[:, t], frame(src), atol=1e-5, err_msg=f"frame {t}")
+    assert np.abs(frame(4) - frame(8)).max() > 1e-3
+    biases = [v.get_value() for p, v in nnx.to_flat_state(nnx.state(vae, nnx.Param)) if p[-1] == "bias"]
+    assert all(not np.any(np.asarray(b)) for b in biases)
