@@ -1,5 +1,5 @@
 """`vans-jax bench` at reduced size for CPUs (fp32, tiny random models keeping every structural
-feature; about 1-2 minutes on 2 cores with the PyTorch reference):
+feature; about 2.5 minutes on 2 cores with the PyTorch reference, 1.5 of them Joint-GRPO's compilation):
 
     vans-jax bench --config configs/bench_cpu.py --output out/bench_cpu.json
 
@@ -41,4 +41,21 @@ def get_config():
     c.dit.update(dict(n_ref=2, target_frames=3, height=128, width=128, text_len=32))
     c.pipeline.update(dict(height=64, width=64, num_frames=9, num_steps=4, n_ref=2, text_len=32))
     c.vae.update(dict(height=64, width=64, num_frames=9))
+    # Joint-GRPO: the models above, a tiny CLIP, 64x64x9 videos after 2 reference latent frames, 4 sampler
+    # steps, 24 new tokens, G = 2 in both stages (one VAE-decode compilation for both), at most 2 anchor
+    # attempts. Compilation is most of it (~80 s of CPU time; the Stage-2 DiT update alone ~22 s).
+    c.grpo.update(dict(steps=3, group_size=dict(grpo_stage1=2, grpo_stage2=2), dit_remat="none", text_len=32,
+                       world=dict(input_frames=11, segment=2,   # events that fit canvases down to 32x32
+                                  events=("bounce", "grow", "shrink", "move_pattern", "color_cycle"))))
+    c.grpo.clip = dict(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    r = c.grpo.recipe
+    r.vlm.update(dict(attn_impl="xla", remat="none", video_min_pixels=56 * 56, video_max_pixels=112 * 112))
+    r.generation.max_new_tokens = 24
+    r.video.update(dict(height=64, width=64, num_frames=9, n_ref=2, fps=4))
+    r.train.grpo.update(dict(train_sampling_steps=4, anchor_max_tries=2))
     return c

@@ -1,8 +1,11 @@
 """`vans-jax bench` at full size (one accelerator, bf16, random weights):
 Qwen2.5-VL-3B (G = 8 x 256 new tokens from one 6-frame video prompt), Wan2.1-T2V-1.3B DiT at
 352x640 with 6 + 9 latent frames (13,200 tokens), a 50-step CFG generation at 352x640x33, the
-Wan2.1 VAE at 352x640x33. The UMT5-XXL text encoder has its full depth and width but a tiny
-vocabulary (the benchmark tokenizer's), which changes nothing but the embedding table's size.
+Wan2.1 VAE at 352x640x33; Joint-GRPO Stage-1 (G = 8 captions of 256 tokens, each rendered at
+352x640x33 with 20 steps) and Stage-2 (G = 4 SDE videos at 352x640x33, 20 steps, 19 trained)
+steps with those models and a ViT-B/32 CLIP. The UMT5-XXL text encoder has its full depth and
+width but a tiny vocabulary (the benchmark tokenizer's), which changes nothing but the embedding
+table's size.
 
     vans-jax bench --config configs/bench_gpu.py --output out/bench_gpu.json
 
@@ -43,6 +46,18 @@ def umt5_xxl(vocab_size=64):
                 feed_forward_proj="gated-gelu")
 
 
+def grpo_recipe():
+    """The Joint-GRPO recipe of configs/vans.py (the training config's vlm / vdm / clip / generation /
+    video / train.grpo blocks): what `vans-jax train` would run, through the same grpo_settings /
+    render_settings."""
+    full = _full.get_config()
+    # set by the bench: the architectures (above), the dtype (the run's) and G (grpo.group_size, per stage)
+    del full.vlm.model, full.vdm.model, full.vlm.dtype, full.vdm.dtype, full.train.grpo.group_size
+    return ml_collections.ConfigDict(dict(
+        vlm=full.vlm, vdm=full.vdm, clip=full.clip, generation=full.generation, video=full.video,
+        train=dict(batch_size=full.train.batch_size, pad_multiple=full.train.pad_multiple, grpo=full.train.grpo)))
+
+
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -52,7 +67,7 @@ def get_config():
     c.reference_device = "auto"        # "auto": cuda if torch has it (else no reference on an accelerator)
     c.reference_repeats = 3
     c.reference_threads = 0            # torch CPU threads (0: torch's default)
-    c.sections = ("matmul", "vlm", "dit", "pipeline", "vae")
+    c.sections = ("matmul", "vlm", "dit", "pipeline", "vae", "grpo")
     c.matmul = ml_collections.ConfigDict(dict(size=8192, repeats=20))
     c.vlm = ml_collections.ConfigDict(dict(
         model=_full.qwen2_5_vl_3b(), attn_impl="auto", reference_attn="sdpa",
@@ -68,4 +83,22 @@ def get_config():
                                                 shift=5.0, n_ref=6, text_len=512,
                                                 caption="the person cuts the onion on the board"))
     c.vae = ml_collections.ConfigDict(dict(height=352, width=640, num_frames=33))
+    # Joint-GRPO steps, the SPEC / configs/vans.py recipe: 1 prompt per step (train.batch_size), 352x640x33
+    # videos after 6 reference latent frames, 20 sampler steps (Stage 2 trains the first 19), CFG 4.5, 256
+    # new tokens; G = 8 in Stage 1 (the paper's group). Stage 2 takes G = 4: its update runs the G videos,
+    # x2 for CFG, through the DiT at once, and the memory plan puts one 13,200-token row with full remat
+    # at up to ~12 GB (an XLA:CPU upper bound), so 16 rows (G = 8) cannot fit one chip beside the models
+    # and 8 rows are about the limit of an H200 (on an H100: --config.grpo.group_size.grpo_stage2=2).
+    recipe = grpo_recipe()
+    recipe.vlm.remat = "full"          # memory-plan: one chip holds the Stage-1 VLM step only with full remat
+    c.grpo = ml_collections.ConfigDict(dict(
+        stages=("grpo_stage1", "grpo_stage2"),
+        steps=3,                       # timed steps per stage, after one warm-up step (compilation)
+        group_size=dict(grpo_stage1=8, grpo_stage2=4),
+        dit_remat="full",              # the trained DiT's remat policy in Stage 2
+        text_len=0,                    # caption tokens into the DiT (0: the DiT config's, 512 for Wan)
+        clip={},                       # a random CLIP's Hugging Face config ({}: ViT-B/32, the reward model)
+        world=dict(input_frames=41, segment=8, events=()),   # synthetic input clips (41 frames: 6 VLM frames);
+                                                             # events: () = all
+        recipe=recipe))
     return c

@@ -1,7 +1,7 @@
 """`vans-jax bench` in a short form (configs/bench_cpu.py shrunk by overrides): the JSON
-has every field with positive finite numbers, the markdown table lists every figure; without the
-reference our models are built directly and the reference fields say why they are null; the
-analytic DiT FLOP count agrees with XLA's own count."""
+has every field with positive finite numbers (Joint-GRPO steps included), the markdown table lists
+every figure; without the reference our models are built directly and the reference fields say why
+they are null; the analytic DiT FLOP count agrees with XLA's own count."""
 import json
 import math
 
@@ -23,9 +23,14 @@ SHORT = [
     "--config.dit.text_len=8", "--config.pipeline.height=32", "--config.pipeline.width=32",
     "--config.pipeline.num_frames=5", "--config.pipeline.num_steps=2", "--config.pipeline.text_len=8",
     "--config.pipeline.n_ref=1", "--config.vae.height=32", "--config.vae.width=32", "--config.vae.num_frames=5",
+    "--config.grpo.steps=2", "--config.grpo.recipe.video.height=32", "--config.grpo.recipe.video.width=32",
+    "--config.grpo.recipe.video.num_frames=5", "--config.grpo.recipe.generation.max_new_tokens=8",
+    "--config.grpo.recipe.train.grpo.train_sampling_steps=3",
 ]
 FIGURES = ["matmul", "vlm_prefill", "vlm_decode", "vlm_generate", "dit_forward", "dit_train_step", "pipeline_t2v",
-           "pipeline_vans", "vae_encode", "vae_decode"]
+           "pipeline_vans", "vae_encode", "vae_decode", "grpo_stage1_step", "grpo_stage2_step"]
+NO_REFERENCE = {"pipeline_vans": "reference-frame", "grpo_stage1_step": "inference-only",
+                "grpo_stage2_step": "inference-only"}
 TOP = ["created", "device", "device_kind", "backend", "num_devices", "dtype", "repeats", "reference_repeats",
        "reference", "versions", "sections", "section_seconds", "total_seconds", "conventions", "figures", "config"]
 FIGURE_KEYS = ["name", "section", "what", "shape", "dtype", "device", "ours", "reference", "reference_reason",
@@ -59,8 +64,8 @@ def test_bench_short_with_reference(tmp_path):
         assert f["shape"] and f["dtype"] == "float32" and f["device"].startswith("cpu"), f["name"]
         assert all(k in f["ours"] for k in TIMES) and positive(f["ours"]["steady_s"]), f
         assert positive(f["ours"]["warmup_s"]), f
-        if f["name"] == "pipeline_vans":        # diffusers has no reference-frame conditioning
-            assert f["reference"] is None and f["speedup"] is None and "reference-frame" in f["reference_reason"]
+        if f["name"] in NO_REFERENCE:     # diffusers has no reference frames; VANS ships no training code
+            assert f["reference"] is None and f["speedup"] is None and NO_REFERENCE[f["name"]] in f["reference_reason"]
             continue
         ref = f["reference"]
         assert all(k in ref for k in TIMES) and positive(ref["steady_s"]) and "torch" in ref["device"], f
@@ -81,6 +86,33 @@ def test_bench_short_with_reference(tmp_path):
     assert figs["dit_forward"]["shape"]["tokens"] == (2 + 2) * 2 * 2
     assert figs["dit_forward"]["shape"]["latent_frames"] == [2, 2]
     assert positive(figs["pipeline_t2v"]["dit_flops"]) and figs["pipeline_t2v"]["shape"]["dit_forwards"] == 4
+    check_grpo(figs["grpo_stage1_step"], figs["grpo_stage2_step"])
+
+
+def check_grpo(stage1, stage2):
+    """Joint-GRPO step figures: times with their spread and the step's phase split, the stated batch,
+    the models' sizes and dtypes, the last step's metrics."""
+    for f, G in ((stage1, 2), (stage2, 2)):
+        o, shape = f["ours"], f["shape"]
+        assert o["repeats"] == 2 and len(o["times_s"]) == 2 and all(positive(t) for t in o["times_s"])
+        assert o["min_s"] <= o["steady_s"] <= o["max_s"] and positive(o["warmup_s"])
+        assert set(o["phases_s"]) == {"text_s", "video_s", "update_s"} and all(map(positive, o["phases_s"].values()))
+        assert sum(o["phases_s"].values()) <= 1.05 * o["max_s"] and positive(o["frames_per_s"])
+        assert shape["prompts"] == 1 and shape["group_size"] == G and shape["videos"] == G
+        assert shape["video"] == [5, 32, 32] and shape["latent_frames"] == [2, 2] and shape["latent_hw"] == [4, 4]
+        assert shape["sampler_steps"] == 3 and shape["cfg_scale"] == 4.5 and shape["text_len"] == 32
+        assert positive(shape["prompt_tokens"]) and positive(shape["video_tokens"]) and shape["vlm_frames"] >= 1
+        assert set(f["dtypes"]) == {"vlm", "dit", "text_encoder", "vae", "clip"}
+        assert set(f["dtypes"].values()) == {"float32"} and f["dtype"] == "float32"
+        assert all(positive(m["params"]) for m in f["models"].values()) and f["models"]["vlm"]["lora_rank"] == 8
+        m = f["metrics"]
+        assert m["skipped_rewards"] == 0.0 and m["time/step_s"] > 0 and "reward/total" in m
+    assert stage1["shape"]["new_tokens"] == 8 and stage1["shape"]["sampler"] == "euler (ODE)"
+    assert positive(stage1["ours"]["tokens_per_s"]) and 1 <= stage1["metrics"]["completion_tokens"] <= 8
+    assert {"reward/format", "reward/t1", "reward/v1", "vlm/loss", "vlm/kl"} <= set(stage1["metrics"])
+    assert stage2["shape"]["sampler"] == "sde" and stage2["shape"]["trained_timesteps"] == 2
+    assert stage2["shape"]["anchor_new_tokens"] == 8 and stage2["shape"]["anchor_max_tries"] == 2
+    assert {"reward/v2", "reward/c2", "dit/loss", "dit/kl", "anchor/resamples"} <= set(stage2["metrics"])
 
 
 def test_bench_without_reference(tmp_path):

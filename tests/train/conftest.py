@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from vans_jax.configlib import load_config  # noqa: E402
 from vans_jax.data import synthetic  # noqa: E402
+from vans_jax.models import clip  # noqa: E402
 from vans_jax.world.vlm_init import init_vlm_dir  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,17 +43,10 @@ def _vdm_dir(d):
 
 
 def _clip_dir(d):
-    letters = string.ascii_lowercase
-    vocab = {c: i for i, c in enumerate(letters)}
-    vocab.update({c + "</w>": 26 + i for i, c in enumerate(letters)})
-    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
-    tok = transformers.CLIPTokenizer(vocab=vocab, merges=[])
-    tok.model_max_length = 77
-    tok.save_pretrained(d)
+    clip.build_tiny_tokenizer(77).save_pretrained(d)
     cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=54, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=53, bos_token_id=52,
-                         pad_token_id=53),
+        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=77, **clip.TINY_TOKENIZER_IDS),
         vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2,
                            image_size=32, patch_size=8),
         projection_dim=16)

@@ -493,6 +493,29 @@ def load_tokenizer(local_dir: str):
     return AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
 
 
+# the ids of ``build_tiny_tokenizer``: a random CLIP's text config takes these
+TINY_TOKENIZER_IDS = dict(vocab_size=54, bos_token_id=52, eos_token_id=53, pad_token_id=53)
+
+
+def build_tiny_tokenizer(model_max_length: int = 77):
+    """A character-level ``transformers.CLIPTokenizer`` (no merges, no files) for random CLIP
+    models in tests and benchmarks: ids 0-25 the letters a-z, 26-51 the word-final letters
+    (``a</w>``...), then ``<|startoftext|>`` and ``<|endoftext|>`` (``TINY_TOKENIZER_IDS``).
+    ``save_pretrained(dir)`` writes a directory that ``load_tokenizer`` reads."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    letters = string.ascii_lowercase
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
+    vocab.update({"<|startoftext|>": TINY_TOKENIZER_IDS["bos_token_id"],
+                  "<|endoftext|>": TINY_TOKENIZER_IDS["eos_token_id"]})
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    tok.model_max_length = model_max_length
+    return tok
+
+
 def tokenize(tokenizer, texts: Sequence[str], max_length: int = 77) -> tuple[np.ndarray, np.ndarray]:
     """Pads (right) / truncates to ``max_length`` (fixed shape, one compilation):
     returns (input_ids int32 (B, L), attention_mask int32 (B, L))."""
