@@ -45,6 +45,7 @@ def get_config():
     c.clip = ml_collections.ConfigDict(dict(path=""))   # local Hugging Face CLIP directory (rewards, eval)
     c.data = ml_collections.ConfigDict(dict(
         train_csv="", rl_csv="", eval_csv="", video_root="", num_workers=0,
+        num_shards=0,             # data shards (0: one per process); the batches depend on this, not on the hosts
         # what one sample looks like (vans_jax.data.pipeline.PipelineConfig): VANS numbers
         pipeline=dict(num_vlm_frames=6, vlm_sample_fps=1.0, target_frames=33, target_height=352, target_width=640,
                       target_fps=11.0, reference_frames=33, reference_height=352, reference_width=640,

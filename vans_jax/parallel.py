@@ -136,10 +136,30 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
+def device_put_global(tree, shardings):
+    """``jax.device_put(tree, shardings)`` for values every process holds alike (a checkpoint's
+    tensors, constants). With several processes, host values (numpy, scalars, this process's own
+    arrays) are placed with ``jax.make_array_from_callback``: each process writes only its own
+    shards, where ``device_put`` would first check the value is equal on every process (an
+    all-gather of each array across hosts). Global arrays are resharded by ``device_put``."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        value = np.asarray(x)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def shard_state(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:
     """Places every array of ``state`` on ``mesh`` according to its logical axes."""
     shardings = state_shardings(state, mesh, rules)
-    return jax.device_put(state, shardings)
+    return device_put_global(state, shardings)
 
 
 def shard_module(module: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
@@ -274,25 +294,73 @@ def initialize_distributed(env: Mapping[str, str] | None = None, *, timeout_s: i
     return settings
 
 
-def host_local_batch_to_global(batch, mesh: Mesh, spec=None):
+def batch_spec(mesh: Mesh, dim: int = 0) -> P:
+    """PartitionSpec of an array whose dimension ``dim`` is the batch: that dimension over the mesh
+    axes the logical axis ``batch`` maps to (axes of size 1 dropped), the others whole."""
+    return P(*([None] * dim), *logical_to_spec(("batch",), DEFAULT_RULES, mesh))
+
+
+def _processes_along(mesh: Mesh, axes) -> int:
+    """Into how many process-local slices the mesh axes ``axes`` cut a dimension sharded over them,
+    seen from this process: the number of shards over those axes divided by how many of them this
+    process holds (1: the process holds the whole dimension)."""
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if not axes:
+        return 1
+    names = list(mesh.axis_names)
+    idx = [names.index(a) for a in axes]
+    sizes = [mesh.devices.shape[i] for i in idx]
+    mine = np.argwhere(np.vectorize(lambda d: d.process_index == jax.process_index())(mesh.devices))
+    held = {int(np.ravel_multi_index(tuple(c[i] for i in idx), sizes)) for c in mine}
+    return int(np.prod(sizes)) // max(len(held), 1)
+
+
+def process_allgather_objects(obj) -> list:
+    """Every process's ``obj`` (any picklable value), in process order, on every process; ``[obj]``
+    with one process. All processes must call it (a collective)."""
+    if jax.process_count() == 1:
+        return [obj]
+    import pickle
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+    # padded to a power of two: a handful of gather shapes (each one compiles once)
+    padded = np.zeros(max(256, 1 << int(sizes.max() - 1).bit_length()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [pickle.loads(rows[i, :int(n)].tobytes()) for i, n in enumerate(sizes)]
+
+
+def host_local_batch_to_global(batch, mesh: Mesh, spec=None, *, check_shapes: bool = True):
     """Turns each host's slice of the global batch (a pytree of numpy arrays, leading dim = this
     process's rows) into global ``jax.Array``s sharded on ``mesh``
     (``jax.make_array_from_process_local_data``). ``spec``: a PartitionSpec for every leaf, a
     pytree of them matching ``batch``, or None = the leading (batch) axis over the mesh axes the
-    logical axis ``batch`` maps to. Processes must hold equal numbers of rows, in process order."""
+    logical axis ``batch`` maps to (``batch_spec``). A dimension sharded over mesh axes that span
+    processes is split between them (each holds its rows, in process order); other dimensions are
+    whole on every process. ``check_shapes`` (several processes): first compare every process's
+    shapes and dtypes, so a mismatch is a clear error instead of a hang in the next collective."""
     if spec is None:
-        spec = logical_to_spec(("batch",), DEFAULT_RULES, mesh)
+        spec = batch_spec(mesh)
     specs = jax.tree.map(lambda _: spec, batch) if isinstance(spec, P) else spec
+    batch = jax.tree.map(np.asarray, batch)
+    if check_shapes and jax.process_count() > 1:
+        mine = [(jax.tree_util.keystr(k), x.shape, str(x.dtype)) for k, x in jax.tree_util.tree_leaves_with_path(batch)]
+        every = process_allgather_objects(mine)
+        for p, theirs in enumerate(every):
+            if theirs != mine:
+                diff = [(a, b) for a, b in zip(mine, theirs) if a != b] or [(mine, theirs)]
+                raise ValueError(f"host-local batches differ between process {jax.process_index()} and process {p} "
+                                 f"(path, shape, dtype): {diff[0][0]} vs {diff[0][1]}; every process must hold "
+                                 f"the same number of rows of the same shapes")
 
     def one(path, x, s):
-        x = np.asarray(x)
         if len(s) > x.ndim:
             raise ValueError(f"batch{jax.tree_util.keystr(path)}: spec {s} has more entries than the array's "
                              f"{x.ndim} dims (shape {x.shape})")
         for dim, axes in enumerate(s):
             parts = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
-            # dim 0 is split between processes; other dims are whole on every process
-            n = x.shape[dim] * (jax.process_count() if dim == 0 else 1)
+            n = x.shape[dim] * _processes_along(mesh, axes)
             if n % parts:
                 raise ValueError(f"batch{jax.tree_util.keystr(path)}: global size {n} of dim {dim} (shape {x.shape} "
                                  f"on each of {jax.process_count()} process(es)) is not divisible by the {parts} "

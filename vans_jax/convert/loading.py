@@ -172,7 +172,7 @@ def load_into(abstract_model: nnx.Module, ckpt: Checkpoint, rules, transforms: d
         if layer is None:
             if path in filled:
                 raise CheckpointError(f"two checkpoint keys map to {path} (second: {key!r})")
-            values[path] = jax.device_put(arr, sh)
+            values[path] = parallel.device_put_global(arr, sh)
             filled[path] = {None}
         else:
             if path not in values:
@@ -195,7 +195,7 @@ def load_into(abstract_model: nnx.Module, ckpt: Checkpoint, rules, transforms: d
         if fill_unloaded is not None:
             value = fill_unloaded(path, shape, dt)
             if value is not None:
-                values[path] = jax.device_put(np.asarray(value).astype(dt), sharding_for(var))
+                values[path] = parallel.device_put_global(np.asarray(value).astype(dt), sharding_for(var))
                 continue
         missing.append(path)
     if missing:

@@ -115,8 +115,9 @@ def tree_shardings(tree, mesh):
 
 def place(tree, mesh):
     """(tree placed with ``tree_shardings``, the shardings)."""
+    from .. import parallel
     sh = tree_shardings(tree, mesh)
-    return jax.device_put(tree, sh), sh
+    return parallel.device_put_global(tree, sh), sh
 
 
 def all_finite(tree) -> jax.Array:
@@ -138,6 +139,35 @@ def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTra
     return new, {"grad_norm": optax.global_norm(safe), "skipped_step": (~ok).astype(jnp.float32)}
 
 
+def jit_sharded(fn, in_shardings, out_shardings, *, donate_argnums=()):
+    """``jax.jit(fn)`` with explicit in/out shardings. An entry of ``in_shardings`` that is None
+    (a batch, whose layout is known when it arrives) takes that argument's own shardings
+    (``tree_shardings`` on the mesh of the other entries): one compiled function per batch
+    structure and layout, so a batch is never silently resharded or replicated."""
+    given = [s for s in jax.tree.leaves(in_shardings) if s is not None]
+    if not given:
+        raise ValueError("jit_sharded: at least one argument needs explicit shardings (they give the mesh)")
+    mesh = given[0].mesh
+    cache = {}
+
+    def call(*args):
+        resolved = tuple(tree_shardings(a, mesh) if s is None else s for a, s in zip(args, in_shardings))
+        key = tuple((jax.tree.structure(r), tuple(jax.tree.leaves(r)))
+                    for r, s in zip(resolved, in_shardings) if s is None)
+        if key not in cache:
+            cache[key] = jax.jit(fn, in_shardings=resolved, out_shardings=out_shardings,
+                                 donate_argnums=donate_argnums)
+        return cache[key](*args)
+
+    return call
+
+
+def replicated(shardings):
+    """The fully replicated sharding on the mesh of ``shardings`` (a tree of NamedShardings)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    return NamedSharding(jax.tree.leaves(shardings)[0].mesh, PartitionSpec())
+
+
 def make_update_step(loss_fn: Callable, optimizer: optax.GradientTransformation, graphdef, *, shardings=None,
                      donate=True):
     """jit(step)(state, frozen, batch) -> (state, metrics), ``graphdef`` static (closed over).
@@ -145,7 +175,9 @@ def make_update_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     ``loss_fn(params, graphdef, frozen, batch, rng) -> (loss, metrics dict)``; ``rng`` is the state's
     key folded with the update counter (applied + skipped) and ``batch["update_index"]`` (the
     policy update within one batch of rollouts; 0 if absent).
-    ``shardings``: (state, frozen, batch) shardings for explicit in/out shardings (None: inferred).
+    ``shardings``: (state, frozen, batch) shardings for explicit in/out shardings: the state comes
+    out as it went in, the metrics replicated; batch None = each batch's own (``jit_sharded``).
+    None: everything inferred.
     """
 
     def step(state: TrainState, frozen, batch):
@@ -160,4 +192,4 @@ def make_update_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     if shardings is None:
         return jax.jit(step, donate_argnums=donate_argnums)
     st, fr, bt = shardings
-    return jax.jit(step, in_shardings=(st, fr, bt), out_shardings=(st, None), donate_argnums=donate_argnums)
+    return jit_sharded(step, (st, fr, bt), (st, replicated(st)), donate_argnums=donate_argnums)

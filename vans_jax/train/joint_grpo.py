@@ -38,7 +38,8 @@ from ..rl.grpo import vdm_grpo_loss, vlm_grpo_loss
 from ..rl.rewards import RewardConfig, compute_rewards, rouge_l_reward, stage_advantages
 from ..sampling import flow
 from .. import parallel
-from .core import TrainState, apply_gradients, init_state, make_optimizer, make_update_step, place, split_model
+from .core import (TrainState, apply_gradients, init_state, jit_sharded, make_optimizer, make_update_step, place,
+                   replicated, split_model)
 from .sft import build_prompt_batch
 
 # which reward components each mode uses (all weights 1, the paper's B.1 normalize-then-sum rule)
@@ -72,12 +73,13 @@ class Part:
         self.graphdef, params, frozen = split_model(model, trainable)
         self.trainable = trainable
         self.optimizer = make_optimizer(optim_cfg)
-        # the reference is the starting point, which a restarted run loads again: never checkpointed
-        self._ref = jax.tree.map(jnp.copy, params) if reference and trainable != "lora" else None
         self.mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1})
         state = init_state(params, self.optimizer, seed, self.mesh)
         self.state, self.state_shardings = place(state, self.mesh)
         self.frozen, self.frozen_shardings = place(frozen, self.mesh)
+        # the reference is the starting point, which a restarted run loads again: never checkpointed
+        self._ref = (jax.device_put(jax.tree.map(jnp.copy, self.state.params), self.state_shardings.params)
+                     if reference and trainable != "lora" else None)
 
     def shardings(self, batch_sharding=None):
         """(state, frozen, batch) shardings for ``make_update_step``."""
@@ -139,10 +141,12 @@ def _dit_velocity(graphdef, params, frozen, x, t, ctx, unc, g, ref_lat):
 
 
 def make_stage2_update(graphdef, optimizer, *, beta, clip_eps, advantage_clip, noise_level, std_form,
-                       aggregation="sequence_mean"):
+                       aggregation="sequence_mean", shardings=None):
     """jit(update)(state, frozen, ref_params, batch) -> (state, metrics). The loss is the mean over
     the S trained timesteps of the per-timestep GRPO terms; the gradient is accumulated one timestep
-    at a time in a ``lax.scan`` (one DiT forward + backward live at once)."""
+    at a time in a ``lax.scan`` (one DiT forward + backward live at once). ``shardings``: (state,
+    frozen, ref_params) shardings for explicit in/out shardings (the batch's taken from the batch,
+    ``core.jit_sharded``; metrics replicated); None: inferred."""
 
     def update(state: TrainState, frozen, ref_params, batch):
         s = batch["x"].shape[0]
@@ -179,7 +183,10 @@ def make_stage2_update(graphdef, optimizer, *, beta, clip_eps, advantage_clip, n
         new, extra = apply_gradients(state, grads, m[0], optimizer)
         return new, dict(loss=m[0], kl=m[1], clip_fraction=m[2], ratio=m[3], policy_objective=m[4], **extra)
 
-    return jax.jit(update, donate_argnums=(0,))
+    if shardings is None:
+        return jax.jit(update, donate_argnums=(0,))
+    st, fr, ref = shardings
+    return jit_sharded(update, (st, fr, ref, None), (st, replicated(st)), donate_argnums=(0,))
 
 
 # ----------------------------------------------------------------------------- host helpers
@@ -231,9 +238,9 @@ def latent_shape(vdm: wp.WanModels, n: int, r: RenderSettings):
     return (n, vdm.latent_channels, t, h, w)
 
 
-def reference_latents(vdm: wp.WanModels, examples, r: RenderSettings):
+def reference_latents(vdm: wp.WanModels, examples, r: RenderSettings, to_device=None):
     clips = np.stack([np.asarray(e["reference"]) for e in examples])
-    return wp.reference_latents(vdm, clips, r.n_ref, height=r.height, width=r.width)
+    return wp.reference_latents(vdm, clips, r.n_ref, height=r.height, width=r.width, to_device=to_device)
 
 
 def gt_features(clip_model, examples) -> jax.Array:
@@ -329,7 +336,9 @@ class JointGRPO:
             self._dit_update = make_stage2_update(self.dit.graphdef, self.dit.optimizer, beta=s.beta,
                                                   clip_eps=s.clip_eps, advantage_clip=s.advantage_clip,
                                                   noise_level=render.noise_level, std_form=render.std_form,
-                                                  aggregation=s.aggregation)
+                                                  aggregation=s.aggregation,
+                                                  shardings=(self.dit.state_shardings, self.dit.frozen_shardings,
+                                                             self.dit.state_shardings.params))
 
     # -- pieces
 

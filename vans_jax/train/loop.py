@@ -27,6 +27,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .. import parallel
@@ -110,6 +111,7 @@ class SFTVLM:
         self.max_len = int(sc.max_len)
         self.part = Part(self.model, sc.trainable, sc, int(cfg.seed), reference=False, mesh=mesh)
         self.parts = {"vlm": self.part}
+        self.mesh = self.part.mesh
         dropout = bool(sc.get("dropout", True))
         self._update = make_update_step(lambda p, g, f, b, k: sft_vlm_loss(p, g, f, b, k, dropout=dropout),
                                         self.part.optimizer, self.part.graphdef, shardings=self.part.shardings())
@@ -117,13 +119,13 @@ class SFTVLM:
     def step(self, examples, step_index, rng):
         t0 = time.perf_counter()
         batch = build_sft_vlm_batch(examples, self.tokenizer, self.model_cfg, self.vcfg, self.pad_multiple,
-                                    self.max_len)
+                                    self.max_len, mesh=self.mesh)
         truncated = batch.pop("truncated")
         self.part.state, m = self._update(self.part.state, self.part.frozen, batch)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         m["truncated_examples"] = float(truncated)
+        ntok = int(jnp.sum(batch["attention_mask"]))     # the global batch's (a replicated scalar)
         dt = time.perf_counter() - t0
-        ntok = int(np.asarray(batch["attention_mask"]).sum())
         return dict(m, **{"time/step_s": dt, "throughput/tokens_per_s": ntok / max(dt, 1e-9)})
 
 
@@ -135,6 +137,7 @@ class SFTVDM:
         self.render = render_settings(cfg)
         self.part = Part(self.vdm.dit, sc.trainable, sc, int(cfg.seed), reference=False, mesh=mesh)
         self.parts = {"dit": self.part}
+        self.mesh = self.part.mesh
         shift, drop = float(cfg.video.shift), float(sc.text_dropout)
         self._update = make_update_step(lambda p, g, f, b, k: sft_vdm_loss(p, g, f, b, k, shift=shift,
                                                                            text_dropout=drop),
@@ -144,16 +147,21 @@ class SFTVDM:
         from ..models.wan import pipeline as wp
         from .joint_grpo import reference_latents
         t0 = time.perf_counter()
+        # this process's examples -> global arrays (rows over the mesh's batch axes) before any jitted
+        # function sees them: the frozen VAE / text encoder run on the global batch too
+        to_global = lambda x: parallel.host_local_batch_to_global(x, self.mesh)
         target = np.stack([np.asarray(e["target"]) for e in examples])
-        latents = wp.encode_video(self.vdm, clip_to_video(target))
-        batch = dict(latents=latents, context=wp.encode_text(self.vdm, [e["caption"] for e in examples]),
+        latents = wp.encode_video(self.vdm, to_global(clip_to_video(target)))
+        batch = dict(latents=latents,
+                     context=wp.encode_text(self.vdm, [e["caption"] for e in examples], to_device=to_global),
                      null_context=self.vdm.negative_embeddings("", 1))
         if self.n_ref:
-            batch["ref_latents"] = reference_latents(self.vdm, examples, self.render)
+            batch["ref_latents"] = reference_latents(self.vdm, examples, self.render, to_device=to_global)
         self.part.state, m = self._update(self.part.state, self.part.frozen, batch)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         dt = time.perf_counter() - t0
-        return dict(m, **{"time/step_s": dt, "throughput/frames_per_s": target.shape[0] * target.shape[1] / dt})
+        frames = latents.shape[0] * target.shape[1]
+        return dict(m, **{"time/step_s": dt, "throughput/frames_per_s": frames / dt})
 
 
 def build_runner(cfg, mode, mesh):
@@ -196,6 +204,60 @@ def uncollate(batch: dict) -> list[dict]:
     return [{k: v[i] for k, v in batch.items()} for i in range(n)]
 
 
+class HostBatches:
+    """This process's examples of every global batch.
+
+    The rows are cut into ``num_shards`` contiguous shards (``data.num_shards``; 0 = one per
+    process), each read, shuffled and checkpointed by its own grain iterator, ``batch_size /
+    num_shards`` examples a step; process p reads shards p*k .. p*k+k-1 (k = shards per process)
+    and the global batch is every shard's examples in shard order. The batches therefore depend on
+    ``num_shards`` alone, not on how many processes read them (a 1-process run with
+    ``data.num_shards=2`` trains on the batches of a 2-process run), and a checkpoint's data state
+    (every shard's) restores on any number of processes that divides ``num_shards``."""
+
+    def __init__(self, source, *, batch_size: int, num_shards: int, seed: int, num_workers: int = 0):
+        pc = jax.process_count()
+        if num_shards < 1 or num_shards % pc:
+            raise ValueError(f"data.num_shards={num_shards} must be a positive multiple of the {pc} process(es)")
+        if batch_size % num_shards:
+            raise ValueError(f"train.batch_size={batch_size} is not divisible by the {num_shards} data shards "
+                             f"(data.num_shards, default one per process): every shard gives batch_size / "
+                             f"num_shards examples a step")
+        per = num_shards // pc
+        self.num_shards = num_shards
+        self.shards = list(range(jax.process_index() * per, (jax.process_index() + 1) * per))
+        self.iters = [iter(make_dataset(source, batch_size=batch_size // num_shards, seed=seed, num_epochs=None,
+                                        drop_remainder=True, num_workers=num_workers, shard_index=i,
+                                        shard_count=num_shards)) for i in self.shards]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict]:
+        return [e for it in self.iters for e in uncollate(next(it))]
+
+    def num_skipped(self) -> int:
+        """Samples this process's shards skipped (unreadable videos, ...) so far."""
+        return sum(skip_stats(it)["num_skipped"] for it in self.iters)
+
+    def get_state(self) -> dict:
+        """Every shard's iterator state (a collective with several processes: call it on all)."""
+        shards = {}
+        for part in parallel.process_allgather_objects({str(i): it.get_state() for i, it in
+                                                        zip(self.shards, self.iters)}):
+            shards.update(part)
+        return {"num_shards": self.num_shards, "shards": shards}
+
+    def set_state(self, state: dict):
+        if "shards" not in state:        # a checkpoint of one plain iterator (one shard)
+            state = {"num_shards": 1, "shards": {"0": state}}
+        if int(state["num_shards"]) != self.num_shards:
+            raise ValueError(f"the checkpoint reads the data in {state['num_shards']} shard(s), this run in "
+                             f"{self.num_shards}: set --config.data.num_shards={state['num_shards']}")
+        for i, it in zip(self.shards, self.iters):
+            it.set_state(state["shards"][str(i)])
+
+
 # ----------------------------------------------------------------------------- export
 
 
@@ -206,19 +268,35 @@ def _copy_tokenizer(src: str, dst: str):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
+def host_model(part):
+    """The part's model with every array whole on this host (with several processes its
+    parameters are sharded across hosts: gathered, a collective)."""
+    model = part.model()
+    if jax.process_count() == 1:
+        return model
+    from flax import nnx
+    from jax.experimental import multihost_utils
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, multihost_utils.process_allgather(state, tiled=True))
+
+
 def export_parts(cfg, runner, out_dir: str, *, link: bool = True) -> dict:
-    """Writes the trained models in their real layouts (see the module docstring)."""
+    """Writes the trained models in their real layouts (see the module docstring). Every process
+    calls it; process 0 writes (and returns the paths; the others return {})."""
     from ..convert.wan_dit import export_dit_diffusers
     from ..models import qwen2_5_vl as qwen
+    models = {k: host_model(p) for k, p in runner.parts.items()}
+    if jax.process_index() != 0:
+        return {}
     written = {}
     os.makedirs(out_dir, exist_ok=True)
-    if "vlm" in runner.parts:
+    if "vlm" in models:
         d = os.path.join(out_dir, "vlm")
         os.makedirs(d, exist_ok=True)
-        qwen.export_pretrained(runner.parts["vlm"].model(), d)
+        qwen.export_pretrained(models["vlm"], d)
         _copy_tokenizer(cfg.vlm.path, d)
         written["vlm"] = d
-    if "dit" in runner.parts:
+    if "dit" in models:
         d = os.path.join(out_dir, "vdm")
         os.makedirs(d, exist_ok=True)
         src = cfg.vdm.path
@@ -238,7 +316,7 @@ def export_parts(cfg, runner, out_dir: str, *, link: bool = True) -> dict:
         if os.path.isdir(tdir):
             shutil.rmtree(tdir)
         os.makedirs(tdir)
-        export_dit_diffusers(runner.parts["dit"].model(), tdir)
+        export_dit_diffusers(models["dit"], tdir)
         written["vdm"] = d
     return written
 
@@ -267,61 +345,97 @@ def steps_for(cfg, mode) -> int:
     return int(t.grpo.stage2_steps if mode in ("grpo_stage2", "grpo_vdm") else t.grpo.stage1_steps)
 
 
+SFT_MODES = ("sft_vlm", "sft_vdm")
+
+
+def check_batching(cfg, mode, mesh) -> tuple[int, int]:
+    """(global batch size, data shards), or a ValueError saying what does not divide."""
+    bs, pc = int(cfg.train.batch_size), jax.process_count()
+    if bs < 1:
+        raise ValueError(f"train.batch_size must be >= 1, got {bs}")
+    if bs % pc:
+        raise ValueError(f"train.batch_size={bs} (the global batch) is not divisible by the {pc} processes: each "
+                         f"reads batch_size / process_count examples a step")
+    if pc > 1 and mode not in SFT_MODES:
+        raise ValueError(f"train.mode={mode} runs on one process (several devices are fine); multi-process "
+                         f"training covers {', '.join(SFT_MODES)}")
+    if mode in SFT_MODES:
+        axes = parallel.logical_to_spec(("batch",), parallel.DEFAULT_RULES, mesh)[0] or ()
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        shards = int(np.prod([mesh.shape[a] for a in axes]))
+        if bs % shards:
+            raise ValueError(f"train.batch_size={bs} is not divisible by the {shards} batch shards of the mesh "
+                             f"({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}): the batch is split over "
+                             f"them; use a multiple of {shards} or move devices to mesh.tensor / mesh.sequence")
+    return bs, int(cfg.data.get("num_shards", 0)) or pc
+
+
 def train(cfg, *, progress: bool = True, stop_after: int | None = None) -> dict:
     """Runs (or resumes) the configured training; returns the final metrics.
-    ``stop_after``: return after that many steps of this invocation (tests of resumption)."""
+    ``stop_after``: return after that many steps of this invocation (tests of resumption).
+
+    Several processes (``jax.distributed``; ``parallel.initialize_distributed``): every process runs
+    this same function on its own slice of the data (``HostBatches``); the runners turn each
+    process's examples into global arrays over the mesh's batch axes before any jitted function,
+    so the metrics of the jitted steps are the global batch's on every process; checkpoints are
+    written by all processes (orbax), logs, ``final_metrics.json`` and exports by process 0.
+    Timings (``time/*``, ``throughput/*``) are each process's own."""
     mode = str(cfg.train.mode)
     if mode not in MODES:
         raise ValueError(f"unknown train.mode {mode!r}; expected one of {MODES}")
     workdir = cfg.train.workdir
     if not workdir:
         raise ValueError("train.workdir is empty (--config.train.workdir=DIR)")
-    os.makedirs(workdir, exist_ok=True)
     total = steps_for(cfg, mode)
     mesh = parallel.make_mesh(dict(cfg.mesh))
+    bs, num_shards = check_batching(cfg, mode, mesh)
+    primary = jax.process_index() == 0
+    progress = progress and primary
+    os.makedirs(workdir, exist_ok=True)
     runner = build_runner(cfg, mode, mesh)
-    source = data_source(cfg, mode)
-    bs = int(cfg.train.batch_size)
-    ds = make_dataset(source, batch_size=bs, seed=int(cfg.seed), num_epochs=None, drop_remainder=True,
-                      num_workers=int(cfg.data.num_workers), shard_index=jax.process_index(),
-                      shard_count=jax.process_count())
-    it = iter(ds)
+    data = HostBatches(data_source(cfg, mode), batch_size=bs, num_shards=num_shards, seed=int(cfg.seed),
+                       num_workers=int(cfg.data.num_workers))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=int(cfg.train.checkpoint_every),
                         keep=int(cfg.train.keep_checkpoints), use_async=bool(cfg.train.async_checkpoint))
     start = 0
     latest = ckpt.latest_step()
     if latest is not None:
         parts, data_state, meta = ckpt.restore(latest, {k: p.ckpt_items() for k, p in runner.parts.items()})
-        for k, p in runner.parts.items():
-            p.restore_items(parts[k])
-        it.set_state(data_state)
-        start = int(meta["step"])
         if meta.get("mode") != mode:
             raise ValueError(f"{workdir} holds a {meta.get('mode')} run; this command is {mode}: use another workdir")
+        for k, p in runner.parts.items():
+            p.restore_items(parts[k])
+        data.set_state(data_state)
+        start = int(meta["step"])
         if progress:
             print(f"resumed {mode} from {ckpt.directory} at step {start}/{total}", flush=True)
 
     from .metrics import create_writer
-    writer = create_writer(os.path.join(workdir, "tb"), primary=jax.process_index() == 0)
-    jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
+    writer = create_writer(os.path.join(workdir, "tb"), primary=primary)
+    jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if primary else None
+
+    def close():
+        ckpt.close()
+        writer.flush()
+        writer.close()
+        if jsonl is not None:
+            jsonl.close()
+
     base = jax.random.key(int(cfg.seed))
     log_every = max(1, int(cfg.train.log_every))
     t_start, done_here, last = time.perf_counter(), 0, {}
     skipped_total = 0
     for step in range(start + 1, total + 1):
-        try:
-            batch = next(it)
-        except StopIteration:  # pragma: no cover - num_epochs=None never stops
-            break
-        m = runner.step(uncollate(batch), step, jax.random.fold_in(base, step))
+        examples = next(data)
+        with jax.set_mesh(mesh):        # activation sharding constraints (parallel.constrain) apply
+            m = runner.step(examples, step, jax.random.fold_in(base, step))
         skipped = m.get("skipped_step", 0.0) + m.get("skipped_rewards", 0.0)
         for k in list(m):
             if k.endswith("/skipped_step"):
                 skipped += m[k]
         skipped_total += int(skipped > 0)
         m["skipped_total"] = float(skipped_total)
-        st = skip_stats(it)
-        m["data/skipped_samples"] = float(st["num_skipped"])
+        m["data/skipped_samples"] = float(sum(parallel.process_allgather_objects(data.num_skipped())))
         last = m
         scal = _scalars(m)
         writer.write_scalars(step, scal)
@@ -344,23 +458,17 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None) -> dict:
                   flush=True)
         if ckpt.should_save(step, step == total):
             parts = {k: p.ckpt_items() for k, p in runner.parts.items()}
-            ckpt.save(step, parts, it.get_state(), {"step": step, "mode": mode})
+            ckpt.save(step, parts, data.get_state(), {"step": step, "mode": mode})
         if stop_after is not None and done_here >= stop_after:
-            ckpt.wait()
-            writer.flush()
+            close()
             return _scalars(last)
-    ckpt.close()
-    writer.flush()
-    writer.close()
-    if jsonl is not None:
-        jsonl.close()
+    close()
     final = _scalars(last)
     final["step"] = total
-    if jax.process_index() == 0:
-        if cfg.train.export:
-            final_exports = export_parts(cfg, runner, os.path.join(workdir, "export"),
-                                         link=bool(cfg.train.export_link))
-            final["exports"] = final_exports
+    if cfg.train.export:
+        final["exports"] = export_parts(cfg, runner, os.path.join(workdir, "export"),
+                                        link=bool(cfg.train.export_link))
+    if primary:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2)
     return final
@@ -377,4 +485,4 @@ def main_train(cfg) -> int:
     return 0
 
 
-__all__ = ["MODES", "train", "export_parts", "build_runner", "main_train"]
+__all__ = ["MODES", "train", "export_parts", "build_runner", "main_train", "HostBatches", "check_batching"]

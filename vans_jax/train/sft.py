@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .. import parallel
 from ..models.qwen2_5_vl import prepare_inputs
 from ..models.qwen2_5_vl import processor as qproc
 from ..models.qwen2_5_vl import tokenizer as qtok
@@ -53,11 +54,13 @@ def vlm_video_inputs(examples: Sequence[dict], vcfg):
 
 
 def build_sft_vlm_batch(examples: Sequence[dict], tokenizer, model_cfg, vcfg, pad_to_multiple: int = 16,
-                        max_len: int = 0) -> dict:
+                        max_len: int = 0, *, mesh=None) -> dict:
     """Right-padded SFT batch (prompt + target) with M-RoPE positions and the video patches.
     ``max_len`` > 0: every batch is exactly that long (one compiled shape); longer sequences lose
     the end of their target (counted in ``batch["truncated"]``); else lengths are rounded up to
-    ``pad_to_multiple``."""
+    ``pad_to_multiple``. ``mesh``: global arrays on it (``prepare_inputs``); with several processes
+    ``examples`` are this process's rows, the length is the longest of every process's and
+    ``truncated`` counts every process's."""
     pixels, grid, seconds = vlm_video_inputs(examples, vcfg)
     merge = model_cfg.vision.spatial_merge_size
     rows = [qtok.sft_example(tokenizer, e["question"], e["think"], e["caption"], grid[i], merge)
@@ -73,6 +76,9 @@ def build_sft_vlm_batch(examples: Sequence[dict], tokenizer, model_cfg, vcfg, pa
         length = max_len
     else:
         length = -(-length // pad_to_multiple) * pad_to_multiple
+    if mesh is not None and jax.process_count() > 1:
+        every = parallel.process_allgather_objects((length, truncated))
+        length, truncated = max(n for n, _ in every), sum(t for _, t in every)
     pad = qtok._pad_id(tokenizer)
     ids = np.full((len(rows), length), pad, np.int32)
     amask = np.zeros((len(rows), length), np.int32)
@@ -80,9 +86,9 @@ def build_sft_vlm_batch(examples: Sequence[dict], tokenizer, model_cfg, vcfg, pa
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[i, :n], amask[i, :n], lmask[i, :n] = r["input_ids"], 1, r["loss_mask"]
-    batch = prepare_inputs(model_cfg, ids, amask, pixels, grid, seconds)
+    batch = prepare_inputs(model_cfg, ids, amask, pixels, grid, seconds, mesh=mesh)
     batch.pop("rope_deltas")
-    batch["loss_mask"] = jnp.asarray(lmask)
+    batch["loss_mask"] = jnp.asarray(lmask) if mesh is None else parallel.host_local_batch_to_global(lmask, mesh)
     batch["truncated"] = truncated
     return batch
 

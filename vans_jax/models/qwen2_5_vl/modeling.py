@@ -297,7 +297,7 @@ def _jit_forward(model, batch):
                                 batch.get("video"), batch.get("image"))
 
 
-def _vision_input(cfg, pixel_values, grid_thw, what):
+def _vision_input(cfg, pixel_values, grid_thw, what, mesh=None):
     from .rope import vision_layout
     if pixel_values is None:
         return None
@@ -312,14 +312,24 @@ def _vision_input(cfg, pixel_values, grid_thw, what):
     if int(grid_thw.prod(-1).sum()) != pv.shape[0]:
         raise ValueError(f"{what}_grid_thw {grid_thw.tolist()} implies {int(grid_thw.prod(-1).sum())} patches, "
                          f"pixel values have {pv.shape[0]}")
-    layout = {k: jnp.asarray(a) for k, a in vision_layout(v, grid_thw).items()}
-    return jnp.asarray(pv, jnp.float32), layout
+    if mesh is None:
+        layout = {k: jnp.asarray(a) for k, a in vision_layout(v, grid_thw).items()}
+        return jnp.asarray(pv, jnp.float32), layout
+    from ... import parallel
+    from jax.sharding import NamedSharding, PartitionSpec
+    # the layout indexes the patches of the whole global batch: built from every process's grids
+    every = np.concatenate(parallel.process_allgather_objects(grid_thw))
+    layout = parallel.device_put_global(vision_layout(v, every), NamedSharding(mesh, PartitionSpec()))
+    return parallel.host_local_batch_to_global(pv.astype(np.float32), mesh), layout
 
 
 def prepare_inputs(cfg: Qwen2_5_VLConfig, input_ids, attention_mask=None, pixel_values_videos=None,
                    video_grid_thw=None, second_per_grid_ts=None, pixel_values=None, image_grid_thw=None,
-                   position_ids=None):
-    """Host-side preparation of one batch: M-RoPE positions, rope deltas and the vision layouts."""
+                   position_ids=None, *, mesh=None):
+    """Host-side preparation of one batch: M-RoPE positions, rope deltas and the vision layouts.
+    ``mesh``: the batch comes out as global arrays on ``mesh``, rows (and vision patches) over its
+    batch axes; with several processes each passes its own rows and their videos/images (the same
+    shapes on every process) and the vision layouts cover the whole global batch."""
     from .rope import get_rope_index
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -342,10 +352,18 @@ def prepare_inputs(cfg: Qwen2_5_VLConfig, input_ids, attention_mask=None, pixel_
         if position_ids.ndim == 2:
             position_ids = np.broadcast_to(position_ids, (3,) + position_ids.shape)
         deltas = position_ids.max(axis=(0, 2)) + 1 - attention_mask.sum(-1)
-    batch = dict(input_ids=jnp.asarray(input_ids, jnp.int32), attention_mask=jnp.asarray(attention_mask, jnp.int32),
-                 position_ids=jnp.asarray(position_ids, jnp.int32), rope_deltas=jnp.asarray(deltas, jnp.int32))
-    video = _vision_input(cfg, pixel_values_videos, video_grid_thw, "video")
-    image = _vision_input(cfg, pixel_values, image_grid_thw, "image")
+    rows = dict(input_ids=np.asarray(input_ids, np.int32), attention_mask=np.asarray(attention_mask, np.int32),
+                rope_deltas=np.asarray(deltas, np.int32))
+    position_ids = np.asarray(position_ids, np.int32)
+    if mesh is None:
+        batch = {k: jnp.asarray(a) for k, a in rows.items()}
+        batch["position_ids"] = jnp.asarray(position_ids)
+    else:
+        from ... import parallel
+        batch = parallel.host_local_batch_to_global(rows, mesh)
+        batch["position_ids"] = parallel.host_local_batch_to_global(position_ids, mesh, parallel.batch_spec(mesh, 1))
+    video = _vision_input(cfg, pixel_values_videos, video_grid_thw, "video", mesh)
+    image = _vision_input(cfg, pixel_values, image_grid_thw, "image", mesh)
     if video is not None:
         batch["video"] = video
     if image is not None:

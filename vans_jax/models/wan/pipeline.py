@@ -248,7 +248,7 @@ def encode_video(models: WanModels, video) -> jax.Array:
 
 def reference_latents(models: WanModels, clip, n_ref: int = DEFAULT_NUM_REF, *,
                       height: int | None = DEFAULT_HEIGHT, width: int | None = DEFAULT_WIDTH,
-                      trim: bool = False, resample: str = "bicubic") -> jax.Array:
+                      trim: bool = False, resample: str = "bicubic", to_device=None) -> jax.Array:
     """The VANS conditioning latents of an input clip: (B, z, n_ref, h, w) fp32.
 
     clip: uint8 frames (B, F, H, W, 3) or (F, H, W, 3). Frames are resized to cover
@@ -258,6 +258,8 @@ def reference_latents(models: WanModels, clip, n_ref: int = DEFAULT_NUM_REF, *,
     ``ref_frame_indices(T_lat, n_ref)`` are taken.
     F must be 4k+1 (e.g. 33 -> 9 latent frames); ``trim=True`` keeps the LAST 4k+1 frames instead of
     raising (the context right before the cut).
+    ``to_device``: how the host's float video becomes a device array (default ``jnp.asarray``;
+    multi-host training: ``parallel.host_local_batch_to_global``, each process its own clips).
     """
     from ...data.video_io import resize_center_crop
 
@@ -282,19 +284,20 @@ def reference_latents(models: WanModels, clip, n_ref: int = DEFAULT_NUM_REF, *,
     if (th, tw) != (h, w):
         a = np.stack([resize_center_crop(a[i], th, tw, resample=resample) for i in range(b)])
     video = (a.astype(np.float32) / 127.5 - 1.0).transpose(0, 4, 1, 2, 3)     # (B, 3, F, H, W)
-    lat = encode_video(models, video)
+    lat = encode_video(models, video if to_device is None else to_device(video))
     return lat[:, :, ref_frame_indices(lat.shape[2], n_ref)]
 
 
 # ----------------------------------------------------------------------------- text / decode
 
 
-def encode_text(models: WanModels, captions: Sequence[str], max_sequence_length: int | None = None) -> jax.Array:
+def encode_text(models: WanModels, captions: Sequence[str], max_sequence_length: int | None = None, *,
+                to_device=None) -> jax.Array:
     """(B, L, d) caption embeddings as diffusers' WanPipeline (zero after each caption's length).
     Captions longer than L = ``max_sequence_length`` (default: the DiT's text_len, 512) tokens are
-    truncated to their first L - 1 tokens plus ``</s>``."""
+    truncated to their first L - 1 tokens plus ``</s>``. ``to_device``: see ``text.encode_tokens``."""
     L = models.text_len if max_sequence_length is None else int(max_sequence_length)
-    return encode_prompts(models.text_encoder, models.tokenizer, list(captions), L)
+    return encode_prompts(models.text_encoder, models.tokenizer, list(captions), L, to_device=to_device)
 
 
 def decode_latents(models: WanModels, latents, output_type: str = "uint8"):

@@ -89,9 +89,11 @@ def _encode(encoder: UMT5Encoder, ids, mask):
     return encoder(ids, mask)
 
 
-def _run_length(mask: np.ndarray, max_length: int) -> int:
+def _run_length(mask, max_length: int) -> int:
+    """The bucketed encode length of a right-padded (B, L) mask (numpy, or a jax.Array, possibly
+    global across processes: only replicated scalars come back to the host)."""
     lens = mask.sum(axis=1)
-    is_prefix = np.array_equal(mask > 0, np.arange(mask.shape[1])[None, :] < lens[:, None])
+    is_prefix = bool(((mask > 0) == (np.arange(mask.shape[1])[None, :] < lens[:, None])).all())
     if not is_prefix:
         return max_length
     n = 16
@@ -101,21 +103,28 @@ def _run_length(mask: np.ndarray, max_length: int) -> int:
 
 
 def encode_prompts(encoder: UMT5Encoder, tokenizer, prompts: Sequence[str] | str,
-                   max_length: int = DEFAULT_MAX_LENGTH, *, dtype=None, bucket: bool = True) -> jax.Array:
+                   max_length: int = DEFAULT_MAX_LENGTH, *, dtype=None, bucket: bool = True,
+                   to_device=None) -> jax.Array:
     """(B, max_length, d) text embeddings, zero after each prompt's real length (incl. ``</s>``),
-    as ``WanPipeline._get_t5_prompt_embeds``. ``dtype``: output dtype (default: the encoder's)."""
+    as ``WanPipeline._get_t5_prompt_embeds``. ``dtype``: output dtype (default: the encoder's).
+    ``to_device``: see ``encode_tokens``."""
     ids, mask = tokenize(tokenizer, prompts, max_length)
-    return encode_tokens(encoder, ids, mask, dtype=dtype, bucket=bucket)
+    return encode_tokens(encoder, ids, mask, dtype=dtype, bucket=bucket, to_device=to_device)
 
 
-def encode_tokens(encoder: UMT5Encoder, input_ids, attention_mask, *, dtype=None, bucket: bool = True):
-    """As ``encode_prompts`` from already tokenized (B, max_length) ids and mask."""
+def encode_tokens(encoder: UMT5Encoder, input_ids, attention_mask, *, dtype=None, bucket: bool = True,
+                  to_device=None):
+    """As ``encode_prompts`` from already tokenized (B, max_length) ids and mask. ``to_device``:
+    how the host's (ids, mask) become device arrays (default ``jnp.asarray``); multi-host training
+    passes ``parallel.host_local_batch_to_global`` so each process encodes its own rows of one
+    global batch (the bucketed length is then the whole batch's)."""
     ids, mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
+    ids, mask = (jnp.asarray(ids), jnp.asarray(mask)) if to_device is None else to_device((ids, mask))
     max_length = ids.shape[1]
     seq_lens = mask.sum(axis=1)
     n = _run_length(mask, max_length) if bucket else max_length
-    out = _encode(encoder, jnp.asarray(ids[:, :n]), jnp.asarray(mask[:, :n]))
-    keep = jnp.arange(n)[None, :] < jnp.asarray(seq_lens)[:, None]   # the first seq_len positions
+    out = _encode(encoder, ids[:, :n], mask[:, :n])
+    keep = jnp.arange(n)[None, :] < seq_lens[:, None]   # the first seq_len positions
     out = jnp.where(keep[..., None], out, jnp.zeros((), out.dtype))
     if n < max_length:
         out = jnp.pad(out, ((0, 0), (0, max_length - n), (0, 0)))
