@@ -1,5 +1,6 @@
 """Multi-host settings read from the environment (vans_jax.parallel.distributed_settings) and the
-host-local -> global batch helper on one process."""
+host-local -> global batch helpers on one process (one device, and 4 fake ones in a subprocess);
+several processes: tests/test_multihost.py."""
 import jax
 import numpy as np
 import pytest
@@ -90,3 +91,31 @@ def test_host_local_batch_to_global_single_process():
     assert out["x"].sharding.spec == P(None, None)
     with pytest.raises(ValueError, match=r"batch\['ids'\]: spec .* more entries"):
         parallel.host_local_batch_to_global(batch, mesh, {"x": P(), "ids": P(None, None)})
+
+
+FOUR_DEVICES = r'''
+import numpy as np
+from jax.sharding import PartitionSpec as P
+from vans_jax import parallel
+mesh = parallel.make_mesh({"data": 2, "fsdp": 2})
+assert parallel.batch_spec(mesh) == P(("data", "fsdp"))
+assert parallel.batch_spec(mesh, 1) == P(None, ("data", "fsdp"))
+# one process: axes that do not divide the rows are dropped (the batch replicated over them)
+assert parallel.batch_spec(mesh, 0, 6) == P("data") and parallel.batch_spec(mesh, 0, 3) == P(None)
+out = parallel.host_local_batch_to_global({"a": np.arange(6.0), "b": np.arange(8.0).reshape(8, 1)}, mesh)
+assert out["a"].sharding.spec == P("data") and out["b"].sharding.spec == P(("data", "fsdp"))
+np.testing.assert_array_equal(np.asarray(out["a"]), np.arange(6.0))
+w = parallel.device_put_global({"w": np.ones((4, 2))}, parallel.NamedSharding(mesh, P("fsdp")))["w"]
+assert w.sharding.spec == P("fsdp") and float(w.sum()) == 8.0
+print("OK")
+'''
+
+
+def test_batch_spec_on_four_devices():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    out = subprocess.run([sys.executable, "-c", FOUR_DEVICES], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-3000:]

@@ -294,10 +294,14 @@ def initialize_distributed(env: Mapping[str, str] | None = None, *, timeout_s: i
     return settings
 
 
-def batch_spec(mesh: Mesh, dim: int = 0) -> P:
+def batch_spec(mesh: Mesh, dim: int = 0, rows: int | None = None) -> P:
     """PartitionSpec of an array whose dimension ``dim`` is the batch: that dimension over the mesh
-    axes the logical axis ``batch`` maps to (axes of size 1 dropped), the others whole."""
-    return P(*([None] * dim), *logical_to_spec(("batch",), DEFAULT_RULES, mesh))
+    axes the logical axis ``batch`` maps to (axes of size 1 dropped), the others whole. ``rows``
+    (this process's batch size) on a single process: axes that do not divide it are dropped too, so
+    the batch is replicated over them (as parameters are); with several processes every axis stays
+    (their rows differ and cannot be replicated: ``host_local_batch_to_global`` raises instead)."""
+    shape = (rows,) if rows is not None and jax.process_count() == 1 else None
+    return P(*([None] * dim), *logical_to_spec(("batch",), DEFAULT_RULES, mesh, shape))
 
 
 def _processes_along(mesh: Mesh, axes) -> int:
@@ -336,14 +340,15 @@ def host_local_batch_to_global(batch, mesh: Mesh, spec=None, *, check_shapes: bo
     process's rows) into global ``jax.Array``s sharded on ``mesh``
     (``jax.make_array_from_process_local_data``). ``spec``: a PartitionSpec for every leaf, a
     pytree of them matching ``batch``, or None = the leading (batch) axis over the mesh axes the
-    logical axis ``batch`` maps to (``batch_spec``). A dimension sharded over mesh axes that span
+    logical axis ``batch`` maps to (``batch_spec(mesh, 0, rows)``). A dimension sharded over mesh axes that span
     processes is split between them (each holds its rows, in process order); other dimensions are
     whole on every process. ``check_shapes`` (several processes): first compare every process's
     shapes and dtypes, so a mismatch is a clear error instead of a hang in the next collective."""
-    if spec is None:
-        spec = batch_spec(mesh)
-    specs = jax.tree.map(lambda _: spec, batch) if isinstance(spec, P) else spec
     batch = jax.tree.map(np.asarray, batch)
+    if spec is None:
+        specs = jax.tree.map(lambda x: batch_spec(mesh, 0, x.shape[0] if x.ndim else None), batch)
+    else:
+        specs = jax.tree.map(lambda _: spec, batch) if isinstance(spec, P) else spec
     if check_shapes and jax.process_count() > 1:
         mine = [(jax.tree_util.keystr(k), x.shape, str(x.dtype)) for k, x in jax.tree_util.tree_leaves_with_path(batch)]
         every = process_allgather_objects(mine)

@@ -359,14 +359,14 @@ def check_batching(cfg, mode, mesh) -> tuple[int, int]:
     if pc > 1 and mode not in SFT_MODES:
         raise ValueError(f"train.mode={mode} runs on one process (several devices are fine); multi-process "
                          f"training covers {', '.join(SFT_MODES)}")
-    if mode in SFT_MODES:
-        axes = parallel.logical_to_spec(("batch",), parallel.DEFAULT_RULES, mesh)[0] or ()
+    if pc > 1:      # one process replicates a batch over the axes that do not divide it; hosts' rows cannot be
+        axes = parallel.batch_spec(mesh)[0] or ()
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
         shards = int(np.prod([mesh.shape[a] for a in axes]))
         if bs % shards:
             raise ValueError(f"train.batch_size={bs} is not divisible by the {shards} batch shards of the mesh "
-                             f"({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}): the batch is split over "
-                             f"them; use a multiple of {shards} or move devices to mesh.tensor / mesh.sequence")
+                             f"({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}): the global batch is split "
+                             f"over them; use a multiple of {shards} or move devices to mesh.tensor / mesh.sequence")
     return bs, int(cfg.data.get("num_shards", 0)) or pc
 
 

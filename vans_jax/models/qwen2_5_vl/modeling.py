@@ -361,7 +361,8 @@ def prepare_inputs(cfg: Qwen2_5_VLConfig, input_ids, attention_mask=None, pixel_
     else:
         from ... import parallel
         batch = parallel.host_local_batch_to_global(rows, mesh)
-        batch["position_ids"] = parallel.host_local_batch_to_global(position_ids, mesh, parallel.batch_spec(mesh, 1))
+        batch["position_ids"] = parallel.host_local_batch_to_global(
+            position_ids, mesh, parallel.batch_spec(mesh, 1, position_ids.shape[1]))
     video = _vision_input(cfg, pixel_values_videos, video_grid_thw, "video", mesh)
     image = _vision_input(cfg, pixel_values, image_grid_thw, "image", mesh)
     if video is not None:
