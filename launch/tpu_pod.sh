@@ -7,7 +7,8 @@
 #   TPU_NAME=vans-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh --setup          # once: clone + install on all workers
 #   TPU_NAME=vans-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh \
 #       --config configs/vans.py --config.mesh.fsdp=-1 --config.mesh.data=1 \
-#       --config.train.workdir=gs://BUCKET/runs/stage1 --config.vlm.path=/mnt/ckpt/Qwen2.5-VL-3B-Instruct ...
+#       --config.train.mode=sft_vlm --config.train.workdir=gs://BUCKET/runs/sft_vlm \
+#       --config.vlm.path=/mnt/ckpt/Qwen2.5-VL-3B-Instruct ...
 #
 # Variables: TPU_NAME, ZONE (required); PROJECT; REPO_DIR (checkout on the workers, default
 # ~/vans_jax); REPO_URL (for --setup); VENV (default $REPO_DIR/.venv); JAX_COMPILATION_CACHE_DIR

@@ -1,7 +1,12 @@
 """Orbax checkpointing of a training run: the trained parts (train state: parameters, optimizer
 moments, step, RNG, skip counter; plus a frozen reference copy where there is one), the data
 iterator's state and a JSON record of the run, saved asynchronously and atomically, keep-N.
-Restarting the same command restores the latest finished checkpoint and resumes exactly."""
+Restarting the same command restores the latest finished checkpoint and resumes exactly.
+
+Several processes: all of them call ``save`` / ``restore`` (orbax synchronizes them); each writes
+and reads its own shards of the global arrays, while the JSON items are written by process 0 and
+read by all, so their content must be the same on every process (the trainer gathers every
+host's data-iterator state first)."""
 from __future__ import annotations
 
 import os
