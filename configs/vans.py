@@ -67,6 +67,7 @@ def get_config():
                   anchor_temperature=1.0, caption_fallback="full", sde_noise_level=0.7, sde_std_form="flow_grpo",
                   sde_window=(), train_sampling_steps=20, train_cfg=4.5, render_sampler="euler",
                   advantage_clip=5.0, grad_clip=1.0, weight_decay=0.0, warmup_steps=0, schedule="constant",
-                  vlm_trainable="lora", dit_trainable="full", disabled_rewards=""),
+                  vlm_trainable="lora", dit_trainable="full", disabled_rewards="",
+                  vlm_lr=None, dit_lr=None),   # per-part learning rates (None: lr)
     ))
     return c

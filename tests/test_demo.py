@@ -28,3 +28,25 @@ def test_quick_demo_writes_everything(tmp_path, capsys):
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "runs" / stage / "tb"))
         assert json.loads((out / "runs" / stage / "final_metrics.json").read_text())["step"] == 2
     assert "Joint-GRPO (after)" in (out / "metrics.md").read_text()
+
+
+def test_quick_compare_writes_every_variant(tmp_path):
+    """`vans-jax demo --compare`: SFT, GRPO-on-VLM-only, stage 1 only and Joint-GRPO, scored on the same
+    eval split; resumable (a second call finds every (variant, seed) done and trains nothing)."""
+    out = tmp_path / "cmp"
+    assert cli.main(["demo", "--compare", "--quick", "--seeds", "3", "--output_dir", str(out)]) == 0
+    r = json.loads((out / "compare.json").read_text())
+    assert set(r["runs"]) == {"grpo_vlm", "stage1", "joint_grpo"} and r["seeds"] == [3]
+    for m in [r["sft"]] + [r["runs"][v]["3"] for v in r["runs"]]:
+        assert m["num_samples"] == 4
+        assert abs(m["total_reward"] - sum(m[k] for k in ("format", "rouge_l", "clip_v", "clip_t"))) < 1e-5
+    assert r["summary"]["joint_grpo"]["clip_v"]["n"] == 1
+    # stage 2 changed the DiT, so the Joint-GRPO videos differ from stage 1's (same captions' VLM)
+    assert r["runs"]["joint_grpo"]["3"]["clip_v"] != r["runs"]["stage1"]["3"]["clip_v"]
+    for mode in ("grpo_vlm", "grpo_stage1", "grpo_stage2"):
+        assert json.loads((out / "runs" / "seed3" / mode / "final_metrics.json").read_text())["step"] == 2
+    assert "Joint-GRPO (stage 1 + stage 2)" in (out / "compare.md").read_text()
+    logs = {m: (out / "runs" / "seed3" / m / "metrics.jsonl").read_text() for m in ("grpo_vlm", "grpo_stage2")}
+    assert cli.main(["demo", "--compare", "--quick", "--seeds", "3", "--output_dir", str(out)]) == 0
+    assert json.loads((out / "compare.json").read_text())["runs"] == r["runs"]
+    assert {m: (out / "runs" / "seed3" / m / "metrics.jsonl").read_text() for m in logs} == logs

@@ -4,6 +4,7 @@
     vans-jax predict [--vlm DIR --vdm DIR] [--dit FILE] [--lora DIR] (--video FILE --question TEXT | --csv FILE
                      --video_root DIR) --output_dir DIR [--seed S] [--num_steps N ...any setting]
     vans-jax demo [--output_dir DIR] [--quick] [--config configs/tiny_world.py] [--config.a.b=value ...]
+    vans-jax demo --compare [--seeds 0 1 2] [--output_dir DIR] [--quick]
     vans-jax demo --vlm_only [--config configs/tiny.py] [--question TEXT] [--video FILE] [--output FILE]
     vans-jax make-data --output_dir DIR --num_samples N --seed S [--split all|train|rl|eval]
     vans-jax validate-data --csv FILE --video_root DIR [--output report.json] [--quick]
@@ -36,6 +37,9 @@ def _demo(args, overrides):
         from .world import demo as world_demo
         cfg = load_config(args.config or "tiny_world", overrides)
         out_dir = args.output_dir or (os.path.splitext(args.output)[0] if args.output else "out/demo")
+        if args.compare:
+            world_demo.compare(cfg, out_dir, seeds=args.seeds, quick=args.quick)
+            return 0
         result = world_demo.run(cfg, out_dir, quick=args.quick)
         if args.output:
             with open(args.output, "w") as f:
@@ -103,6 +107,10 @@ def main(argv=None):
                                        "videos, contact sheet, TensorBoard logs)")
     demo.add_argument("--output_dir", default=None, help="where everything goes (default: out/demo)")
     demo.add_argument("--quick", action="store_true", help="a shortened run (a few samples and steps; CI)")
+    demo.add_argument("--compare", action="store_true",
+                      help="SFT vs GRPO-on-VLM-only vs Joint-GRPO stage 1 vs Joint-GRPO, over --seeds "
+                           "(writes compare.json / compare.md; resumable)")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds for --compare")
     demo.add_argument("--vlm_only", action="store_true",
                       help="instead: VLM inference on one clip with a tiny random model (no shipped models needed)")
     demo.add_argument("--config", default=None,

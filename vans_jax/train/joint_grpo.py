@@ -288,6 +288,21 @@ class GRPOSettings:
     pad_multiple: int = 64
 
 
+def part_optim_cfg(optim_cfg, part: str):
+    """The optimizer settings of one part: ``optim_cfg`` with ``lr`` replaced by ``<part>_lr`` when that
+    is set (``train.grpo.vlm_lr`` / ``dit_lr``: the VLM's LoRA and the DiT's full weights usually want
+    different rates)."""
+    if optim_cfg is None:
+        return None
+    lr = optim_cfg.get(f"{part}_lr", None)
+    if lr is None or lr == "":
+        return optim_cfg
+    import copy
+    c = copy.deepcopy(optim_cfg)
+    c.lr = float(lr)
+    return c
+
+
 class JointGRPO:
     """One object for every Joint-GRPO mode. ``step(examples, step_index)`` runs one rollout + its
     policy updates and returns the metrics; ``parts`` are the trained models."""
@@ -312,7 +327,8 @@ class JointGRPO:
         self.parts: dict[str, Part] = {}
         if self.needs_vlm:
             self.vlm_cfg = vlm.config
-            self.vlm = Part(vlm, vlm_trainable, optim_cfg, seed, mesh=mesh) if self.train_vlm else FrozenPart(vlm)
+            self.vlm = (Part(vlm, vlm_trainable, part_optim_cfg(optim_cfg, "vlm"), seed, mesh=mesh) if self.train_vlm
+                        else FrozenPart(vlm))
             if self.train_vlm:
                 self.parts["vlm"] = self.vlm
             pad = vlm.config.pad_token_id
@@ -331,7 +347,7 @@ class JointGRPO:
                                                       temperature=s.temperature, aggregation=s.aggregation),
                     self.vlm.optimizer, self.vlm.graphdef, shardings=self.vlm.shardings())
         if self.train_dit:
-            self.dit = Part(vdm.dit, dit_trainable, optim_cfg, seed + 1, mesh=mesh)
+            self.dit = Part(vdm.dit, dit_trainable, part_optim_cfg(optim_cfg, "dit"), seed + 1, mesh=mesh)
             self.parts["dit"] = self.dit
             self._dit_update = make_stage2_update(self.dit.graphdef, self.dit.optimizer, beta=s.beta,
                                                   clip_eps=s.clip_eps, advantage_clip=s.advantage_clip,

@@ -231,6 +231,139 @@ def run(cfg, output_dir: str, *, quick: bool = False, progress: bool = True) -> 
     return result
 
 
+VARIANTS = {
+    # name: (modes run in order; each later mode starts from the earlier one's exported VLM)
+    "grpo_vlm": ("grpo_vlm",),
+    "stage1": ("grpo_stage1",),
+    "joint_grpo": ("grpo_stage1", "grpo_stage2"),
+}
+VARIANT_NAMES = {"sft": "SFT", "grpo_vlm": "GRPO on the VLM only (r_format + r_t1)",
+                 "stage1": "Joint-GRPO stage 1 only", "joint_grpo": "Joint-GRPO (stage 1 + stage 2)"}
+
+
+def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bool = False,
+            progress: bool = True) -> dict:
+    """``vans-jax demo --compare``: SFT against GRPO on the VLM only, Joint-GRPO stage 1 only and the
+    full Joint-GRPO, each trained with every seed in ``seeds`` (the seed sets the RL sampling and the
+    data order) from the shipped SFT models and evaluated on the same eval split with the same
+    generation noise. Writes ``compare.json`` ({"sft": metrics, "runs": {variant: {seed: metrics}},
+    "summary": {variant: {metric: {mean, std, min, max}}}}) and ``compare.md``."""
+    from ..models import clip as clip_lib
+    from ..train import loop
+    from . import load_defaults, tiny_world_paths
+
+    t_start = time.perf_counter()
+    root = os.path.dirname(cfg.vlm.path.rstrip("/"))
+    defaults = load_defaults(root)
+    paths = tiny_world_paths(root)
+    d = dict(cfg.demo)
+    if quick:
+        d.update(eval_samples=4, rl_samples=16, eval_batch=4)
+        cfg.train.grpo.update(dict(stage1_steps=2, stage2_steps=2, train_sampling_steps=3))
+        cfg.video.num_steps = 4
+    os.makedirs(output_dir, exist_ok=True)
+    data_dir = os.path.join(output_dir, "data")
+    wc = synthetic.WorldConfig(**defaults.get("world", {}))
+    csvs = {split: synthetic.generate_world(data_dir, split, int(n), config=wc).csv_path
+            for split, n in (("rl", d["rl_samples"]), ("eval", d["eval_samples"]))}
+    video_root = os.path.join(data_dir, "videos")
+    settings = settings_from_config(cfg)
+    clip_model = clip_lib.from_pretrained(paths["clip"])
+    clip_tok = clip_lib.load_tokenizer(paths["clip"])
+    cfg.data.rl_csv = cfg.data.train_csv = csvs["rl"]
+    cfg.data.video_root = video_root
+    cfg.train.export_link = True
+
+    def say(msg):
+        if progress:
+            print(msg, flush=True)
+
+    def score(vlm_dir, vdm_dir):
+        pipe = _pipeline(vlm_dir, vdm_dir, settings)
+        return evaluate(pipe, clip_model, clip_tok, csvs["eval"], video_root, None,
+                        num_samples=int(d["eval_samples"]), batch_size=int(d["eval_batch"]), progress=False)["metrics"]
+
+    result_path = os.path.join(output_dir, "compare.json")
+    result = {"sft": None, "runs": {v: {} for v in VARIANTS}, "seeds": [int(x) for x in seeds]}
+    if os.path.exists(result_path):            # resumable: finished (variant, seed) pairs are kept
+        with open(result_path) as f:
+            old = json.load(f)
+        result["sft"] = old.get("sft")
+        for v in VARIANTS:
+            result["runs"][v].update(old.get("runs", {}).get(v, {}))
+
+    def save():
+        result["summary"] = summarize(result)
+        result["settings"] = dict(settings, stage1_steps=int(cfg.train.grpo.stage1_steps),
+                                  stage2_steps=int(cfg.train.grpo.stage2_steps),
+                                  group_size=int(cfg.train.grpo.group_size), lr=float(cfg.train.grpo.lr),
+                                  prompts_per_step=int(cfg.train.batch_size), eval_samples=int(d["eval_samples"]),
+                                  quick=bool(quick))
+        result["wall_s"] = round(time.perf_counter() - t_start, 1)
+        with open(result_path + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(result_path + ".tmp", result_path)
+        with open(os.path.join(output_dir, "compare.md"), "w") as f:
+            f.write(compare_markdown(result))
+
+    if result["sft"] is None:
+        say("[compare] evaluating the SFT models")
+        result["sft"] = score(paths["vlm"], paths["vdm"])
+        save()
+    for seed in seeds:
+        exported: dict = {}
+        for variant, modes in VARIANTS.items():
+            if str(seed) in result["runs"][variant]:
+                continue
+            vlm_dir, vdm_dir = paths["vlm"], paths["vdm"]
+            for mode in modes:
+                workdir = os.path.join(output_dir, "runs", f"seed{seed}", mode)
+                if mode not in exported:
+                    c = _copy(cfg)
+                    c.seed = int(seed)
+                    c.train.mode, c.train.workdir = mode, workdir
+                    if mode == "grpo_stage2":
+                        c.vlm.path = exported["grpo_stage1"]["vlm"]
+                    say(f"[compare] seed {seed}: training {mode}")
+                    final = loop.train(c, progress=progress)
+                    exported[mode] = final.get("exports") or {}
+                vlm_dir = exported[mode].get("vlm", vlm_dir)
+                vdm_dir = exported[mode].get("vdm", vdm_dir)
+            say(f"[compare] seed {seed}: evaluating {variant}")
+            result["runs"][variant][str(seed)] = score(vlm_dir, vdm_dir)
+            m = result["runs"][variant][str(seed)]
+            say(f"[compare] seed {seed} {variant}: " + ", ".join(f"{k}={m[k]:.4f}" for k in METRICS))
+            save()
+    save()
+    say(compare_markdown(result))
+    say(f"[compare] wrote {result_path} and compare.md in {result['wall_s']:.0f}s")
+    return result
+
+
+def summarize(result: dict) -> dict:
+    out = {}
+    for variant, per_seed in result["runs"].items():
+        if not per_seed:
+            continue
+        out[variant] = {}
+        for k in METRICS:
+            xs = np.asarray([m[k] for m in per_seed.values()], np.float64)
+            out[variant][k] = {"mean": float(xs.mean()), "std": float(xs.std()), "min": float(xs.min()),
+                               "max": float(xs.max()), "n": int(xs.size)}
+    return out
+
+
+def compare_markdown(result: dict) -> str:
+    lines = ["| model | seeds | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    if result.get("sft"):
+        lines.append(f"| {VARIANT_NAMES['sft']} | - | " + " | ".join(f"{result['sft'][k]:.4f}" for k in METRICS) + " |")
+    for variant, stats in result.get("summary", {}).items():
+        n = next(iter(stats.values()))["n"]
+        lines.append(f"| {VARIANT_NAMES[variant]} | {n} | "
+                     + " | ".join(f"{stats[k]['mean']:.4f} ± {stats[k]['std']:.4f}" for k in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _last(final: dict) -> dict:
     return {k: v for k, v in final.items() if k.startswith(("reward/", "vlm/", "dit/", "anchor/"))}
 
@@ -240,4 +373,4 @@ def _copy(cfg):
     return copy.deepcopy(cfg)
 
 
-__all__ = ["run", "evaluate", "contact_sheet", "METRICS"]
+__all__ = ["run", "compare", "evaluate", "contact_sheet", "METRICS"]
