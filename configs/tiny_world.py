@@ -42,7 +42,7 @@ def get_config():
                                 schedule="cosine", final_lr_ratio=0.05, dropout=False))
     c.train.sft_vdm.update(dict(steps=1500, lr=1e-3, trainable="full", warmup_steps=50, schedule="cosine",
                                 final_lr_ratio=0.05, text_dropout=0.1))
-    c.train.grpo.update(dict(group_size=4, lr=3e-4, stage1_steps=24, stage2_steps=24, num_updates=2,
+    c.train.grpo.update(dict(group_size=4, lr=3e-4, vlm_lr=2e-3, stage1_steps=24, stage2_steps=24, num_updates=2,
                              train_sampling_steps=8, train_cfg=3.0, clip_eps=0.2, beta=0.01,
                              anchor_max_tries=3, render_sampler="euler"))
     # the demo: evaluate the SFT models, Joint-GRPO stage 1 then stage 2, evaluate again
