@@ -297,6 +297,7 @@ def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bo
         result["settings"] = dict(settings, stage1_steps=int(cfg.train.grpo.stage1_steps),
                                   stage2_steps=int(cfg.train.grpo.stage2_steps),
                                   group_size=int(cfg.train.grpo.group_size), lr=float(cfg.train.grpo.lr),
+                                  vlm_lr=cfg.train.grpo.get("vlm_lr"), dit_lr=cfg.train.grpo.get("dit_lr"),
                                   prompts_per_step=int(cfg.train.batch_size), eval_samples=int(d["eval_samples"]),
                                   quick=bool(quick))
         result["wall_s"] = round(time.perf_counter() - t_start, 1)
