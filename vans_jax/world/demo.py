@@ -141,13 +141,13 @@ def _pipeline(vlm_dir, vdm_dir, settings: dict):
                                         settings=VANSSettings.from_dict(settings), attn_impl="xla")
 
 
-def run(cfg, output_dir: str, *, quick: bool = False, progress: bool = True) -> dict:
-    """The whole demo (module docstring). ``quick``: a shortened form (CI): fewer samples and steps."""
+def _prepare(cfg, output_dir: str, quick: bool):
+    """What the demo and the comparison share: the shipped models' paths (a clear error if they are
+    missing), the demo settings (shortened by ``quick``), freshly generated rl / eval splits, which
+    ``cfg``'s data section is pointed at, the CLIP reward model and the generation settings."""
     from ..models import clip as clip_lib
-    from ..train import loop
     from . import load_defaults, tiny_world_paths
 
-    t_start = time.perf_counter()
     root = os.path.dirname(cfg.vlm.path.rstrip("/"))
     defaults = load_defaults(root)          # clear error if the shipped models are missing
     paths = tiny_world_paths(root)
@@ -159,13 +159,24 @@ def run(cfg, output_dir: str, *, quick: bool = False, progress: bool = True) -> 
     os.makedirs(output_dir, exist_ok=True)
     data_dir = os.path.join(output_dir, "data")
     wc = synthetic.WorldConfig(**defaults.get("world", {}))
-    csvs = {}
-    for split, n in (("rl", int(d["rl_samples"])), ("eval", int(d["eval_samples"]))):
-        csvs[split] = synthetic.generate_world(data_dir, split, n, config=wc).csv_path
+    csvs = {split: synthetic.generate_world(data_dir, split, int(d[f"{split}_samples"]), config=wc).csv_path
+            for split in ("rl", "eval")}
     video_root = os.path.join(data_dir, "videos")
-    settings = settings_from_config(cfg)
-    clip_model = clip_lib.from_pretrained(paths["clip"])
-    clip_tok = clip_lib.load_tokenizer(paths["clip"])
+    cfg.data.rl_csv = cfg.data.train_csv = csvs["rl"]
+    cfg.data.video_root = video_root
+    cfg.train.export_link = True
+    return dict(paths=paths, d=d, csvs=csvs, video_root=video_root, settings=settings_from_config(cfg),
+                clip_model=clip_lib.from_pretrained(paths["clip"]), clip_tok=clip_lib.load_tokenizer(paths["clip"]))
+
+
+def run(cfg, output_dir: str, *, quick: bool = False, progress: bool = True) -> dict:
+    """The whole demo (module docstring). ``quick``: a shortened form (CI): fewer samples and steps."""
+    from ..train import loop
+
+    t_start = time.perf_counter()
+    env = _prepare(cfg, output_dir, quick)
+    paths, d, csvs, video_root, settings = env["paths"], env["d"], env["csvs"], env["video_root"], env["settings"]
+    clip_model, clip_tok = env["clip_model"], env["clip_tok"]
 
     def say(msg):
         if progress:
@@ -179,10 +190,6 @@ def run(cfg, output_dir: str, *, quick: bool = False, progress: bool = True) -> 
     say("[demo] before: " + ", ".join(f"{k}={before['metrics'][k]:.4f}" for k in METRICS))
 
     runs = os.path.join(output_dir, "runs")
-    cfg.data.rl_csv = csvs["rl"]
-    cfg.data.train_csv = csvs["rl"]
-    cfg.data.video_root = video_root
-    cfg.train.export_link = True
     timings = {}
     say(f"[demo] 2/4 Joint-GRPO stage 1 ({cfg.train.grpo.stage1_steps} steps: VLM LoRA, VDM frozen)")
     c1 = _copy(cfg)
@@ -248,31 +255,12 @@ def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bo
     data order) from the shipped SFT models and evaluated on the same eval split with the same
     generation noise. Writes ``compare.json`` ({"sft": metrics, "runs": {variant: {seed: metrics}},
     "summary": {variant: {metric: {mean, std, min, max}}}}) and ``compare.md``."""
-    from ..models import clip as clip_lib
     from ..train import loop
-    from . import load_defaults, tiny_world_paths
 
     t_start = time.perf_counter()
-    root = os.path.dirname(cfg.vlm.path.rstrip("/"))
-    defaults = load_defaults(root)
-    paths = tiny_world_paths(root)
-    d = dict(cfg.demo)
-    if quick:
-        d.update(eval_samples=4, rl_samples=16, eval_batch=4)
-        cfg.train.grpo.update(dict(stage1_steps=2, stage2_steps=2, train_sampling_steps=3))
-        cfg.video.num_steps = 4
-    os.makedirs(output_dir, exist_ok=True)
-    data_dir = os.path.join(output_dir, "data")
-    wc = synthetic.WorldConfig(**defaults.get("world", {}))
-    csvs = {split: synthetic.generate_world(data_dir, split, int(n), config=wc).csv_path
-            for split, n in (("rl", d["rl_samples"]), ("eval", d["eval_samples"]))}
-    video_root = os.path.join(data_dir, "videos")
-    settings = settings_from_config(cfg)
-    clip_model = clip_lib.from_pretrained(paths["clip"])
-    clip_tok = clip_lib.load_tokenizer(paths["clip"])
-    cfg.data.rl_csv = cfg.data.train_csv = csvs["rl"]
-    cfg.data.video_root = video_root
-    cfg.train.export_link = True
+    env = _prepare(cfg, output_dir, quick)
+    paths, d, csvs, video_root, settings = env["paths"], env["d"], env["csvs"], env["video_root"], env["settings"]
+    clip_model, clip_tok = env["clip_model"], env["clip_tok"]
 
     def say(msg):
         if progress:
