@@ -17,6 +17,16 @@ the SDE sampler and one joint reward (format + t1 + v1 + c2) updates both.
 
 Every rollout and every update is a jitted pure function of (graphdef, state, frozen, batch);
 ``num_updates`` policy updates run per batch of rollouts (the ratio departs from 1 after the first).
+
+Several processes (``jax.distributed``): each process holds its own examples (``loop.HostBatches``).
+Every jitted input is a global array on the mesh (this process's rows of the prompts and reference
+latents; the values of the whole global batch for caption embeddings, advantages, noise), so
+generation, rendering, VAE decoding, scoring and the updates run once over the global batch. What
+the host needs (completion tokens, the frames CLIP scores, ground-truth captions) is gathered from
+every process, so every process decodes the same texts and computes the same rewards,
+advantages and anchor decisions for the whole global batch (cheap, duplicated host work); the
+RNG keys derive from the step alone, the same on every process, and the metrics are the global
+batch's. One process runs the same code (its rows are the whole batch).
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..models import clip as clip_lib
 from ..models.lora import without_lora
@@ -40,7 +51,7 @@ from ..sampling import flow
 from .. import parallel
 from .core import (TrainState, apply_gradients, init_state, jit_sharded, make_optimizer, make_update_step, place,
                    replicated, split_model)
-from .sft import build_prompt_batch
+from .sft import build_prompt_batch, vlm_video_inputs  # noqa: F401  (build_prompt_batch: re-exported)
 
 # which reward components each mode uses (all weights 1, the paper's B.1 normalize-then-sum rule)
 MODE_REWARDS = {
@@ -192,6 +203,26 @@ def make_stage2_update(graphdef, optimizer, *, beta, clip_eps, advantage_clip, n
 # ----------------------------------------------------------------------------- host helpers
 
 
+def host_values(x) -> np.ndarray:
+    """The values of a (global) array on this host: the whole array, on every process (an
+    all-gather across processes when its shards are spread over them: a collective then, call it
+    on every process)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def gather_list(items: Sequence) -> list:
+    """Every process's ``items`` concatenated in process order (the global batch's order), on every
+    process; ``list(items)`` with one process. A collective with several processes."""
+    if jax.process_count() == 1:
+        return list(items)
+    return [x for part in parallel.process_allgather_objects(list(items)) for x in part]
+
+
 def decode_texts(tokenizer, tokens, lengths) -> list[str]:
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     return [tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=False) for i in range(len(tokens))]
@@ -245,6 +276,36 @@ def reference_latents(vdm: wp.WanModels, examples, r: RenderSettings, to_device=
 
 def gt_features(clip_model, examples) -> jax.Array:
     return clip_lib.encode_frames(clip_model, np.stack([np.asarray(e["target"]) for e in examples]))
+
+
+def build_prompt_batch_global(examples: Sequence[dict], tokenizer, model_cfg, vcfg, pad_to_multiple: int, mesh) -> dict:
+    """``sft.build_prompt_batch`` as global arrays on ``mesh``: rows (and vision patches) over the
+    batch axes, each process passing its own examples; the padded length is the longest of every
+    process's (one shape for the whole global batch), the vision layout covers every process's
+    videos. One process: the same values as ``build_prompt_batch``."""
+    from ..models.qwen2_5_vl import prepare_inputs
+    from ..models.qwen2_5_vl import tokenizer as qtok
+    from ..models.qwen2_5_vl.generation import left_pad
+    from ..models.qwen2_5_vl.modeling import _vision_input
+
+    pixels, grid, seconds = vlm_video_inputs(examples, vcfg)
+    questions = [e["question"] for e in examples]
+    merge = model_cfg.vision.spatial_merge_size
+    enc = qtok.encode_prompts(tokenizer, questions, grid, merge_size=merge)
+    length = enc["input_ids"].shape[1]
+    target = -(-length // pad_to_multiple) * pad_to_multiple
+    if jax.process_count() > 1:
+        target = max(parallel.process_allgather_objects(target))
+    if target != length:
+        enc = qtok.encode_prompts(tokenizer, questions, grid, merge_size=merge, pad_to=target)
+    batch = prepare_inputs(model_cfg, enc["input_ids"], enc["attention_mask"], pixels, grid, seconds)
+    batch = left_pad({k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")})
+    out = parallel.host_local_batch_to_global({k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask")},
+                                              mesh)
+    pos = np.asarray(batch["position_ids"])
+    out["position_ids"] = parallel.host_local_batch_to_global(pos, mesh, parallel.batch_spec(mesh, 1, pos.shape[1]))
+    out["video"] = _vision_input(model_cfg, pixels, grid, "video", mesh)
+    return out
 
 
 def _summary(prefix: str, x) -> dict:
@@ -324,6 +385,9 @@ class JointGRPO:
             raise ValueError(f"mode {s.mode} needs the VLM")
         if self.needs_video and (vdm is None or clip_model is None):
             raise ValueError(f"mode {s.mode} needs the VDM and the CLIP reward model")
+        self.mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1})
+        mesh = self.mesh
+        self._noise_fns: dict = {}
         self.parts: dict[str, Part] = {}
         if self.needs_vlm:
             self.vlm_cfg = vlm.config
@@ -356,27 +420,73 @@ class JointGRPO:
                                                   shardings=(self.dit.state_shardings, self.dit.frozen_shardings,
                                                              self.dit.state_shardings.params))
 
+    # -- global arrays (see the module docstring)
+
+    def _batch_sharding(self, rows: int, dim: int = 0) -> NamedSharding:
+        return NamedSharding(self.mesh, parallel.batch_spec(self.mesh, dim, rows))
+
+    def _rows(self, x):
+        """This process's rows (of the global batch) -> global arrays sharded over the batch axes."""
+        return parallel.host_local_batch_to_global(x, self.mesh)
+
+    def _whole(self, x):
+        """Values of the whole global batch, alike on every process (host arrays) -> global arrays
+        sharded over the batch axes (each process places its own shards)."""
+        return parallel.device_put_global(x, jax.tree.map(lambda a: self._batch_sharding(np.shape(a)[0]), x))
+
+    def _const(self, x):
+        """A host value alike on every process -> a replicated global array."""
+        return parallel.device_put_global(np.asarray(x), NamedSharding(self.mesh, P()))
+
+    def _normal(self, rng, shape):
+        """Standard normal noise of ``shape``, sharded over the batch (dim 0): the same values as
+        ``jax.random.normal(rng, shape)`` (threefry is partitionable), drawn where they live."""
+        key = (tuple(shape),)
+        if key not in self._noise_fns:
+            self._noise_fns[key] = jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32),
+                                           out_shardings=self._batch_sharding(shape[0]))
+        return self._noise_fns[key](rng)
+
+    def _frame_feats(self, frames) -> np.ndarray:
+        """CLIP image features (N, F, D) of the whole global batch's videos (N, F, H, W, 3) uint8
+        (``frames``: numpy or a global array), as host values. With several processes the frames
+        are gathered and every process runs ``clip.encode_frames`` on all of them, exactly as one
+        process does (the same chunks, the same programs: rewards bit-identical to a 1-process run;
+        advantages normalize within groups of near-equal rewards and would magnify any last-bit
+        difference). The cost: an all-gather of the uint8 frames, and CLIP (small next to the
+        DiT) repeated on every host."""
+        return np.asarray(clip_lib.encode_frames(self.clip_model, host_values(frames)))
+
     # -- pieces
 
     def _caption_feats(self, captions):
-        return clip_lib.encode_texts(self.clip_model, self.clip_tokenizer, list(captions))
+        return host_values(clip_lib.encode_texts(self.clip_model, self.clip_tokenizer, list(captions)))
 
     def _dit_module(self):
         return self.dit.model() if self.train_dit else self.vdm.dit
 
     def _context(self, captions, n):
-        ctx = wp.encode_text(self.vdm, captions)
+        """``captions``: the whole global batch's (every process the same list)."""
+        ctx = wp.encode_text(self.vdm, captions, to_device=self._whole)
         unc = self.vdm.negative_embeddings(self.r.negative_prompt, n) if self.r.cfg_scale > 1.0 else None
         return ctx, unc
 
+    def _decode(self, lat):
+        """Latents -> uint8 frames: numpy with one process, else a global array (the VAE decodes
+        the global batch once)."""
+        if jax.process_count() == 1:
+            return wp.decode_latents(self.vdm, lat)
+        graphdef, state = nnx.split(self.vdm.vae)
+        return wp._decode_jit(graphdef, state, lat, "uint8")
+
     def _render_ode(self, captions, ref_lat, rng):
-        """Frozen-VDM rendering (stage 1): ODE sampler, returns uint8 frames."""
+        """Frozen-VDM rendering (stage 1): ODE sampler, returns uint8 frames (``_decode``)."""
         n = len(captions)
         ctx, unc = self._context(captions, n)
-        noise = jax.random.normal(rng, latent_shape(self.vdm, n, self.r), jnp.float32)
+        noise = self._normal(rng, latent_shape(self.vdm, n, self.r))
         lat = flow.sample(self.vdm.dit, noise, ctx, uncond_context=unc, guidance_scale=self.r.cfg_scale,
                           ref_latents=ref_lat, num_steps=self.r.num_steps, shift=self.r.shift, mode=self.r.mode)
-        return wp.decode_latents(self.vdm, lat)
+        return self._decode(lat)
 
     def _sde_window(self):
         return self.r.sde_window or (0, self.r.num_steps - 1)
@@ -385,25 +495,25 @@ class JointGRPO:
         n = len(captions)
         ctx, unc = self._context(captions, n)
         k_noise, k_sde = jax.random.split(rng)
-        noise = jax.random.normal(k_noise, latent_shape(self.vdm, n, self.r), jnp.float32)
+        noise = self._normal(k_noise, latent_shape(self.vdm, n, self.r))
         lat, traj = flow.sample(self._dit_module(), noise, ctx, uncond_context=unc, guidance_scale=self.r.cfg_scale,
                                 ref_latents=ref_lat, num_steps=self.r.num_steps, shift=self.r.shift, mode="sde",
                                 rng=k_sde, sde_window=self._sde_window(), noise_level=self.r.noise_level,
                                 std_form=self.r.std_form, return_trajectory=True)
-        return wp.decode_latents(self.vdm, lat), traj, ctx, unc
+        return self._decode(lat), traj, ctx, unc
 
-    def _anchors(self, prompt, examples, rng):
-        """Stage 2: one caption per prompt from the frozen VLM, resampled while ROUGE-L < threshold."""
-        gts = [e["caption"] for e in examples]
+    def _anchors(self, prompt, gts, rng):
+        """Stage 2: one caption per prompt from the frozen VLM, resampled while ROUGE-L < threshold.
+        ``gts``: the global batch's ground-truth captions (every process decides alike)."""
         if self.s.mode == "grpo_vdm":
-            return gts, {"anchor/resamples": 0.0, "anchor/failed": 0.0, "anchor/rouge_l": 1.0}
-        best = [""] * len(examples)
-        best_r = np.full(len(examples), -1.0)
+            return list(gts), {"anchor/resamples": 0.0, "anchor/failed": 0.0, "anchor/rouge_l": 1.0}
+        best = [""] * len(gts)
+        best_r = np.full(len(gts), -1.0)
         resamples = 0
-        todo = np.arange(len(examples))
+        todo = np.arange(len(gts))
         for attempt in range(max(1, self.s.anchor_max_tries)):
             out = self._gen_anchor(self.vlm.state.params, self.vlm.frozen, prompt, jax.random.fold_in(rng, attempt))
-            texts = decode_texts(self.tokenizer, out.tokens, out.lengths)
+            texts = decode_texts(self.tokenizer, host_values(out.tokens), host_values(out.lengths))
             caps = captions_of(texts, self.s.caption_fallback)
             r = np.asarray(rouge_l_reward(caps, gts, extract=False))
             better = r > best_r
@@ -423,26 +533,31 @@ class JointGRPO:
         t0 = time.perf_counter()
         metrics: dict[str, Any] = {}
         k_gen, k_vid, k_anchor = jax.random.split(rng, 3)
-        gt_caps = [e["caption"] for e in examples]
+        # host values cover the whole global batch (every process's examples, in process order);
+        # device arrays are global (this process's rows placed on its devices)
+        gt_caps = gather_list([e["caption"] for e in examples])
         prompt = None
         if self.needs_vlm:
-            prompt = build_prompt_batch(examples, self.tokenizer, self.vlm_cfg, self.vcfg, s.pad_multiple)
+            prompt = build_prompt_batch_global(examples, self.tokenizer, self.vlm_cfg, self.vcfg, s.pad_multiple,
+                                               self.mesh)
         if self.needs_video:
-            ref_lat = reference_latents(self.vdm, examples, self.r)
-            gt_feat = gt_features(self.clip_model, examples)
+            ref_lat = reference_latents(self.vdm, examples, self.r, to_device=self._rows)
+            target = np.stack([np.asarray(e["target"]) for e in examples])
+            gt_feat = self._frame_feats(target if jax.process_count() == 1 else self._rows(target))
         new_tokens = 0
         texts = None
         if s.mode in ("grpo_stage1", "grpo_vlm", "grpo_all_in_one"):
             out = self._gen_policy(self.vlm.state.params, self.vlm.frozen, prompt, k_gen)
-            texts = decode_texts(self.tokenizer, out.tokens, out.lengths)
+            lengths = host_values(out.lengths)
+            texts = decode_texts(self.tokenizer, host_values(out.tokens), lengths)
             caps = captions_of(texts, s.caption_fallback)
-            new_tokens = int(np.asarray(out.lengths).sum())
+            new_tokens = int(lengths.sum())
             batch_in = dict(texts=texts, gt_captions=[c for c in gt_caps for _ in range(g)])
             metrics["think_tokens"] = float(think_lengths(texts, self.tokenizer).mean())
-            metrics["completion_tokens"] = float(np.asarray(out.lengths).mean())
+            metrics["completion_tokens"] = float(lengths.mean())
             metrics["sample_text"] = texts[0]
         else:
-            anchors, am = self._anchors(prompt, examples, k_anchor)
+            anchors, am = self._anchors(prompt, gt_caps, k_anchor)
             metrics.update(am)
             caps = [c for c in anchors for _ in range(g)]
             batch_in = {}
@@ -456,15 +571,15 @@ class JointGRPO:
                 frames, traj, ctx, unc = self._render_sde(caps, ref_rep, k_vid)
             else:
                 frames = self._render_ode(caps, ref_rep, k_vid)
-            feats = clip_lib.encode_frames(self.clip_model, frames)
-            batch_in.update(gen_video_feats=feats, gt_video_feats=rep(gt_feat))
+            feats = self._frame_feats(frames)
+            batch_in.update(gen_video_feats=feats, gt_video_feats=np.repeat(gt_feat, g, axis=0))
             if any(k in self.rewards.active for k in ("c2",)):
                 batch_in["caption_feats"] = self._caption_feats(caps)
         t_video = time.perf_counter()
         rewards = compute_rewards(self.rewards, **batch_in)
         if not finite_rewards(rewards):
             return dict(metrics, skipped_rewards=1.0, step_time_s=time.perf_counter() - t0)
-        adv = stage_advantages(self.rewards, rewards, g)
+        adv = np.asarray(stage_advantages(self.rewards, rewards, g))
         metrics.update(reward_metrics(rewards, adv))
         metrics["skipped_rewards"] = 0.0
 
@@ -475,18 +590,18 @@ class JointGRPO:
             old = self._score(self.vlm.state.params, self.vlm.frozen, prompt, comp, cmask)
             ref = old if s.beta == 0 else self._score(self.vlm.ref_params(), self.vlm.frozen, prompt, comp, cmask)
             vb = dict(prompt=prompt, completions=comp, completion_mask=cmask, old_logp=old, ref_logp=ref,
-                      advantages=adv)
+                      advantages=self._whole(adv))
             for u in range(s.num_updates):
                 self.vlm.state, m = self._vlm_update(self.vlm.state, self.vlm.frozen,
-                                                     dict(vb, update_index=jnp.int32(u)))
+                                                     dict(vb, update_index=self._const(np.int32(u))))
                 upd.setdefault("vlm", []).append(m)
         if self.train_dit:
             lo, hi = self._sde_window()
             idx = np.arange(lo, hi)
             db = dict(x=traj.latents[idx], x_next=traj.latents[idx + 1], old_logp=traj.log_probs[idx],
-                      steps=jnp.asarray(idx, jnp.int32), timesteps=traj.timesteps[idx], sigmas=traj.sigmas,
-                      context=ctx, uncond_context=unc, cfg=jnp.float32(self.r.cfg_scale), ref_latents=ref_rep,
-                      advantages=adv)
+                      steps=self._const(idx.astype(np.int32)), timesteps=traj.timesteps[idx], sigmas=traj.sigmas,
+                      context=ctx, uncond_context=unc, cfg=self._const(np.float32(self.r.cfg_scale)),
+                      ref_latents=ref_rep, advantages=self._whole(adv))
             if unc is None:
                 db.pop("uncond_context")
             ref_params = self.dit.ref_params()
@@ -501,7 +616,7 @@ class JointGRPO:
                 if k == "ratio":
                     metrics[f"{name}/ratio_last_update"] = float(vals[-1])
         t1 = time.perf_counter()
-        n_frames = 0 if frames is None else int(np.prod(np.asarray(frames).shape[:2]))
+        n_frames = 0 if frames is None else int(np.prod(frames.shape[:2]))
         metrics.update({"time/step_s": t1 - t0, "time/text_s": t_text - t0, "time/video_s": t_video - t_text,
                         "time/update_s": t1 - t_video, "throughput/tokens_per_s": new_tokens / max(t_text - t0, 1e-9),
                         "throughput/frames_per_s": n_frames / max(t_video - t_text, 1e-9)})

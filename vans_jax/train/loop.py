@@ -356,9 +356,6 @@ def check_batching(cfg, mode, mesh) -> tuple[int, int]:
     if bs % pc:
         raise ValueError(f"train.batch_size={bs} (the global batch) is not divisible by the {pc} processes: each "
                          f"reads batch_size / process_count examples a step")
-    if pc > 1 and mode not in SFT_MODES:
-        raise ValueError(f"train.mode={mode} runs on one process (several devices are fine); multi-process "
-                         f"training covers {', '.join(SFT_MODES)}")
     if pc > 1:      # one process replicates a batch over the axes that do not divide it; hosts' rows cannot be
         axes = parallel.batch_spec(mesh)[0] or ()
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
@@ -377,7 +374,9 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None) -> dict:
     Several processes (``jax.distributed``; ``parallel.initialize_distributed``): every process runs
     this same function on its own slice of the data (``HostBatches``); the runners turn each
     process's examples into global arrays over the mesh's batch axes before any jitted function,
-    so the metrics of the jitted steps are the global batch's on every process; checkpoints are
+    so the metrics of the jitted steps are the global batch's on every process (the Joint-GRPO modes
+    also gather what the host needs - completions, frames for CLIP, captions - so every process computes
+    the same rewards, advantages and anchors for the whole global batch); checkpoints are
     written by all processes (orbax), logs, ``final_metrics.json`` and exports by process 0.
     Timings (``time/*``, ``throughput/*``) are each process's own."""
     mode = str(cfg.train.mode)
