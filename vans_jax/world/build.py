@@ -200,7 +200,8 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
         for i, ph in enumerate(phases):
             name = mode if i == 0 else f"{mode}_{i + 1}"
             rep = stage(name, lambda: _timed(_train, cfg, mode, os.path.join(work, name), **ph,
-                                             **{f"{part}__path": src}), extra={"phase": ph, "init": src})
+                                             **{f"{part}__path": src}),
+                        extra={"phase": ph, "init": src, "after": list(phases[:i])})   # a changed earlier phase reruns this
             reps.append(dict(ph, loss=rep.get("loss"), token_accuracy=rep.get("token_accuracy"),
                              wall_s=rep.get("wall_s")))
             src = rep["exports"][part]
