@@ -38,6 +38,8 @@ def get_config():
                            target_fps=4.0, reference_frames=9, reference_height=64, reference_width=64,
                            reference_fps=4.0)
     c.train.update(dict(batch_size=2, log_every=5, checkpoint_every=50, steps=0, pad_multiple=64))
+    # a plain `vans-jax train` SFT run on the world; the shipped models were trained in the phases of
+    # vans_jax.world.build.SFT_PHASES (steps, batch, lr per phase), which override these three
     c.train.sft_vlm.update(dict(steps=800, lr=2e-3, trainable="full", max_len=320, warmup_steps=50,
                                 schedule="cosine", final_lr_ratio=0.05, dropout=False))
     c.train.sft_vdm.update(dict(steps=1500, lr=1e-3, trainable="full", warmup_steps=50, schedule="cosine",

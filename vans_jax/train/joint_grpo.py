@@ -51,7 +51,7 @@ from ..sampling import flow
 from .. import parallel
 from .core import (TrainState, apply_gradients, init_state, jit_sharded, make_optimizer, make_update_step, place,
                    replicated, split_model)
-from .sft import build_prompt_batch, vlm_video_inputs  # noqa: F401  (build_prompt_batch: re-exported)
+from .sft import build_prompt_batch
 
 # which reward components each mode uses (all weights 1, the paper's B.1 normalize-then-sum rule)
 MODE_REWARDS = {
@@ -278,36 +278,6 @@ def gt_features(clip_model, examples) -> jax.Array:
     return clip_lib.encode_frames(clip_model, np.stack([np.asarray(e["target"]) for e in examples]))
 
 
-def build_prompt_batch_global(examples: Sequence[dict], tokenizer, model_cfg, vcfg, pad_to_multiple: int, mesh) -> dict:
-    """``sft.build_prompt_batch`` as global arrays on ``mesh``: rows (and vision patches) over the
-    batch axes, each process passing its own examples; the padded length is the longest of every
-    process's (one shape for the whole global batch), the vision layout covers every process's
-    videos. One process: the same values as ``build_prompt_batch``."""
-    from ..models.qwen2_5_vl import prepare_inputs
-    from ..models.qwen2_5_vl import tokenizer as qtok
-    from ..models.qwen2_5_vl.generation import left_pad
-    from ..models.qwen2_5_vl.modeling import _vision_input
-
-    pixels, grid, seconds = vlm_video_inputs(examples, vcfg)
-    questions = [e["question"] for e in examples]
-    merge = model_cfg.vision.spatial_merge_size
-    enc = qtok.encode_prompts(tokenizer, questions, grid, merge_size=merge)
-    length = enc["input_ids"].shape[1]
-    target = -(-length // pad_to_multiple) * pad_to_multiple
-    if jax.process_count() > 1:
-        target = max(parallel.process_allgather_objects(target))
-    if target != length:
-        enc = qtok.encode_prompts(tokenizer, questions, grid, merge_size=merge, pad_to=target)
-    batch = prepare_inputs(model_cfg, enc["input_ids"], enc["attention_mask"], pixels, grid, seconds)
-    batch = left_pad({k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")})
-    out = parallel.host_local_batch_to_global({k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask")},
-                                              mesh)
-    pos = np.asarray(batch["position_ids"])
-    out["position_ids"] = parallel.host_local_batch_to_global(pos, mesh, parallel.batch_spec(mesh, 1, pos.shape[1]))
-    out["video"] = _vision_input(model_cfg, pixels, grid, "video", mesh)
-    return out
-
-
 def _summary(prefix: str, x) -> dict:
     x = np.asarray(x, np.float64)
     return {f"{prefix}_mean": float(x.mean()), f"{prefix}_std": float(x.std()), f"{prefix}_min": float(x.min()),
@@ -471,22 +441,14 @@ class JointGRPO:
         unc = self.vdm.negative_embeddings(self.r.negative_prompt, n) if self.r.cfg_scale > 1.0 else None
         return ctx, unc
 
-    def _decode(self, lat):
-        """Latents -> uint8 frames: numpy with one process, else a global array (the VAE decodes
-        the global batch once)."""
-        if jax.process_count() == 1:
-            return wp.decode_latents(self.vdm, lat)
-        graphdef, state = nnx.split(self.vdm.vae)
-        return wp._decode_jit(graphdef, state, lat, "uint8")
-
     def _render_ode(self, captions, ref_lat, rng):
-        """Frozen-VDM rendering (stage 1): ODE sampler, returns uint8 frames (``_decode``)."""
+        """Frozen-VDM rendering (stage 1): ODE sampler, returns uint8 frames (a device array)."""
         n = len(captions)
         ctx, unc = self._context(captions, n)
         noise = self._normal(rng, latent_shape(self.vdm, n, self.r))
         lat = flow.sample(self.vdm.dit, noise, ctx, uncond_context=unc, guidance_scale=self.r.cfg_scale,
                           ref_latents=ref_lat, num_steps=self.r.num_steps, shift=self.r.shift, mode=self.r.mode)
-        return self._decode(lat)
+        return wp.decode_latents(self.vdm, lat, to_host=False)
 
     def _sde_window(self):
         return self.r.sde_window or (0, self.r.num_steps - 1)
@@ -500,7 +462,7 @@ class JointGRPO:
                                 ref_latents=ref_lat, num_steps=self.r.num_steps, shift=self.r.shift, mode="sde",
                                 rng=k_sde, sde_window=self._sde_window(), noise_level=self.r.noise_level,
                                 std_form=self.r.std_form, return_trajectory=True)
-        return self._decode(lat), traj, ctx, unc
+        return wp.decode_latents(self.vdm, lat, to_host=False), traj, ctx, unc
 
     def _anchors(self, prompt, gts, rng):
         """Stage 2: one caption per prompt from the frozen VLM, resampled while ROUGE-L < threshold.
@@ -538,8 +500,8 @@ class JointGRPO:
         gt_caps = gather_list([e["caption"] for e in examples])
         prompt = None
         if self.needs_vlm:
-            prompt = build_prompt_batch_global(examples, self.tokenizer, self.vlm_cfg, self.vcfg, s.pad_multiple,
-                                               self.mesh)
+            prompt = build_prompt_batch(examples, self.tokenizer, self.vlm_cfg, self.vcfg, s.pad_multiple,
+                                        mesh=self.mesh)
         if self.needs_video:
             ref_lat = reference_latents(self.vdm, examples, self.r, to_device=self._rows)
             target = np.stack([np.asarray(e["target"]) for e in examples])

@@ -93,21 +93,37 @@ def build_sft_vlm_batch(examples: Sequence[dict], tokenizer, model_cfg, vcfg, pa
     return batch
 
 
-def build_prompt_batch(examples: Sequence[dict], tokenizer, model_cfg, vcfg, pad_to_multiple: int = 16) -> dict:
-    """Left-padded generation prompts (system prompt, the video, the question)."""
+def build_prompt_batch(examples: Sequence[dict], tokenizer, model_cfg, vcfg, pad_to_multiple: int = 16, *,
+                       mesh=None) -> dict:
+    """Left-padded generation prompts (system prompt, the video, the question). ``mesh``: global
+    arrays on it (rows and vision patches over the batch axes); with several processes
+    ``examples`` are this process's rows, the padded length is the longest of every process's and
+    the vision layout covers every process's videos."""
     from ..models.qwen2_5_vl.generation import left_pad
+    from ..models.qwen2_5_vl.modeling import _vision_input
 
     pixels, grid, seconds = vlm_video_inputs(examples, vcfg)
-    enc = qtok.encode_prompts(tokenizer, [e["question"] for e in examples], grid,
-                              merge_size=model_cfg.vision.spatial_merge_size)
+    questions = [e["question"] for e in examples]
+    merge = model_cfg.vision.spatial_merge_size
+    enc = qtok.encode_prompts(tokenizer, questions, grid, merge_size=merge)
     length = enc["input_ids"].shape[1]
     target = -(-length // pad_to_multiple) * pad_to_multiple
+    if mesh is not None and jax.process_count() > 1:
+        target = max(parallel.process_allgather_objects(target))
     if target != length:
-        enc = qtok.encode_prompts(tokenizer, [e["question"] for e in examples], grid,
-                                  merge_size=model_cfg.vision.spatial_merge_size, pad_to=target)
+        enc = qtok.encode_prompts(tokenizer, questions, grid, merge_size=merge, pad_to=target)
     batch = prepare_inputs(model_cfg, enc["input_ids"], enc["attention_mask"], pixels, grid, seconds)
     batch.pop("rope_deltas")
-    return left_pad(batch)
+    if mesh is None:
+        return left_pad(batch)
+    # left padding needs host values: pad first, then place (the video layout is placed by itself)
+    batch = left_pad({k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")})
+    out = parallel.host_local_batch_to_global({k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask")},
+                                              mesh)
+    pos = np.asarray(batch["position_ids"])
+    out["position_ids"] = parallel.host_local_batch_to_global(pos, mesh, parallel.batch_spec(mesh, 1, pos.shape[1]))
+    out["video"] = _vision_input(model_cfg, pixels, grid, "video", mesh)
+    return out
 
 
 # ----------------------------------------------------------------------------- VDM

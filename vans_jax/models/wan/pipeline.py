@@ -300,13 +300,15 @@ def encode_text(models: WanModels, captions: Sequence[str], max_sequence_length:
     return encode_prompts(models.text_encoder, models.tokenizer, list(captions), L, to_device=to_device)
 
 
-def decode_latents(models: WanModels, latents, output_type: str = "uint8"):
+def decode_latents(models: WanModels, latents, output_type: str = "uint8", *, to_host: bool = True):
     """Normalized latents (B, z, T, h, w) -> video (B, 1+4(T-1), 8h, 8w, 3) as numpy:
-    uint8 (``round(255 x)``) or float in [0, 1] (diffusers' ``output_type="np"``)."""
+    uint8 (``round(255 x)``) or float in [0, 1] (diffusers' ``output_type="np"``).
+    ``to_host=False``: the device array (a global array for global latents, e.g. several processes)."""
     if output_type not in ("uint8", "float"):
         raise ValueError(f"decode_latents: output_type must be 'uint8' or 'float', got {output_type!r}")
     graphdef, state = nnx.split(models.vae)
-    return np.asarray(_decode_jit(graphdef, state, jnp.asarray(latents, jnp.float32), output_type))
+    video = _decode_jit(graphdef, state, jnp.asarray(latents, jnp.float32), output_type)
+    return np.asarray(video) if to_host else video
 
 
 # ----------------------------------------------------------------------------- generation
