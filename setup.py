@@ -35,5 +35,5 @@ setup(
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require={"test": TEST, "tfds": TFDS},
-    entry_points={"console_scripts": ["vans-jax=vans_jax.cli:main"]},
+    entry_points={"console_scripts": ["vans-jax=vans_jax.apps.cli:main"]},
 )

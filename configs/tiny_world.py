@@ -1,5 +1,5 @@
 """The embedded synthetic VNEP world (data/SYNTHETIC_WORLD.md) and its tiny VANS models
-(data/models/tiny_world/): what `vans-jax demo` trains, and what `python -m vans_jax.world.build`
+(data/models/tiny_world/): what `vans-jax demo` trains, and what `python -m tools.tiny_world.build`
 used to build the shipped models. Every VANS mechanism is kept (video VLM with M-RoPE, [Think]/[Ans]
 format, reference latents in front on the time axis, CFG, SDE rollouts); only sizes are small:
 64x64 clips, 9 target frames at 4 fps, 3 reference latent frames."""
@@ -39,7 +39,7 @@ def get_config():
                            reference_fps=4.0)
     c.train.update(dict(batch_size=2, log_every=5, checkpoint_every=50, steps=0, pad_multiple=64))
     # a plain `vans-jax train` SFT run on the world; the shipped models were trained in the phases of
-    # vans_jax.world.build.SFT_PHASES (steps, batch, lr per phase), which override these three
+    # tools.tiny_world.build.SFT_PHASES (steps, batch, lr per phase), which override these three
     c.train.sft_vlm.update(dict(steps=800, lr=2e-3, trainable="full", max_len=320, warmup_steps=50,
                                 schedule="cosine", final_lr_ratio=0.05, dropout=False))
     c.train.sft_vdm.update(dict(steps=1500, lr=1e-3, trainable="full", warmup_steps=50, schedule="cosine",

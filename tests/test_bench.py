@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from vans_jax import bench, cli
+from vans_jax.apps import bench, cli
 from vans_jax.models.wan import WanConfig, WanTransformer3D
 
 SHORT = [

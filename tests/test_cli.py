@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from vans_jax import cli
-from vans_jax.configlib import apply_overrides, load_config
+from vans_jax.apps import cli
+from vans_jax.apps.configlib import apply_overrides, load_config
 
 
 def test_overrides_are_typed_and_checked():

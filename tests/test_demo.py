@@ -5,11 +5,11 @@ import os
 
 import pytest
 
-from vans_jax import cli
-from vans_jax.world import tiny_world_paths
+from vans_jax.apps import cli
+from vans_jax.apps.tiny_world import tiny_world_paths
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(tiny_world_paths()["defaults"]),
-                                reason="the tiny world models are not built (python -m vans_jax.world.build)")
+                                reason="the tiny world models are not built (python -m tools.tiny_world.build)")
 
 
 def test_quick_demo_writes_everything(tmp_path, capsys):

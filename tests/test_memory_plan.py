@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vans_jax import memory_plan
-from vans_jax.configlib import load_config
+from vans_jax.apps import memory_plan
+from vans_jax.apps.configlib import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,7 @@ def test_parse_mesh():
 def test_memory_plan_tiny(tmp_path):
     out = tmp_path / "plan.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "vans_jax.cli", "memory-plan", "--config", "configs/tiny.py",
+    proc = subprocess.run([sys.executable, "-m", "vans_jax.apps.cli", "memory-plan", "--config", "configs/tiny.py",
                            "--meshes", "1", "fsdp=2,tensor=2", "--remat", "none", "full", "--output", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -16,8 +16,8 @@ from vans_jax.convert.wan_dit import iter_dit_tensors  # noqa: E402
 from vans_jax.convert.safetensors_io import save_file  # noqa: E402
 from vans_jax.data.video_io import (VideoError, read_video, reference_clip, resize_center_crop,  # noqa: E402
                                     write_video)
-from vans_jax.models.qwen2_5_vl import generation  # noqa: E402
-from vans_jax.models.wan import pipeline as wp  # noqa: E402
+from vans_jax.sampling import text as generation  # noqa: E402
+from vans_jax.sampling import wan as wp  # noqa: E402
 from vans_jax.pipeline import (InvalidResponseError, InvalidResponseWarning, VANSPipeline,  # noqa: E402
                                VANSSettings, load_clip)
 from vans_jax.rl.rewards import extract_answer  # noqa: E402

@@ -14,12 +14,12 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from tests import tiny_vans as T  # noqa: E402
-from vans_jax import cli, predict  # noqa: E402
+from vans_jax.apps import cli, predict  # noqa: E402
 from vans_jax.data import synthetic  # noqa: E402
 from vans_jax.data.video_io import read_video, write_video  # noqa: E402
 from vans_jax.eval import runner  # noqa: E402
 from vans_jax.pipeline import VANSSettings  # noqa: E402
-from vans_jax.world import ENV  # noqa: E402
+from vans_jax.apps.tiny_world import ENV  # noqa: E402
 
 Q = "What will happen next?"
 SETTING_FLAGS = [x for k, v in T.SETTINGS.items() for x in (f"--{k}", str(v))]

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from vans_jax.models.qwen2_5_vl.tokenizer import build_tiny_tokenizer
+from vans_jax.rl.format import TAGS
 
 H, W, F, FPS = 32, 48, 5, 8.0
 Z = 16
@@ -58,7 +59,7 @@ def build_vlm_dir(d: str, seed: int = 0, tie: bool = False):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     os.makedirs(d, exist_ok=True)
-    ids = build_tiny_tokenizer(d)
+    ids = build_tiny_tokenizer(d, added_tokens=TAGS)
     torch.manual_seed(seed)
     cfg = vlm_config(ids, tie)
     cfg._attn_implementation = "eager"

@@ -12,10 +12,10 @@ The flow (SPEC section 1), each stage batched over the samples and jit-compiled 
    (``processor.sample_frames_for_vlm``: the frame nearest each whole second; a clip too short for
    that spreads the frames over the whole clip, repeating frames when it has fewer), the VANS
    system prompt and the question; greedy decoding by default (``temperature=0``).
-2. **Parse** ``[Think]..[/Think][Ans]..[/Ans]`` with ``tokenizer.parse_response`` (the one strict
+2. **Parse** ``[Think]..[/Think][Ans]..[/Ans]`` with ``rl.format.parse_response`` (the one strict
    format definition). A response that does not follow it is a reported failure
    (``VANSAnswer.valid_format`` False, an ``InvalidResponseWarning``) with the configurable
-   ``fallback``: ``"full"`` (default) takes ``rl.rewards.extract_answer(text)`` as the caption -- the
+   ``fallback``: ``"full"`` (default) takes ``rl.format.extract_answer(text)`` as the caption -- the
    [Ans] text if an ``[Ans]`` tag is there at all, else the text after the last ``[/Think]``, else
    the whole text (the rule the evaluator applies to a prediction without a caption);
    ``"error"`` raises ``InvalidResponseError`` before any video is generated.
@@ -55,10 +55,10 @@ from PIL import Image
 
 from .data.video_io import VideoError, check_vae_frames, read_video, reference_clip
 from .models import qwen2_5_vl as qwen
-from .models.wan import pipeline as wan
 from .models.qwen2_5_vl import processor
 from .models.qwen2_5_vl import tokenizer as tok_lib
-from .rl.rewards import extract_answer
+from .rl.format import extract_answer, parse_response
+from .sampling import wan
 
 __all__ = ["WAN_NEGATIVE_PROMPT", "FALLBACKS", "IMAGE_EXTENSIONS", "VANSSettings", "Clip", "load_clip",
            "VANSAnswer", "VANSOutput", "VANSPipeline", "InvalidResponseError", "InvalidResponseWarning"]
@@ -410,7 +410,7 @@ class VANSPipeline:
         for i in range(tokens.shape[0]):
             pair = i // num_futures
             text = self.tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
-            parsed = tok_lib.parse_response(text)
+            parsed = parse_response(text)
             caption = parsed["caption"] if parsed["valid_format"] else extract_answer(text, fallback="full")
             answers.append(VANSAnswer(question=questions[pair], text=text, think=parsed["think"], caption=caption,
                                       valid_format=bool(parsed["valid_format"]), seed=seeds[i],
@@ -424,7 +424,7 @@ class VANSPipeline:
                     f"block ({shown}); use fallback='full' to render the extracted text instead")
             warnings.warn(InvalidResponseWarning(
                 f"{len(invalid)} of {len(answers)} VLM response(s) have no valid [Think]..[/Think][Ans]..[/Ans] block; "
-                f"caption from fallback='full' (rl.rewards.extract_answer) ({shown})"), stacklevel=3)
+                f"caption from fallback='full' (rl.format.extract_answer) ({shown})"), stacklevel=3)
         return answers
 
     # ------------------------------------------------------------------ stage 2: the VDM

@@ -159,9 +159,10 @@ def test_world_texts_train_a_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     from vans_jax.models.qwen2_5_vl.tokenizer import build_tiny_tokenizer
+    from vans_jax.rl.format import TAGS
 
     texts = S.world_texts()
-    ids = build_tiny_tokenizer(tmp_path / "tok", vocab_texts=texts, vocab_size=512)
+    ids = build_tiny_tokenizer(tmp_path / "tok", vocab_texts=texts, vocab_size=512, added_tokens=TAGS)
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     cap = "Move the purple triangle down."
     enc = tok(cap)["input_ids"]

@@ -14,6 +14,7 @@ from flax import nnx
 
 from vans_jax.convert.safetensors_io import CheckpointError, save_file
 from vans_jax.eval import fvd as F
+from vans_jax.convert import i3d as I3DC
 from vans_jax.models import i3d as I
 from tests.utils import rel_err as _rel
 
@@ -249,13 +250,13 @@ def torch_ref():
                 m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
                 m.num_batches_tracked.fill_(7)
-    sd = I.state_dict_to_numpy(model.state_dict())
+    sd = I3DC.state_dict_to_numpy(model.state_dict())
     return model, sd
 
 
 @pytest.fixture(scope="module")
 def loaded(torch_ref):
-    return I.load_i3d(torch_ref[1])
+    return I3DC.load_i3d(torch_ref[1])
 
 
 def _to_torch(x):  # (B, T, H, W, C) -> (B, C, T, H, W)
@@ -268,7 +269,7 @@ def test_state_dict_layout_and_round_trip(torch_ref, loaded, tmp_path):
               "Mixed_5c.b3b.conv3d.weight", "logits.conv3d.weight", "logits.conv3d.bias"):
         assert k in sd
     assert sd["Conv3d_1a_7x7.conv3d.weight"].shape == (64, 3, 7, 7, 7)
-    table = I.key_table(loaded)
+    table = I3DC.key_table(loaded)
     assert set(table) == {k for k in sd if not k.endswith("num_batches_tracked")}
     np.testing.assert_array_equal(np.asarray(loaded.Mixed_4e.b2b.conv3d.kernel[...]),
                                   sd["Mixed_4e.b2b.conv3d.weight"].transpose(2, 3, 4, 1, 0))
@@ -278,9 +279,9 @@ def test_state_dict_layout_and_round_trip(torch_ref, loaded, tmp_path):
     small = {k: v for k, v in sd.items()}
     path = tmp_path / "i3d.safetensors"
     save_file(small, str(path))
-    m2 = I.load_i3d(str(path))
+    m2 = I3DC.load_i3d(str(path))
     np.testing.assert_array_equal(np.asarray(m2.Mixed_5b.b1b.bn.mean[...]), sd["Mixed_5b.b1b.bn.running_mean"])
-    m3 = I.load_i3d({"module." + k: v for k, v in sd.items()})
+    m3 = I3DC.load_i3d({"module." + k: v for k, v in sd.items()})
     assert m3.num_classes == 400
 
 
@@ -289,17 +290,17 @@ def test_loader_errors_name_the_key(torch_ref, tmp_path):
     bad = dict(sd)
     del bad["Mixed_4c.b2a.bn.running_mean"]
     with pytest.raises(CheckpointError, match=r"missing.*Mixed_4c\.b2a\.bn\.running_mean"):
-        I.load_i3d(bad)
+        I3DC.load_i3d(bad)
     bad = dict(sd, **{"Mixed_6a.b0.conv3d.weight": np.zeros((1, 1, 1, 1, 1), np.float32)})
     with pytest.raises(CheckpointError, match=r"unexpected.*Mixed_6a\.b0\.conv3d\.weight"):
-        I.load_i3d(bad)
+        I3DC.load_i3d(bad)
     bad = dict(sd, **{"Mixed_3b.b1b.conv3d.weight": np.zeros((128, 96, 1, 3, 3), np.float32)})
     with pytest.raises(CheckpointError, match=r"mis-shaped.*Mixed_3b\.b1b\.conv3d\.weight"):
-        I.load_i3d(bad)
+        I3DC.load_i3d(bad)
     pt = tmp_path / "rgb_imagenet.pt"
     pt.write_bytes(b"\x80\x02not a safetensors file")
     with pytest.raises(CheckpointError, match="torch.load"):
-        I.load_i3d(str(pt))
+        I3DC.load_i3d(str(pt))
 
 
 def test_stem_and_mixed_block_match_torch(torch_ref, loaded):

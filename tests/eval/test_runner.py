@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from vans_jax import cli
+from vans_jax.apps import cli
 from vans_jax.data import synthetic as S
 from vans_jax.data.csv_format import read_vnep_csv
 from vans_jax.data.video_io import read_video, write_video

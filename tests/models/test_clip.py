@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 from vans_jax.convert.safetensors_io import Checkpoint, CheckpointError, save_file  # noqa: E402
+from vans_jax.convert import clip as clip_ckpt  # noqa: E402
 from vans_jax.models import clip  # noqa: E402
 from tests.utils import rel_err as _rel
 
@@ -60,7 +61,7 @@ def _inputs(seed=0):
 
 def test_image_and_text_features_match_transformers(saved):
     d, hf = saved
-    model = clip.from_pretrained(d)
+    model = clip_ckpt.from_pretrained(d)
     px, ids, mask = _inputs()
     with torch.no_grad():
         ref_img = hf.get_image_features(torch.tensor(px)).pooler_output.numpy()
@@ -80,7 +81,7 @@ def test_image_and_text_features_match_transformers(saved):
 def test_openai_style_eos_2_pools_at_argmax(tmp_path):
     # configs from before transformers PR #24773 carry eos_token_id=2: pooling at argmax(ids)
     hf = _save(str(tmp_path), _hf_config(eos_token_id=2, act="gelu"), seed=1)
-    model = clip.from_pretrained(str(tmp_path))
+    model = clip_ckpt.from_pretrained(str(tmp_path))
     assert model.config.text.eos_token_id == 2
     _, ids, mask = _inputs(1)
     ids[ids == EOS] = VOCAB - 1  # the EOT token is the largest id
@@ -102,14 +103,14 @@ def test_config_and_mapping_coverage(saved):
     assert (dflt.text.hidden_size, dflt.text.num_attention_heads, dflt.text.max_position_embeddings) == (512, 8, 77)
     assert dflt.text.eos_token_id == 2 and dflt.projection_dim == 512
     ckpt_keys = set(Checkpoint(d).keys())
-    table_keys = {k for e in clip.weight_mapping(cfg) for k in e.keys}
+    table_keys = {k for e in clip_ckpt.weight_mapping(cfg) for k in e.keys}
     assert table_keys == ckpt_keys
 
 
 def test_export_round_trip(saved):
     d, _ = saved
-    model = clip.from_pretrained(d)
-    sd = clip.export_state_dict(model)
+    model = clip_ckpt.from_pretrained(d)
+    sd = clip_ckpt.export_state_dict(model)
     ck = Checkpoint(d)
     assert set(sd) == set(ck.keys())
     for k in sd:
@@ -131,25 +132,25 @@ def test_bad_checkpoints_name_the_key(saved, tmp_path):
     key = "vision_model.encoder.layers.1.mlp.fc1.weight"
     _rewrite(d, tmp_path / "missing", lambda t: t.pop(key))
     with pytest.raises(CheckpointError, match="missing key.*layers.1.mlp.fc1.weight"):
-        clip.from_pretrained(str(tmp_path / "missing"))
+        clip_ckpt.from_pretrained(str(tmp_path / "missing"))
 
     def extra(t):
         t["text_model.encoder.layers.5.self_attn.q_proj.weight"] = np.zeros((32, 32), np.float32)
     _rewrite(d, tmp_path / "extra", extra)
     with pytest.raises(CheckpointError, match="unexpected key.*layers.5.self_attn.q_proj.weight"):
-        clip.from_pretrained(str(tmp_path / "extra"))
+        clip_ckpt.from_pretrained(str(tmp_path / "extra"))
 
     def bad_shape(t):
         t["text_projection.weight"] = np.zeros((24, 31), np.float32)
     _rewrite(d, tmp_path / "shape", bad_shape)
     with pytest.raises(CheckpointError, match="text_projection.weight.*shape"):
-        clip.from_pretrained(str(tmp_path / "shape"))
+        clip_ckpt.from_pretrained(str(tmp_path / "shape"))
 
     # old checkpoints saved the position_ids buffers: tolerated
     def pos_ids(t):
         t["text_model.embeddings.position_ids"] = np.arange(16, dtype=np.int64)[None]
     _rewrite(d, tmp_path / "posids", pos_ids)
-    clip.from_pretrained(str(tmp_path / "posids"))
+    clip_ckpt.from_pretrained(str(tmp_path / "posids"))
 
 
 def test_bf16_and_mesh_loading(saved):
@@ -157,7 +158,7 @@ def test_bf16_and_mesh_loading(saved):
     from vans_jax.parallel import make_mesh
 
     mesh = make_mesh({"data": -1})
-    model = clip.from_pretrained(d, dtype="bfloat16", mesh=mesh)
+    model = clip_ckpt.from_pretrained(d, dtype="bfloat16", mesh=mesh)
     k = model.vision_model.layers.self_attn.q_proj.kernel[...]
     assert k.dtype == jnp.bfloat16 and k.shape == (3, 48, 48)
     assert model.logit_scale[...].dtype == jnp.float32
@@ -199,7 +200,7 @@ def test_tokenizer_and_encoders_match_transformers(saved, tmp_path):
     ids, mask = clip.tokenize(tok, texts, max_length=16)
     assert ids.shape == (3, 16) and ids.dtype == np.int32
     assert (ids[:, 0] == BOS).all() and ids[0, 5] == EOS and mask[0].sum() == 6  # <s> a</w> c a t</w> </s>
-    model = clip.from_pretrained(d)
+    model = clip_ckpt.from_pretrained(d)
     with torch.no_grad():
         ref = hf.get_text_features(torch.tensor(ids, dtype=torch.long),
                                    attention_mask=torch.tensor(mask)).pooler_output.numpy()

@@ -20,6 +20,7 @@ import pytest
 
 from vans_jax.models.qwen2_5_vl import processor as P
 from vans_jax.models.qwen2_5_vl import tokenizer as T
+from vans_jax.rl.format import TAGS, format_response, parse_response  # noqa: E402
 
 hf_pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
 
@@ -31,7 +32,7 @@ def _rand(shape, seed=0):
 @pytest.fixture(scope="module")
 def tiny_tok(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_qwen_tok")
-    ids = T.build_tiny_tokenizer(d)
+    ids = T.build_tiny_tokenizer(d, added_tokens=TAGS)
     return T.load_tokenizer(d), ids, d
 
 
@@ -227,8 +228,8 @@ def test_tiny_tokenizer_loads(tiny_tok):
     assert ids["vocab_size"] == len(tok) < 500
     assert T.special_token_ids(tok) == {k: ids[k] for k in T.special_token_ids(tok)}
     assert tok.eos_token_id == ids["im_end"] and tok.pad_token_id == ids["endoftext"]
-    for name, t in [("think_start", "[Think]"), ("think_end", "[/Think]"), ("ans_start", "[Ans]"), ("ans_end", "[/Ans]")]:
-        assert tok.encode(t, add_special_tokens=False) == [ids[name]]
+    for t in TAGS:
+        assert tok.encode(t, add_special_tokens=False) == [ids[t]]
     raw = Tokenizer.from_file(str(d / "tokenizer.json"))
     text = T.build_prompt_text("What happens next, after 12 steps?", 5) + "[Think]x y[/Think][Ans]Él café.[/Ans]<|im_end|>"
     enc = tok(text, add_special_tokens=False)["input_ids"]
@@ -330,7 +331,7 @@ def test_sft_example_loss_mask(tiny_tok):
     tok, ids, _ = tiny_tok
     grid = (3, 4, 6)
     think, caption = "The cook has cut onions, so", "she puts the onions into the hot pan."
-    ex = T.sft_example(tok, "What next?", think, caption, grid)
+    ex = T.sft_example(tok, "What next?", format_response(think, caption), grid)
     ids_, mask = ex["input_ids"], ex["loss_mask"]
     target = f"[Think]{think}[/Think][Ans]{caption}[/Ans]<|im_end|>"
     full = T.build_prompt_text("What next?", 18) + target
@@ -339,7 +340,7 @@ def test_sft_example_loss_mask(tiny_tok):
     assert ex["prompt_len"] == n_prompt
     assert mask[:n_prompt].sum() == 0 and mask[n_prompt:].all()
     assert tok.decode(ids_[mask == 1]) == target
-    assert ids_[mask == 1][0] == ids["think_start"] and ids_[-1] == ids["im_end"]
+    assert ids_[mask == 1][0] == ids["[Think]"] and ids_[-1] == ids["im_end"]
     assert (ids_ == ids["video_pad"]).sum() == 18
     # the assistant header is not in the loss
     assert tok.decode(ids_[mask == 0]).endswith("<|im_start|>assistant\n")
@@ -364,5 +365,5 @@ def test_sft_example_loss_mask(tiny_tok):
     ],
 )
 def test_parse_response(text, expected):
-    out = T.parse_response(text)
+    out = parse_response(text)
     assert (out["think"], out["caption"], out["valid_format"]) == expected

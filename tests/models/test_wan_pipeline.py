@@ -1,4 +1,4 @@
-"""Wan generation pipeline (vans_jax.models.wan.pipeline) on tiny random diffusers components saved
+"""Wan generation pipeline (vans_jax.sampling.wan) on tiny random diffusers components saved
 as a diffusers pipeline directory: loading, full T2V parity with diffusers' WanPipeline from the same
 initial noise, the VANS reference-latent path and input validation."""
 import os
@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from vans_jax.convert.safetensors_io import save_file  # noqa: E402
 from vans_jax.convert.wan_dit import iter_dit_tensors  # noqa: E402
-from vans_jax.models.wan import pipeline as wp  # noqa: E402
+from vans_jax.sampling import wan as wp  # noqa: E402
 from vans_jax.models.wan import text  # noqa: E402
 from vans_jax.sampling import flow  # noqa: E402
 from tests.utils import rel_err

@@ -9,10 +9,10 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from vans_jax.configlib import load_config  # noqa: E402
+from vans_jax.apps.configlib import load_config  # noqa: E402
 from vans_jax.data import synthetic  # noqa: E402
 from vans_jax.models import clip  # noqa: E402
-from vans_jax.world.vlm_init import init_vlm_dir  # noqa: E402
+from tools.tiny_world.vlm_init import init_vlm_dir  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 Z = 16

@@ -14,7 +14,7 @@ def test_stage2_update_moves_log_probs_with_the_advantages():
     from flax import nnx
     from vans_jax.models.wan.dit import WanConfig, WanTransformer3D
     from vans_jax.sampling import flow
-    from vans_jax.train.joint_grpo import make_stage2_update
+    from vans_jax.train.grpo import make_stage2_update
 
     cfg = WanConfig(dim=32, num_layers=1, num_heads=2, ffn_dim=32, in_channels=4, out_channels=4,
                     text_dim=8, freq_dim=16, text_len=4, patch_size=(1, 2, 2))

@@ -17,7 +17,7 @@ import pytest
 
 from tests.train.conftest import ROOT, make_config
 from vans_jax.train import core, loop
-from vans_jax.train.joint_grpo import reward_config
+from vans_jax.rl.stages import reward_config
 
 SMALL = {"video.height": 32, "video.width": 32, "train.steps": 1, "train.checkpoint_every": 0}
 
@@ -78,7 +78,7 @@ def test_stage2_accumulated_gradient_equals_whole_trajectory_loss():
     from vans_jax.models.wan.dit import WanConfig, WanTransformer3D
     from vans_jax.rl.grpo import vdm_grpo_loss
     from vans_jax.sampling import flow
-    from vans_jax.train.joint_grpo import make_stage2_update
+    from vans_jax.train.grpo import make_stage2_update
 
     cfg = WanConfig(dim=32, num_layers=1, num_heads=2, ffn_dim=32, in_channels=4, out_channels=4,
                     text_dim=8, freq_dim=16, text_len=4, patch_size=(1, 2, 2))
@@ -156,7 +156,7 @@ def test_one_step_of_every_mode(tiny_world, tmp_path, mode):
         qwen.from_pretrained(exports["vlm"])
         qtok.load_tokenizer(exports["vlm"])
     if mode in ("sft_vdm", "grpo_stage2", "grpo_vdm", "grpo_all_in_one"):
-        from vans_jax.models.wan import pipeline as wp
+        from vans_jax.sampling import wan as wp
         wp.from_pretrained(exports["vdm"])
     expected = {"grpo_stage1": {"format", "t1", "v1"}, "grpo_vlm": {"format", "t1"}, "grpo_stage2": {"v2", "c2"},
                 "grpo_vdm": {"v2", "c2"}, "grpo_all_in_one": {"format", "t1", "v1", "c2"}}.get(mode, set())
@@ -224,7 +224,7 @@ def _train_cmd(world, workdir, steps):
                 "--config.train.mode=sft_vlm", f"--config.train.steps={steps}", "--config.train.checkpoint_every=1",
                 "--config.train.export=False"]
     cfg_args += [f"--config.data.pipeline.{k}={v}" for k, v in world["pipeline"].items()]
-    return [sys.executable, "-m", "vans_jax.cli", "train", "--config", os.path.join(ROOT, "configs", "tiny.py")] + cfg_args
+    return [sys.executable, "-m", "vans_jax.apps.cli", "train", "--config", os.path.join(ROOT, "configs", "tiny.py")] + cfg_args
 
 
 def test_sigkill_then_restart_matches_uninterrupted(tiny_world, tmp_path):

@@ -54,8 +54,8 @@ Conventions (also written to the output JSON's ``conventions`` field):
   or the question heuristic of ``csv_format``); ``all`` is every row, unknown kinds included. The
   top-level metric fields are those of ``all``.
 
-Models: ``--clip DIR`` (a Hugging Face CLIP directory, ``models.clip.from_pretrained``) and
-``--i3d FILE`` (pytorch-i3d weights as safetensors, ``models.i3d.load_i3d``). Without them the
+Models: ``--clip DIR`` (a Hugging Face CLIP directory, ``convert.clip.from_pretrained``) and
+``--i3d FILE`` (pytorch-i3d weights as safetensors, ``convert.i3d.load_i3d``). Without them the
 video metrics are ``null`` and a note says why. ``--random_models`` (tests and demos only) uses a
 tiny randomly initialised CLIP (byte-level tokenizer) and a tiny random 3D feature network in place
 of I3D (8 frames of 32x32); the output says so in ``models`` and ``notes``, and such numbers
@@ -80,7 +80,8 @@ from vans_jax.data.csv_format import KINDS, VNEPRow, read_vnep_csv
 from vans_jax.data.video_io import VideoError, check_vae_frames, read_video, resize_center_crop, target_clip
 from vans_jax.eval.fvd import FeatureStats, fvd_from_stats, i3d_features
 from vans_jax.eval.text_metrics import caption_metrics, rouge_l
-from vans_jax.rl.rewards import THINK_CLOSE, THINK_OPEN, clip_score, clip_video_similarity, extract_answer
+from vans_jax.rl.format import extract_answer, parse_response
+from vans_jax.rl.rewards import clip_score, clip_video_similarity
 
 __all__ = [
     "EvalConfig",
@@ -237,10 +238,11 @@ def load_models(clip_dir: str | None = None, i3d_path: str | None = None, *, use
 
         if not os.path.isdir(clip_dir):
             raise FileNotFoundError(f"CLIP directory not found: {clip_dir}")
-        models.clip, models.tokenizer = C.from_pretrained(clip_dir), C.load_tokenizer(clip_dir)
+        from vans_jax.convert import clip as clip_ckpt
+        models.clip, models.tokenizer = clip_ckpt.from_pretrained(clip_dir), C.load_tokenizer(clip_dir)
         models.clip_source = os.path.abspath(clip_dir)
     if i3d_path:
-        from vans_jax.models.i3d import load_i3d
+        from vans_jax.convert.i3d import load_i3d
 
         if not os.path.exists(i3d_path):
             raise FileNotFoundError(f"I3D weights not found: {i3d_path}")
@@ -264,15 +266,6 @@ class Prediction:
     detail: str = ""
 
 
-def _think(text: str) -> str:
-    i = text.find(THINK_OPEN)
-    if i < 0:
-        return ""
-    rest = text[i + len(THINK_OPEN):]
-    j = rest.find(THINK_CLOSE)
-    return (rest if j < 0 else rest[:j]).strip()
-
-
 def read_prediction(predictions_dir: str, index: int) -> Prediction:
     """``<predictions_dir>/<index>/answer.json`` (+ ``answer.mp4``), see the module docstring."""
     d = os.path.join(predictions_dir, str(int(index)))
@@ -290,7 +283,7 @@ def read_prediction(predictions_dir: str, index: int) -> Prediction:
     text = text if isinstance(text, str) else ""
     caption = caption.strip() if isinstance(caption, str) else extract_answer(text)
     think = data.get("think")
-    think = think if isinstance(think, str) else _think(text)
+    think = think if isinstance(think, str) else parse_response(text)["think"]
     mp4 = os.path.join(d, ANSWER_MP4)
     return Prediction(index, "ok", text, caption, think, mp4 if os.path.isfile(mp4) else None)
 

@@ -32,7 +32,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from vans_jax.rl.rewards import ANS_OPEN, _rouge_scorer, extract_answer
+from vans_jax.rl.format import ANS_OPEN, extract_answer
+from vans_jax.rl.rewards import _rouge_scorer
 
 _TOKEN_RE = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*")
 TINY, SMALL = 1e-15, 1e-9

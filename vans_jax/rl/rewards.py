@@ -23,42 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..models.qwen2_5_vl.tokenizer import parse_response
-
-THINK_OPEN, THINK_CLOSE, ANS_OPEN, ANS_CLOSE = "[Think]", "[/Think]", "[Ans]", "[/Ans]"
+from .format import ANS_OPEN, extract_answer, follows_format  # noqa: F401  (re-exported)
 
 # --------------------------------------------------------------------------------------------
 # text
-
-
-def extract_answer(text: str, *, fallback: str = "full") -> str:
-    """The text between the first ``[Ans]`` and the next ``[/Ans]`` (to the end of the text when
-    the closing tag is missing), stripped.
-
-    Without ``[Ans]``: ``fallback="full"`` returns the text after the last ``[/Think]`` if there is
-    one, else the whole text (stripped); ``fallback="empty"`` returns "".
-    """
-    if fallback not in ("full", "empty"):
-        raise ValueError(f"fallback must be 'full' or 'empty', got {fallback!r}")
-    i = text.find(ANS_OPEN)
-    if i < 0:
-        if fallback == "empty":
-            return ""
-        j = text.rfind(THINK_CLOSE)
-        return (text[j + len(THINK_CLOSE):] if j >= 0 else text).strip()
-    rest = text[i + len(ANS_OPEN):]
-    j = rest.find(ANS_CLOSE)
-    return (rest if j < 0 else rest[:j]).strip()
-
-
-def follows_format(text: str, *, require_nonempty: bool = True) -> bool:
-    """``[Think] reasoning [/Think] [Ans] answer [/Ans]``, and nothing else: only whitespace may
-    surround the blocks, each tag appears exactly once, and (by default) both the reasoning and
-    the answer hold non-whitespace text. Decode the VLM output with special tokens skipped first."""
-    parsed = parse_response(text)  # the one definition of the strict template
-    if not parsed["valid_format"]:
-        return False
-    return bool(parsed["think"] and parsed["caption"]) if require_nonempty else True
 
 
 def format_reward(texts: Sequence[str], *, require_nonempty: bool = True) -> np.ndarray:

@@ -26,6 +26,8 @@ import shutil
 import sys
 import time
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,8 +35,9 @@ import numpy as np
 from .. import parallel
 from ..data.pipeline import PipelineConfig, VNEPSource, make_dataset, skip_stats
 from .checkpoint import Checkpointer
-from .core import make_update_step
-from .joint_grpo import GRPO_MODES, GRPOSettings, JointGRPO, Part, RenderSettings
+from ..rl.rollouts import RenderSettings, reference_latents
+from ..rl.stages import GRPO_MODES, GRPOSettings
+from .grpo import JointGRPO, Part, cached_update_step
 from .sft import build_sft_vlm_batch, clip_to_video, sft_vdm_loss, sft_vlm_loss
 
 MODES = ("sft_vlm", "sft_vdm") + GRPO_MODES
@@ -63,18 +66,19 @@ def load_vlm(cfg, mesh, *, lora: bool):
 
 
 def load_vdm(cfg, mesh):
-    from ..models.wan import pipeline as wp
+    from ..sampling import wan as wp
     if not cfg.vdm.path:
         raise ValueError("vdm.path is empty: training needs a local diffusers Wan directory (--config.vdm.path=DIR)")
     return wp.from_pretrained(cfg.vdm.path, dtype=cfg.vdm.dtype, mesh=mesh, dit_path=cfg.vdm.dit_path or None)
 
 
 def load_clip(cfg, mesh):
+    from ..convert import clip as clip_ckpt
     from ..models import clip
     if not cfg.clip.path:
         raise ValueError("clip.path is empty: the CLIP rewards need a local Hugging Face CLIP directory "
                          "(--config.clip.path=DIR)")
-    return clip.from_pretrained(cfg.clip.path, mesh=mesh), clip.load_tokenizer(cfg.clip.path)
+    return clip_ckpt.from_pretrained(cfg.clip.path, mesh=mesh), clip.load_tokenizer(cfg.clip.path)
 
 
 def render_settings(cfg) -> RenderSettings:
@@ -113,8 +117,8 @@ class SFTVLM:
         self.parts = {"vlm": self.part}
         self.mesh = self.part.mesh
         dropout = bool(sc.get("dropout", True))
-        self._update = make_update_step(lambda p, g, f, b, k: sft_vlm_loss(p, g, f, b, k, dropout=dropout),
-                                        self.part.optimizer, self.part.graphdef, shardings=self.part.shardings())
+        self._update = cached_update_step(self.part, functools.partial(sft_vlm_loss, dropout=dropout),
+                                          ("sft_vlm", dropout))
 
     def step(self, examples, step_index, rng):
         t0 = time.perf_counter()
@@ -122,11 +126,9 @@ class SFTVLM:
                                     self.max_len, mesh=self.mesh)
         truncated = batch.pop("truncated")
         self.part.state, m = self._update(self.part.state, self.part.frozen, batch)
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
         m["truncated_examples"] = float(truncated)
-        ntok = int(jnp.sum(batch["attention_mask"]))     # the global batch's (a replicated scalar)
-        dt = time.perf_counter() - t0
-        return dict(m, **{"time/step_s": dt, "throughput/tokens_per_s": ntok / max(dt, 1e-9)})
+        m["target_tokens_in_batch"] = jnp.sum(batch["attention_mask"])  # the global batch's (replicated)
+        return dict(m, **{"time/step_s": time.perf_counter() - t0})
 
 
 class SFTVDM:
@@ -139,13 +141,11 @@ class SFTVDM:
         self.parts = {"dit": self.part}
         self.mesh = self.part.mesh
         shift, drop = float(cfg.video.shift), float(sc.text_dropout)
-        self._update = make_update_step(lambda p, g, f, b, k: sft_vdm_loss(p, g, f, b, k, shift=shift,
-                                                                           text_dropout=drop),
-                                        self.part.optimizer, self.part.graphdef, shardings=self.part.shardings())
+        self._update = cached_update_step(self.part, functools.partial(sft_vdm_loss, shift=shift, text_dropout=drop),
+                                          ("sft_vdm", shift, drop))
 
     def step(self, examples, step_index, rng):
-        from ..models.wan import pipeline as wp
-        from .joint_grpo import reference_latents
+        from ..sampling import wan as wp
         t0 = time.perf_counter()
         # this process's examples -> global arrays (rows over the mesh's batch axes) before any jitted
         # function sees them: the frozen VAE / text encoder run on the global batch too
@@ -158,10 +158,8 @@ class SFTVDM:
         if self.n_ref:
             batch["ref_latents"] = reference_latents(self.vdm, examples, self.render, to_device=to_global)
         self.part.state, m = self._update(self.part.state, self.part.frozen, batch)
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
         dt = time.perf_counter() - t0
-        frames = latents.shape[0] * target.shape[1]
-        return dict(m, **{"time/step_s": dt, "throughput/frames_per_s": frames / dt})
+        return dict(m, **{"time/step_s": dt, "frames_in_batch": float(latents.shape[0] * target.shape[1])})
 
 
 def build_runner(cfg, mode, mesh):
@@ -424,41 +422,71 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None) -> dict:
     log_every = max(1, int(cfg.train.log_every))
     t_start, done_here, last = time.perf_counter(), 0, {}
     skipped_total = 0
+    pending: list[tuple[int, dict]] = []     # steps whose metrics are still (partly) on the device
+    t_flush = time.perf_counter()
+
+    def flush():
+        """Brings the pending steps' metrics to the host (one transfer) and writes them."""
+        nonlocal skipped_total, last, t_flush
+        if not pending:
+            return
+        host = jax.device_get([m for _, m in pending])
+        now = time.perf_counter()
+        per_step = (now - t_flush) / len(pending)    # SFT steps are asynchronous: wall time over the chunk
+        t_flush = now
+        n_skipped = float(sum(parallel.process_allgather_objects(data.num_skipped())))
+        for (step, _), m in zip(pending, host):
+            m = dict(m)
+            if "target_tokens_in_batch" in m or "frames_in_batch" in m:
+                m["time/step_s"] = per_step
+                if "target_tokens_in_batch" in m:
+                    m["throughput/tokens_per_s"] = float(m.pop("target_tokens_in_batch")) / max(per_step, 1e-9)
+                if "frames_in_batch" in m:
+                    m["throughput/frames_per_s"] = float(m.pop("frames_in_batch")) / max(per_step, 1e-9)
+            skipped = float(m.get("skipped_step", 0.0)) + float(m.get("skipped_rewards", 0.0))
+            skipped += sum(float(m[k]) for k in m if k.endswith("/skipped_step"))
+            skipped_total += int(skipped > 0)
+            m["skipped_total"] = float(skipped_total)
+            m["data/skipped_samples"] = n_skipped
+            scal = _scalars(m)
+            writer.write_scalars(step, scal)
+            if "sample_text" in m:
+                writer.write_texts(step, {"sample": str(m["sample_text"])})
+            if jsonl is not None:
+                jsonl.write(json.dumps(dict(scal, step=step)) + "\n")
+            if skipped > 0 and progress:
+                print(f"step {step}: non-finite loss/gradient/reward, update skipped ({skipped_total} so far)",
+                      flush=True)
+            last = m
+        if jsonl is not None:
+            jsonl.flush()
+        pending.clear()
+        if progress:
+            scal = _scalars(last)
+            el = time.perf_counter() - t_start
+            eta = el / done_here * (total - last_step)
+            keys = [k for k in ("loss", "reward/total", "vlm/loss", "dit/loss", "vlm/kl", "dit/kl",
+                                "vlm/clip_fraction", "dit/clip_fraction", "token_accuracy") if k in scal]
+            body = " ".join(f"{k}={scal[k]:.4g}" for k in keys)
+            print(f"[{mode}] step {last_step}/{total} {body} {scal.get('time/step_s', 0):.2f}s/step "
+                  f"ETA {_fmt_eta(eta)}", flush=True)
+
+    last_step = start
     for step in range(start + 1, total + 1):
         examples = next(data)
         with jax.set_mesh(mesh):        # activation sharding constraints (parallel.constrain) apply
             m = runner.step(examples, step, jax.random.fold_in(base, step))
-        skipped = m.get("skipped_step", 0.0) + m.get("skipped_rewards", 0.0)
-        for k in list(m):
-            if k.endswith("/skipped_step"):
-                skipped += m[k]
-        skipped_total += int(skipped > 0)
-        m["skipped_total"] = float(skipped_total)
-        m["data/skipped_samples"] = float(sum(parallel.process_allgather_objects(data.num_skipped())))
-        last = m
-        scal = _scalars(m)
-        writer.write_scalars(step, scal)
-        if "sample_text" in m:
-            writer.write_texts(step, {"sample": str(m["sample_text"])})
-        if jsonl is not None:
-            jsonl.write(json.dumps(dict(scal, step=step)) + "\n")
-            jsonl.flush()
+        pending.append((step, m))
         done_here += 1
-        if skipped > 0 and progress:
-            print(f"step {step}: non-finite loss/gradient/reward, update skipped ({skipped_total} so far)",
-                  flush=True)
-        if progress and (step % log_every == 0 or step == total):
-            el = time.perf_counter() - t_start
-            eta = el / done_here * (total - step)
-            keys = [k for k in ("loss", "reward/total", "vlm/loss", "dit/loss", "vlm/kl", "dit/kl",
-                                "vlm/clip_fraction", "dit/clip_fraction", "token_accuracy") if k in scal]
-            body = " ".join(f"{k}={scal[k]:.4g}" for k in keys)
-            print(f"[{mode}] step {step}/{total} {body} {scal.get('time/step_s', 0):.2f}s/step ETA {_fmt_eta(eta)}",
-                  flush=True)
-        if ckpt.should_save(step, step == total):
+        last_step = step
+        stopping = stop_after is not None and done_here >= stop_after
+        save = ckpt.should_save(step, step == total)
+        if step % log_every == 0 or step == total or save or stopping:
+            flush()
+        if save:
             parts = {k: p.ckpt_items() for k, p in runner.parts.items()}
             ckpt.save(step, parts, data.get_state(), {"step": step, "mode": mode})
-        if stop_after is not None and done_here >= stop_after:
+        if stopping:
             close()
             return _scalars(last)
     close()

@@ -18,8 +18,9 @@ from flax import nnx
 
 from .. import parallel
 from ..models.qwen2_5_vl import prepare_inputs
-from ..models.qwen2_5_vl import processor as qproc
 from ..models.qwen2_5_vl import tokenizer as qtok
+from ..rl.format import format_response
+from ..rl.rollouts import vlm_video_inputs
 from ..sampling.flow import shift_sigmas
 
 
@@ -46,13 +47,6 @@ def sft_vlm_loss(params, graphdef, frozen, batch, rng, *, dropout: bool = True):
     return loss, {"token_accuracy": acc, "target_tokens": ntok}
 
 
-def vlm_video_inputs(examples: Sequence[dict], vcfg):
-    """Qwen processor outputs for the VLM frames of each example: (pixels, grid_thw, seconds)."""
-    fps = float(examples[0].get("vlm_fps", vcfg.sample_fps))
-    return qproc.preprocess_videos([np.asarray(e["vlm_frames"]) for e in examples], fps,
-                                   min_pixels=int(vcfg.video_min_pixels), max_pixels=int(vcfg.video_max_pixels))
-
-
 def build_sft_vlm_batch(examples: Sequence[dict], tokenizer, model_cfg, vcfg, pad_to_multiple: int = 16,
                         max_len: int = 0, *, mesh=None) -> dict:
     """Right-padded SFT batch (prompt + target) with M-RoPE positions and the video patches.
@@ -63,7 +57,7 @@ def build_sft_vlm_batch(examples: Sequence[dict], tokenizer, model_cfg, vcfg, pa
     ``truncated`` counts every process's."""
     pixels, grid, seconds = vlm_video_inputs(examples, vcfg)
     merge = model_cfg.vision.spatial_merge_size
-    rows = [qtok.sft_example(tokenizer, e["question"], e["think"], e["caption"], grid[i], merge)
+    rows = [qtok.sft_example(tokenizer, e["question"], format_response(e["think"], e["caption"]), grid[i], merge)
             for i, e in enumerate(examples)]
     length = max(len(r["input_ids"]) for r in rows)
     truncated = 0
@@ -91,39 +85,6 @@ def build_sft_vlm_batch(examples: Sequence[dict], tokenizer, model_cfg, vcfg, pa
     batch["loss_mask"] = jnp.asarray(lmask) if mesh is None else parallel.host_local_batch_to_global(lmask, mesh)
     batch["truncated"] = truncated
     return batch
-
-
-def build_prompt_batch(examples: Sequence[dict], tokenizer, model_cfg, vcfg, pad_to_multiple: int = 16, *,
-                       mesh=None) -> dict:
-    """Left-padded generation prompts (system prompt, the video, the question). ``mesh``: global
-    arrays on it (rows and vision patches over the batch axes); with several processes
-    ``examples`` are this process's rows, the padded length is the longest of every process's and
-    the vision layout covers every process's videos."""
-    from ..models.qwen2_5_vl.generation import left_pad
-    from ..models.qwen2_5_vl.modeling import _vision_input
-
-    pixels, grid, seconds = vlm_video_inputs(examples, vcfg)
-    questions = [e["question"] for e in examples]
-    merge = model_cfg.vision.spatial_merge_size
-    enc = qtok.encode_prompts(tokenizer, questions, grid, merge_size=merge)
-    length = enc["input_ids"].shape[1]
-    target = -(-length // pad_to_multiple) * pad_to_multiple
-    if mesh is not None and jax.process_count() > 1:
-        target = max(parallel.process_allgather_objects(target))
-    if target != length:
-        enc = qtok.encode_prompts(tokenizer, questions, grid, merge_size=merge, pad_to=target)
-    batch = prepare_inputs(model_cfg, enc["input_ids"], enc["attention_mask"], pixels, grid, seconds)
-    batch.pop("rope_deltas")
-    if mesh is None:
-        return left_pad(batch)
-    # left padding needs host values: pad first, then place (the video layout is placed by itself)
-    batch = left_pad({k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")})
-    out = parallel.host_local_batch_to_global({k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask")},
-                                              mesh)
-    pos = np.asarray(batch["position_ids"])
-    out["position_ids"] = parallel.host_local_batch_to_global(pos, mesh, parallel.batch_spec(mesh, 1, pos.shape[1]))
-    out["video"] = _vision_input(model_cfg, pixels, grid, "video", mesh)
-    return out
 
 
 # ----------------------------------------------------------------------------- VDM

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -36,15 +35,12 @@ __all__ = [
     "IMAGE_PAD",
     "VIDEO_PAD",
     "QWEN_SPECIAL_TOKENS",
-    "VANS_TAG_TOKENS",
     "QWEN_TOKEN_IDS",
     "build_prompt_text",
-    "build_sft_target_text",
     "load_tokenizer",
     "special_token_ids",
     "encode_prompts",
     "sft_example",
-    "parse_response",
     "build_tiny_tokenizer",
 ]
 
@@ -62,7 +58,6 @@ VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 QWEN_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
-VANS_TAG_TOKENS = ("[Think]", "[/Think]", "[Ans]", "[/Ans]")
 
 # ids in the real Qwen2.5-VL vocabulary (for reference / config defaults)
 QWEN_TOKEN_IDS = {
@@ -129,11 +124,6 @@ def build_prompt_text(
         f"{IM_START}user\n{vision}{question}{IM_END}\n"
         f"{IM_START}assistant\n"
     )
-
-
-def build_sft_target_text(think: str, caption: str) -> str:
-    """``[Think]{think}[/Think][Ans]{caption}[/Ans]<|im_end|>``."""
-    return f"[Think]{think}[/Think][Ans]{caption}[/Ans]{IM_END}"
 
 
 def _video_token_counts(video_grid_thw, n: int, merge_size: int) -> list[int | None]:
@@ -246,15 +236,15 @@ def _pad_batch(seqs, pad_id, padding_side, pad_to=None, extra=None):
 def sft_example(
     tokenizer,
     question: str,
-    think: str,
-    caption: str,
+    response: str,
     grid=None,
     merge_size: int = 2,
     *,
     with_video: bool = True,
     system_prompt: str = VANS_SYSTEM_PROMPT,
 ) -> dict[str, np.ndarray]:
-    """One SFT sequence: prompt + ``[Think]..[/Think][Ans]..[/Ans]<|im_end|>``.
+    """One SFT sequence: prompt + ``response`` + ``<|im_end|>`` (VANS: ``response`` is
+    ``vans_jax.rl.format.format_response(think, caption)``).
 
     Returns ``input_ids`` (int32, (L,)), ``loss_mask`` (int32, 1 exactly on the
     assistant target tokens, which are the last ``num_target_tokens``),
@@ -268,7 +258,7 @@ def sft_example(
             raise ValueError("sft_example: grid (t, h, w) is required when with_video=True")
         n = _video_token_counts(grid, 1, merge_size)[0]
     prompt = _encode(tokenizer, build_prompt_text(question, n, with_video=with_video, system_prompt=system_prompt))
-    target = _encode(tokenizer, build_sft_target_text(think, caption))
+    target = _encode(tokenizer, response + IM_END)
     ids = np.asarray(prompt + target, dtype=np.int32)
     loss_mask = np.zeros(len(ids), dtype=np.int32)
     loss_mask[len(prompt):] = 1
@@ -277,42 +267,6 @@ def sft_example(
         "loss_mask": loss_mask,
         "attention_mask": np.ones(len(ids), dtype=np.int32),
         "prompt_len": np.int32(len(prompt)),
-    }
-
-
-# --------------------------------------------------------------------------- #
-# response parsing
-# --------------------------------------------------------------------------- #
-_RESPONSE_RE = re.compile(r"\A\s*\[Think\](.*?)\[/Think\]\s*\[Ans\](.*?)\[/Ans\]\s*\Z", re.DOTALL)
-_TAGS = ("[Think]", "[/Think]", "[Ans]", "[/Ans]")
-
-
-def parse_response(text: str) -> dict:
-    """Parse ``[Think]...[/Think][Ans]...[/Ans]``.
-
-    Strict format: exactly one ``[Think]`` block followed by exactly one
-    ``[Ans]`` block; only whitespace before, between and after them (a trailing
-    ``<|im_end|>`` / ``<|endoftext|>`` is stripped first); no tag may appear
-    inside a block.  ``think``/``caption`` are stripped of surrounding
-    whitespace.  On a format violation ``valid_format`` is False and the fields
-    are best-effort: the text of the first ``[Ans]...[/Ans]`` (or after a lone
-    ``[Ans]``) and of the first ``[Think]...[/Think]`` if present, else ``""``.
-    An empty caption is still ``valid_format`` if the tags are well formed.
-    """
-    s = text
-    for tail in (IM_END, ENDOFTEXT):
-        s = s.rstrip()
-        if s.endswith(tail):
-            s = s[: -len(tail)]
-    m = _RESPONSE_RE.match(s)
-    if m is not None and not any(t in m.group(1) or t in m.group(2) for t in _TAGS):
-        return {"think": m.group(1).strip(), "caption": m.group(2).strip(), "valid_format": True}
-    think = re.search(r"\[Think\](.*?)\[/Think\]", s, re.DOTALL)
-    ans = re.search(r"\[Ans\](.*?)(?:\[/Ans\]|\Z)", s, re.DOTALL)
-    return {
-        "think": think.group(1).strip() if think else "",
-        "caption": ans.group(1).strip() if ans else "",
-        "valid_format": False,
     }
 
 
@@ -340,21 +294,22 @@ def build_tiny_tokenizer(
     out_dir: str | os.PathLike,
     vocab_texts: Iterable[str] | None = None,
     vocab_size: int = 384,
+    added_tokens: Iterable[str] = (),
 ) -> dict[str, int]:
     """Write a small Qwen2-compatible byte-level BPE tokenizer to ``out_dir``.
 
     Same normaliser (NFC), pre-tokeniser (Qwen regex split + byte-level) and
     decoder as Qwen2, BPE merges trained on ``vocab_texts`` (a built-in
     handful of sentences by default) up to ``vocab_size`` entries, then the
-    Qwen special tokens (special) and ``[Think] [/Think] [Ans] [/Ans]``
-    (ordinary added tokens, kept by ``skip_special_tokens`` decoding) appended
+    Qwen special tokens (special) and ``added_tokens`` (ordinary added tokens,
+    kept by ``skip_special_tokens`` decoding; VANS: ``rl.format.TAGS``) appended
     at the end of the vocabulary.  ``tokenizer_config.json`` declares
     ``Qwen2Tokenizer`` with ``eos=<|im_end|>``, ``pad=<|endoftext|>`` and the
     Qwen2-VL chat template, so ``AutoTokenizer.from_pretrained(out_dir)`` works.
 
     Returns the ids: ``endoftext, im_start, im_end, vision_start, vision_end,
-    image_pad, video_pad, think_start, think_end, ans_start, ans_end,
-    pad, eos, vocab_size`` (``vocab_size`` = total number of ids).
+    image_pad, video_pad, pad, eos, vocab_size`` (``vocab_size`` = total
+    number of ids) and each added token's id under its text.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -380,11 +335,12 @@ def build_tiny_tokenizer(
     )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in VANS_TAG_TOKENS])
+    added_tokens = tuple(added_tokens)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added_tokens])
     tok.save(os.path.join(out_dir, "tokenizer.json"))
 
     added_decoder = {}
-    for t in QWEN_SPECIAL_TOKENS + VANS_TAG_TOKENS:
+    for t in QWEN_SPECIAL_TOKENS + added_tokens:
         added_decoder[str(tok.token_to_id(t))] = {
             "content": t, "lstrip": False, "normalized": False, "rstrip": False,
             "single_word": False, "special": t in QWEN_SPECIAL_TOKENS,
@@ -415,11 +371,8 @@ def build_tiny_tokenizer(
         "vision_end": tok.token_to_id(VISION_END),
         "image_pad": tok.token_to_id(IMAGE_PAD),
         "video_pad": tok.token_to_id(VIDEO_PAD),
-        "think_start": tok.token_to_id("[Think]"),
-        "think_end": tok.token_to_id("[/Think]"),
-        "ans_start": tok.token_to_id("[Ans]"),
-        "ans_end": tok.token_to_id("[/Ans]"),
     }
+    ids.update({t: tok.token_to_id(t) for t in added_tokens})
     ids["pad"] = ids["endoftext"]
     ids["eos"] = ids["im_end"]
     ids["vocab_size"] = tok.get_vocab_size(with_added_tokens=True)

@@ -30,11 +30,11 @@ def _split_overrides(argv):
 
 
 def _demo(args, overrides):
-    from . import vlm_demo
-    from .configlib import load_config
+    from vans_jax.apps import vlm_demo
+    from vans_jax.apps.configlib import load_config
 
     if not args.vlm_only:
-        from .world import demo as world_demo
+        from vans_jax.apps import demo as world_demo
         cfg = load_config(args.config or "tiny_world", overrides)
         out_dir = args.output_dir or (os.path.splitext(args.output)[0] if args.output else "out/demo")
         if args.compare:
@@ -59,7 +59,7 @@ def _demo(args, overrides):
 
 
 def _validate(args):
-    from .data.pipeline import validate_dataset
+    from vans_jax.data.pipeline import validate_dataset
 
     report = validate_dataset(args.csv, args.video_root, full_decode=not args.quick)
     print(report.summary())
@@ -71,7 +71,7 @@ def _validate(args):
 
 
 def _make_data(args):
-    from .data import synthetic
+    from vans_jax.data import synthetic
 
     if args.split == "all":  # 80 / 10 / 10, at least one sample each
         n_rl = n_eval = max(1, args.num_samples // 10)
@@ -86,7 +86,7 @@ def _make_data(args):
 
 
 def _eval(args):
-    from .eval import runner
+    from vans_jax.eval import runner
 
     config = runner.EvalConfig(num_frames=args.num_frames, height=args.height, width=args.width, fps=args.fps,
                                fvd_batch_size=args.batch_size)
@@ -151,7 +151,7 @@ def main(argv=None):
     tr.add_argument("--config", required=True, help="config file or name in configs/; override with --config.a.b=v")
     pr = sub.add_parser("predict", help="VANS inference: clip + question -> answer.json + answer.mp4 (or a whole CSV, "
                                         "resumable; default: the shipped tiny models)")
-    from . import predict as _predict_args
+    from vans_jax.apps import predict as _predict_args
     _predict_args.add_arguments(pr)
     be = sub.add_parser("bench", help="throughput vs the PyTorch references (VLM, DiT, CFG generation, VAE): "
                                       "JSON + a markdown table next to it")
@@ -169,17 +169,17 @@ def main(argv=None):
     args = parser.parse_args(rest)
     try:
         if args.command == "predict":
-            from . import predict
+            from vans_jax.apps import predict
             return predict.run_cli(args)
         if args.command == "train":
-            from .configlib import load_config
-            from .train.loop import main_train
+            from vans_jax.apps.configlib import load_config
+            from vans_jax.train.loop import main_train
             return main_train(load_config(args.config, overrides))
         if args.command == "demo":
             return _demo(args, overrides)
         if args.command == "memory-plan":
-            from . import memory_plan
-            from .configlib import load_config
+            from vans_jax.apps import memory_plan
+            from vans_jax.apps.configlib import load_config
             kw = {k: tuple(v) for k, v in (("meshes", args.meshes), ("remats", args.remat),
                                            ("workloads", args.workloads)) if v}
             result = memory_plan.run(load_config(args.config, overrides), args.output,
@@ -189,8 +189,8 @@ def main(argv=None):
         if args.command == "bench":
             # JAX and the torch reference share the accelerator: no up-front grab of 75% of its memory
             os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-            from . import bench
-            from .configlib import load_config
+            from vans_jax.apps import bench
+            from vans_jax.apps.configlib import load_config
             result = bench.run(load_config(args.config, overrides), args.output)
             print(bench.markdown_table(result) + f"wrote {args.output} and {bench.markdown_path(args.output)}")
             return 0

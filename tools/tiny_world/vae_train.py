@@ -32,7 +32,7 @@ from vans_jax.convert.safetensors_io import save_file
 from vans_jax.convert.wan_vae import key_table, load_vae
 from vans_jax.data.video_io import check_vae_frames
 from vans_jax.models.wan.vae import WanVAE, WanVAEConfig
-from vans_jax.world.clips import WorldClips, load_world_clips
+from tools.tiny_world.clips import WorldClips, load_world_clips
 
 
 @dataclasses.dataclass(frozen=True)

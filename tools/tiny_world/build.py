@@ -1,6 +1,6 @@
 """Builds the tiny VANS models of the synthetic world that ship in ``data/models/tiny_world``.
 
-    python -m vans_jax.world.build [--out data/models/tiny_world] [--work /tmp/vans_world_build]
+    python -m tools.tiny_world.build [--out data/models/tiny_world] [--work /tmp/vans_world_build]
                                    [--train_samples 1500] [--quick]
 
 Steps (all on CPU, minutes): generate the world's train / eval splits; train a tokenizer on the
@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
-from ..configlib import load_config
-from ..data import synthetic
+from vans_jax.apps.configlib import load_config
+from vans_jax.data import synthetic
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
                       "tiny_world.py")
@@ -41,8 +41,8 @@ def write_vdm_dir(out_dir: str, *, dit_config: dict, vae_dir: str, texts, seed: 
     import transformers
     from flax import nnx
 
-    from ..convert.wan_dit import _diffusers_version, export_dit_diffusers
-    from ..models.wan.dit import WanConfig, WanTransformer3D
+    from vans_jax.convert.wan_dit import _diffusers_version, export_dit_diffusers
+    from vans_jax.models.wan.dit import WanConfig, WanTransformer3D
 
     os.makedirs(out_dir, exist_ok=True)
     dc = dict(dit_config)
@@ -92,7 +92,7 @@ SFT_PHASES = {
 def _train(cfg, mode, workdir, *, steps=None, batch_size=None, lr=None, **paths):
     import copy
 
-    from ..train import loop
+    from vans_jax.train import loop
     c = copy.deepcopy(cfg)
     c.train.mode, c.train.workdir, c.train.export_link = mode, workdir, False
     if steps is not None:
@@ -111,20 +111,21 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
     """What the shipped SFT models can do on the first ``num_samples`` eval clips, each part alone:
     the VLM's greedy answers (exact-caption accuracy, ROUGE-L, valid format) and the DiT's renderings
     of the ground-truth captions (CLIP-V against the ground-truth next event; seed 0 noise)."""
-    from ..data.csv_format import read_vnep_csv
-    from ..data.video_io import read_video
-    from ..models import clip as clip_lib
-    from ..pipeline import Clip
-    from ..rl.rewards import clip_video_similarity, format_reward, rouge_l_reward
-    from . import load_defaults, tiny_world_paths
-    from .demo import _pipeline
+    from vans_jax.data.csv_format import read_vnep_csv
+    from vans_jax.data.video_io import read_video
+    from vans_jax.convert import clip as clip_ckpt
+    from vans_jax.models import clip as clip_lib
+    from vans_jax.pipeline import Clip
+    from vans_jax.rl.rewards import clip_video_similarity, format_reward, rouge_l_reward
+    from vans_jax.apps.tiny_world import load_defaults, tiny_world_paths
+    from vans_jax.apps.demo import _pipeline
 
     paths = tiny_world_paths(world_dir)
     defaults = load_defaults(world_dir)
     settings = {k: v for k, v in defaults.items() if k != "world"}
     settings.update(temperature=0.0)
     pipe = _pipeline(paths["vlm"], paths["vdm"], settings)
-    clip_model = clip_lib.from_pretrained(paths["clip"])
+    clip_model = clip_ckpt.from_pretrained(paths["clip"])
     rows = list(read_vnep_csv(os.path.join(data_dir, "eval.csv")))[:num_samples]
     root = os.path.join(data_dir, "videos")
     texts, caps, sims = [], [], []
@@ -156,11 +157,11 @@ def _timed(fn, *a, **kw) -> dict:
 
 def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int = 100, quick: bool = False,
           seed: int = 0) -> dict:
-    from ..pipeline import VANSSettings
-    from .clip_train import train_clip
-    from .vae_train import VAETrainConfig, train_vae
-    from .vlm_init import init_vlm_dir
-    from .demo import settings_from_config
+    from vans_jax.pipeline import VANSSettings
+    from tools.tiny_world.clip_train import train_clip
+    from tools.tiny_world.vae_train import VAETrainConfig, train_vae
+    from tools.tiny_world.vlm_init import init_vlm_dir
+    from vans_jax.apps.demo import settings_from_config
 
     t0 = time.perf_counter()
     cfg = load_config(CONFIG)
@@ -231,7 +232,7 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
     vdm_init = os.path.join(work, "vdm_init")
     write_vdm_dir(vdm_init, dit_config=dict(cfg.vdm.model), vae_dir=vae_dir, texts=synthetic.world_texts(wc),
                   seed=seed, shift=float(cfg.video.shift))
-    from ..models.wan import pipeline as wp
+    from vans_jax.sampling import wan as wp
     wp.from_pretrained(vdm_init)   # loads through the real loaders
     print("[build] 5/5 SFT of the DiT", flush=True)
     report["sft_vdm"] = sft_phases("sft_vdm", "vdm", vdm_init)
@@ -252,7 +253,7 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
     print(f"[build] quality: {report['quality']}", flush=True)
     report["wall_s"] = time.perf_counter() - t0      # this invocation (reused stages cost nothing)
     report["stages_wall_s"] = sum(float(v.get("wall_s", 0.0)) for v in report.values() if isinstance(v, dict))
-    report["command"] = " ".join(["python -m vans_jax.world.build"] + sys.argv[1:])
+    report["command"] = " ".join(["python -m tools.tiny_world.build"] + sys.argv[1:])
     for k in ("sft_vlm", "sft_vdm"):
         report[k].pop("exports", None)
     with open(os.path.join(tmp, "BUILD.json"), "w") as f:
@@ -264,8 +265,8 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m vans_jax.world.build", description=__doc__.split("\n\n")[0])
-    from . import tiny_world_dir
+    p = argparse.ArgumentParser(prog="python -m tools.tiny_world.build", description=__doc__.split("\n\n")[0])
+    from vans_jax.apps.tiny_world import tiny_world_dir
     p.add_argument("--out", default=tiny_world_dir())
     p.add_argument("--work", default=os.path.join("/tmp", "vans_world_build"))
     p.add_argument("--train_samples", type=int, default=1500)

@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import parallel
+from vans_jax import parallel
 
 GB = 1e9
 # HBM per chip as the vendors state it (GB = 1e9 bytes).
@@ -122,10 +122,10 @@ class Workload:
 
 
 def vlm_stage1(cfg, settings: PlanSettings) -> Workload:
-    from .models import qwen2_5_vl as qwen
-    from .models.qwen2_5_vl import processor
-    from .models.qwen2_5_vl.generation import completion_logprobs
-    from .train.core import trainable_filter
+    from vans_jax.models import qwen2_5_vl as qwen
+    from vans_jax.models.qwen2_5_vl import processor
+    from vans_jax.sampling.text import completion_logprobs
+    from vans_jax.train.core import trainable_filter
 
     lc = cfg.vlm.lora
     lora = qwen.LoRAConfig(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
@@ -183,8 +183,8 @@ def vlm_stage1(cfg, settings: PlanSettings) -> Workload:
 
 
 def dit_stage2(cfg, settings: PlanSettings) -> Workload:
-    from .models.wan.dit import WanConfig, WanTransformer3D
-    from .train.core import trainable_filter
+    from vans_jax.models.wan.dit import WanConfig, WanTransformer3D
+    from vans_jax.train.core import trainable_filter
 
     fields = {f.name for f in dataclasses.fields(WanConfig)}
     model_kw = {k: v for k, v in cfg.vdm.model.to_dict().items() if k in fields}
@@ -256,7 +256,7 @@ def request_cpu_devices(n: int):
 
 
 def plan_one(w: Workload, mesh_shape: dict[str, int], remat: str, settings: PlanSettings) -> dict:
-    from .train.core import make_optimizer
+    from vans_jax.train.core import make_optimizer
 
     n = mesh_devices(mesh_shape)
     mesh = parallel.make_mesh(mesh_shape or {"data": 1}, devices_for(n, settings.platform))

@@ -23,7 +23,7 @@ retried on the next run; the exit code is 1 when any row failed. Row ``i`` uses 
 so results do not depend on ``--batch_size`` or on resuming (greedy text).
 
 Models: without ``--vlm``/``--vdm`` the shipped tiny models of the synthetic world are used
-(``vans_jax.world``; their ``defaults.json`` gives the settings), and without ``--video`` an
+(``vans_jax.apps.tiny_world``; their ``defaults.json`` gives the settings), and without ``--video`` an
 eval-split scene of the synthetic world is rendered as the input (written as ``input.mp4``, its
 ground truth in ``answer.json``). With explicit model directories the settings are VANS' (352x640x33
 at 11 fps, 50 steps, CFG 5, shift 5, 6 reference latents, 6 VLM frames at 1 fps). Every setting can
@@ -102,8 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def resolve_models(vlm=None, vdm=None):
     """(vlm_dir, vdm_dir, base VANSSettings, using_tiny_world). Neither dir: the shipped tiny models
     (``FileNotFoundError`` from ``world.load_defaults`` when they are not there)."""
-    from .pipeline import VANSSettings
-    from .world import load_defaults, tiny_world_paths
+    from vans_jax.pipeline import VANSSettings
+    from vans_jax.apps.tiny_world import load_defaults, tiny_world_paths
 
     if vlm is None and vdm is None:
         defaults = load_defaults()
@@ -169,7 +169,7 @@ def write_prediction(out_dir: str, answer, record: dict, fps: float, input_frame
                      strip: bool = True) -> str:
     """``answer.mp4`` (+ ``answer_strip.png``), then ``answer.json`` = ``answer.to_json() | record``,
     each written atomically, the JSON last (its presence marks the row finished)."""
-    from .data.video_io import write_video
+    from vans_jax.data.video_io import write_video
 
     os.makedirs(out_dir, exist_ok=True)
     write_video(os.path.join(out_dir, ANSWER_MP4), answer.video, fps=fps)
@@ -201,7 +201,7 @@ def is_finished(row_dir: str) -> bool:
 
 def _synthetic_clip(seed: int):
     """An eval-split scene of the synthetic world: (frames, fps, question, think, caption)."""
-    from .data import synthetic
+    from vans_jax.data import synthetic
 
     cfg = synthetic.WorldConfig()
     rng = np.random.default_rng(seed)
@@ -223,8 +223,8 @@ def prepare_input(video, question: str | None, output_dir: str, *, seed: int = 0
     """The single-clip input, checked before any model is loaded: ``(Clip, question, extra record)``.
     ``video`` None: an eval-split synthetic scene (only with ``synthetic``), written as
     ``output_dir/input.mp4``, its question the default and its ground truth in the record."""
-    from .data.video_io import write_video
-    from .pipeline import Clip, load_clip
+    from vans_jax.data.video_io import write_video
+    from vans_jax.pipeline import Clip, load_clip
 
     extra = {}
     if video is None:
@@ -250,7 +250,7 @@ def predict_one(pipe, clip, question: str, output_dir: str, *, seed: int = 0, st
                 extra: dict | None = None, log=print) -> dict:
     """One clip (a ``pipeline.Clip`` or anything ``load_clip`` takes) -> ``output_dir/answer.json`` +
     ``answer.mp4`` (+ strip). Returns the JSON dict."""
-    from .pipeline import load_clip
+    from vans_jax.pipeline import load_clip
 
     s = pipe.settings
     clip = load_clip(clip, image_fps=s.fps)
@@ -290,9 +290,9 @@ def predict_csv(pipe, csv_path: str, video_root: str, output_dir: str, *, seed: 
     module docstring). Returns a summary dict (also written to ``output_dir/predict_summary.json``)."""
     import warnings
 
-    from .data.csv_format import read_vnep_csv
-    from .data.video_io import VideoError
-    from .pipeline import InvalidResponseWarning, load_clip
+    from vans_jax.data.csv_format import read_vnep_csv
+    from vans_jax.data.video_io import VideoError
+    from vans_jax.pipeline import InvalidResponseWarning, load_clip
 
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
@@ -377,8 +377,8 @@ def predict_csv(pipe, csv_path: str, video_root: str, output_dir: str, *, seed: 
 
 def run_cli(args) -> int:
     """The ``predict`` subcommand (``args`` from ``add_arguments``)."""
-    from .data.video_io import VideoError
-    from .pipeline import InvalidResponseError, VANSPipeline
+    from vans_jax.data.video_io import VideoError
+    from vans_jax.pipeline import InvalidResponseError, VANSPipeline
 
     if args.csv is not None and args.video_root is None:
         raise ValueError("--csv needs --video_root")

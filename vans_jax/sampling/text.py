@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .modeling import Qwen2_5_VLModel, causal_mask
+from vans_jax.models.qwen2_5_vl.modeling import Qwen2_5_VLModel, causal_mask
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,9 +28,9 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from ..data import synthetic
-from ..data.csv_format import read_vnep_csv
-from ..data.video_io import read_video, target_clip
+from vans_jax.data import synthetic
+from vans_jax.data.csv_format import read_vnep_csv
+from vans_jax.data.video_io import read_video, target_clip
 
 METRICS = ("format", "rouge_l", "clip_v", "clip_t", "total_reward")
 
@@ -50,9 +50,9 @@ def evaluate(pipe, clip_model, clip_tokenizer, csv_path: str, video_root: str, o
     """Runs the VANS pipeline on the first ``num_samples`` rows and scores them (module docstring).
     Writes each prediction under ``out_dir/<row index>/`` when ``out_dir`` is given. Returns
     ``{"metrics": {...}, "per_sample": [...], "videos": {index: uint8 frames}}``."""
-    from ..models import clip as clip_lib
-    from ..predict import write_prediction
-    from ..rl.rewards import clip_score, clip_video_similarity, format_reward, rouge_l_reward
+    from vans_jax.models import clip as clip_lib
+    from vans_jax.apps.predict import write_prediction
+    from vans_jax.rl.rewards import clip_score, clip_video_similarity, format_reward, rouge_l_reward
 
     rows = list(read_vnep_csv(csv_path))[:num_samples]
     s = pipe.settings
@@ -66,7 +66,7 @@ def evaluate(pipe, clip_model, clip_tokenizer, csv_path: str, video_root: str, o
             clips.append((frames, fps))
             tf, tfps = read_video(os.path.join(video_root, r.output_video_path))
             gts.append(target_clip(tf, tfps, s.num_frames, s.height, s.width, s.fps))
-        from ..pipeline import Clip
+        from vans_jax.pipeline import Clip
         out = pipe([Clip(f, fps) for f, fps in clips], [r.question for r in chunk], seed=seed + b)
         gen = np.stack([a.video for a in out])
         gt = np.stack(gts)
@@ -136,7 +136,7 @@ def markdown(before: dict, after: dict) -> str:
 
 
 def _pipeline(vlm_dir, vdm_dir, settings: dict):
-    from ..pipeline import VANSPipeline, VANSSettings
+    from vans_jax.pipeline import VANSPipeline, VANSSettings
     return VANSPipeline.from_pretrained(vlm_dir, vdm_dir, dtype="float32",
                                         settings=VANSSettings.from_dict(settings), attn_impl="xla")
 
@@ -145,8 +145,9 @@ def _prepare(cfg, output_dir: str, quick: bool):
     """What the demo and the comparison share: the shipped models' paths (a clear error if they are
     missing), the demo settings (shortened by ``quick``), freshly generated rl / eval splits, which
     ``cfg``'s data section is pointed at, the CLIP reward model and the generation settings."""
-    from ..models import clip as clip_lib
-    from . import load_defaults, tiny_world_paths
+    from vans_jax.convert import clip as clip_ckpt
+    from vans_jax.models import clip as clip_lib
+    from vans_jax.apps.tiny_world import load_defaults, tiny_world_paths
 
     root = os.path.dirname(cfg.vlm.path.rstrip("/"))
     defaults = load_defaults(root)          # clear error if the shipped models are missing
@@ -166,12 +167,12 @@ def _prepare(cfg, output_dir: str, quick: bool):
     cfg.data.video_root = video_root
     cfg.train.export_link = True
     return dict(paths=paths, d=d, csvs=csvs, video_root=video_root, settings=settings_from_config(cfg),
-                clip_model=clip_lib.from_pretrained(paths["clip"]), clip_tok=clip_lib.load_tokenizer(paths["clip"]))
+                clip_model=clip_ckpt.from_pretrained(paths["clip"]), clip_tok=clip_lib.load_tokenizer(paths["clip"]))
 
 
 def run(cfg, output_dir: str, *, quick: bool = False, progress: bool = True) -> dict:
     """The whole demo (module docstring). ``quick``: a shortened form (CI): fewer samples and steps."""
-    from ..train import loop
+    from vans_jax.train import loop
 
     t_start = time.perf_counter()
     env = _prepare(cfg, output_dir, quick)
@@ -255,7 +256,7 @@ def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bo
     data order) from the shipped SFT models and evaluated on the same eval split with the same
     generation noise. Writes ``compare.json`` ({"sft": metrics, "runs": {variant: {seed: metrics}},
     "summary": {variant: {metric: {mean, std, min, max}}}}) and ``compare.md``."""
-    from ..train import loop
+    from vans_jax.train import loop
 
     t_start = time.perf_counter()
     env = _prepare(cfg, output_dir, quick)

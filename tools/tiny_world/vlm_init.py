@@ -6,8 +6,9 @@ from typing import Iterable
 
 from flax import nnx
 
-from ..models import qwen2_5_vl as qwen
-from ..models.qwen2_5_vl import tokenizer as qtok
+from vans_jax.models import qwen2_5_vl as qwen
+from vans_jax.models.qwen2_5_vl import tokenizer as qtok
+from vans_jax.rl.format import TAGS
 
 
 def init_vlm_dir(out_dir: str, model: dict, texts: Iterable[str], *, vocab_size: int = 512, seed: int = 0,
@@ -15,7 +16,7 @@ def init_vlm_dir(out_dir: str, model: dict, texts: Iterable[str], *, vocab_size:
     """Writes ``out_dir`` (tokenizer files + config.json + model.safetensors) for a random Qwen2.5-VL
     with the architecture in ``model`` (an HF config dict without the token ids, which come from the
     tokenizer). Returns the tokenizer ids."""
-    ids = qtok.build_tiny_tokenizer(out_dir, vocab_texts=list(texts), vocab_size=vocab_size)
+    ids = qtok.build_tiny_tokenizer(out_dir, vocab_texts=list(texts), vocab_size=vocab_size, added_tokens=TAGS)
     d = dict(model)
     d.update(vocab_size=ids["vocab_size"], image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
              vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],

@@ -19,7 +19,7 @@ Preprocessing is exactly the one the rewards use (``models.clip.preprocess_frame
 
 The output directory is a Hugging Face CLIP directory (config.json, model.safetensors, the
 tokenizer's vocab.json / merges.txt / tokenizer.json / tokenizer_config.json, a
-preprocessor_config.json) that ``models.clip.from_pretrained`` + ``models.clip.load_tokenizer`` and
+preprocessor_config.json) that ``convert.clip.from_pretrained`` + ``models.clip.load_tokenizer`` and
 ``transformers.CLIPModel`` / ``transformers.CLIPTokenizer`` load.
 """
 from __future__ import annotations
@@ -37,9 +37,10 @@ import optax
 from flax import nnx
 
 from vans_jax.convert.safetensors_io import save_file
+from vans_jax.convert import clip as clip_ckpt
 from vans_jax.models import clip as C
 from vans_jax.rl.rewards import clip_score, clip_video_similarity
-from vans_jax.world.clips import WorldClips, load_world_clips
+from tools.tiny_world.clips import WorldClips, load_world_clips
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -164,10 +165,10 @@ def preprocessor_config_dict(image_size: int) -> dict:
 
 
 def save_clip(model: C.CLIPModel, out_dir: str) -> str:
-    """Writes ``model``'s config.json, model.safetensors (fp32, via ``models.clip.export_state_dict``)
+    """Writes ``model``'s config.json, model.safetensors (fp32, via ``convert.clip.export_state_dict``)
     and preprocessor_config.json to ``out_dir`` (the tokenizer is written by ``build_clip_tokenizer``)."""
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: np.asarray(v, np.float32) for k, v in C.export_state_dict(model).items()}
+    tensors = {k: np.asarray(v, np.float32) for k, v in clip_ckpt.export_state_dict(model).items()}
     save_file(tensors, os.path.join(out_dir, "model.safetensors"))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config_dict(model.config), f, indent=2)

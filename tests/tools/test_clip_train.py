@@ -13,8 +13,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from vans_jax.data import synthetic  # noqa: E402
 from vans_jax.models import clip as C  # noqa: E402
-from vans_jax.world import clip_train as ct  # noqa: E402
-from vans_jax.world.clips import load_world_clips  # noqa: E402
+from tools.tiny_world import clip_train as ct  # noqa: E402
+from tools.tiny_world.clips import load_world_clips  # noqa: E402
 from tests.utils import rel_err  # noqa: E402
 
 SPEC = ct.TinyCLIPSpec(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,

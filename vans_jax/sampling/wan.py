@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ...sampling import flow
-from .text import DEFAULT_MAX_LENGTH, NegativePromptCache, encode_prompts, load_tokenizer
+from vans_jax.sampling import flow
+from vans_jax.models.wan.text import DEFAULT_MAX_LENGTH, NegativePromptCache, encode_prompts, load_tokenizer
 
 __all__ = ["SchedulerSettings", "WanModels", "from_pretrained", "ref_frame_indices", "encode_video",
            "reference_latents", "encode_text", "decode_latents", "generate", "check_generation_size",
@@ -136,9 +136,9 @@ class WanModels:
 
 
 def _load_transformer(path: str, dit_path, dtype, mesh):
-    from ...convert.safetensors_io import CheckpointError
-    from ...convert.wan_dit import load_dit
-    from .dit import WanConfig
+    from vans_jax.convert.safetensors_io import CheckpointError
+    from vans_jax.convert.wan_dit import load_dit
+    from vans_jax.models.wan.dit import WanConfig
 
     if dit_path is None:
         return load_dit(os.path.join(path, "transformer"), dtype=dtype, mesh=mesh)
@@ -173,8 +173,8 @@ def from_pretrained(path, dtype="float32", mesh=None, *, dit_path=None, vae_dtyp
     safetensors file/directory in either key layout (``dit.`` prefixes stripped). A bare file takes
     its config from ``transformer/config.json`` when present.
     """
-    from ...convert import umt5 as umt5_convert
-    from ...convert.wan_vae import load_vae
+    from vans_jax.convert import umt5 as umt5_convert
+    from vans_jax.convert.wan_vae import load_vae
 
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -261,7 +261,7 @@ def reference_latents(models: WanModels, clip, n_ref: int = DEFAULT_NUM_REF, *,
     ``to_device``: how the host's float video becomes a device array (default ``jnp.asarray``;
     multi-host training: ``parallel.host_local_batch_to_global``, each process its own clips).
     """
-    from ...data.video_io import resize_center_crop
+    from vans_jax.data.video_io import resize_center_crop
 
     a = np.asarray(clip)
     if a.dtype != np.uint8:

@@ -12,11 +12,11 @@ decorated with ``@section("name")`` returning a list of ``figure(...)`` dicts):
   parameter, no optimizer update) on n_ref + target latent frames, with achieved TFLOP/s from an
   analytic FLOP count (``dit_forward_flops``) and the fraction of the device's peak; vs diffusers'
   ``WanTransformer3DModel`` forward / backward.
-- ``pipeline``: a full N-step CFG generation (``models.wan.pipeline.generate``: text encoding,
+- ``pipeline``: a full N-step CFG generation (``sampling.wan.generate``: text encoding,
   UniPC sampling, VAE decode) vs diffusers' ``WanPipeline`` from the same components and initial
   noise; plus our VANS generation with reference frames (no reference counterpart).
 - ``vae``: Wan VAE encode / decode vs diffusers' ``AutoencoderKLWan``.
-- ``grpo``: one Joint-GRPO Stage-1 and one Stage-2 step (``train.joint_grpo.JointGRPO.step``, the
+- ``grpo``: one Joint-GRPO Stage-1 and one Stage-2 step (``train.grpo.JointGRPO.step``, the
   trainer's code and settings from the ``grpo.recipe`` block) at a stated batch: median, spread and
   the step's rollout-text / rollout-video / update split. No reference: the official VANS release is
   inference-only. Runs last: it releases the reference models the other sections cached.
@@ -276,7 +276,7 @@ def random_model(make: Callable[[], nnx.Module], seed: int, fill_first: Callable
     (``convert.loading.load_into``): matrices and kernels N(0, 0.02^2), 1-D biases 0 and other
     1-D parameters (norm scales) 1. ``fill_first(path, shape, dtype)``: asked first for every
     parameter (None: the rule above), e.g. ``models.lora.lora_init_fill`` for fresh LoRA adapters."""
-    from .convert.loading import load_into
+    from vans_jax.convert.loading import load_into
 
     rng = np.random.default_rng(seed)
 
@@ -335,7 +335,7 @@ def _fraction_of_peak(tflops: float, peak: float | None, dtype: str):
 def _build_qwen(ctx: BenchContext):
     """(our model, HF model or None, reason): random weights; with the reference, a random
     transformers model saved and loaded by our loader."""
-    from .models import qwen2_5_vl as qwen
+    from vans_jax.models import qwen2_5_vl as qwen
 
     c = ctx.cfg.vlm
     model_dict = c.model.to_dict()
@@ -354,9 +354,9 @@ def _build_qwen(ctx: BenchContext):
 
 @section("vlm")
 def bench_vlm(ctx: BenchContext) -> list[dict]:
-    from .models import qwen2_5_vl as qwen
-    from .models.qwen2_5_vl import processor
-    from .vlm_demo import synthetic_clip
+    from vans_jax.models import qwen2_5_vl as qwen
+    from vans_jax.models.qwen2_5_vl import processor
+    from vans_jax.apps.vlm_demo import synthetic_clip
 
     c = ctx.cfg.vlm
     model, hf, reason = ctx.cached("qwen", lambda: _build_qwen(ctx))
@@ -458,14 +458,14 @@ def _build_wan(ctx: BenchContext, with_reference: bool = True):
     (or ``with_reference=False``): our modules with random weights built directly."""
     import transformers
 
-    from .convert import umt5 as umt5_convert
-    from .convert.wan_dit import load_dit
-    from .convert.wan_vae import load_vae
-    from .models.wan import pipeline as wp
-    from .models.wan.dit import WanConfig, WanTransformer3D
-    from .models.wan.text import load_tokenizer
-    from .models.wan.umt5 import UMT5Config, UMT5Encoder
-    from .models.wan.vae import WanVAE, WanVAEConfig
+    from vans_jax.convert import umt5 as umt5_convert
+    from vans_jax.convert.wan_dit import load_dit
+    from vans_jax.convert.wan_vae import load_vae
+    from vans_jax.sampling import wan as wp
+    from vans_jax.models.wan.dit import WanConfig, WanTransformer3D
+    from vans_jax.models.wan.text import load_tokenizer
+    from vans_jax.models.wan.umt5 import UMT5Config, UMT5Encoder
+    from vans_jax.models.wan.vae import WanVAE, WanVAEConfig
 
     c = ctx.cfg.wan
     dit_kw, vae_kw, te_kw = c.dit.to_dict(), c.vae.to_dict(), c.text_encoder.to_dict()
@@ -590,7 +590,7 @@ def bench_dit(ctx: BenchContext) -> list[dict]:
         frac, frac_reason = _fraction_of_peak(ours["tflops_per_s"], peak, ctx.dtype)
         out.append(figure(
             name, "dit", what, dict(shape, remat=remat), ctx.dtype, ours, ref, reason,
-            flops=f, flops_method="analytic matmul count from the shapes (vans_jax.bench.dit_forward_flops"
+            flops=f, flops_method="analytic matmul count from the shapes (vans_jax.apps.bench.dit_forward_flops"
                                   + (", x3 for forward + backward)" if mult == 3 else ")"),
             peak_bf16_tflops=peak, fraction_of_peak=frac, fraction_of_peak_reason=frac_reason,
             fraction_of_measured_matmul=(ours["tflops_per_s"] / ctx.measured_matmul_tflops
@@ -603,7 +603,7 @@ def bench_dit(ctx: BenchContext) -> list[dict]:
 
 @section("pipeline")
 def bench_pipeline(ctx: BenchContext) -> list[dict]:
-    from .models.wan import pipeline as wp
+    from vans_jax.sampling import wan as wp
 
     models, torch_parts, reason = _wan(ctx)
     c = ctx.cfg.pipeline
@@ -664,7 +664,7 @@ def bench_vae(ctx: BenchContext) -> list[dict]:
     """The pipeline's VAE steps: clip -> normalized latents (``pipeline.encode_video``: posterior mean,
     normalized) and latents -> uint8 frames on the host (``pipeline.decode_latents``, as ``generate``);
     the reference does the same with ``AutoencoderKLWan`` and WanPipeline's post-processing."""
-    from .models.wan import pipeline as wp
+    from vans_jax.sampling import wan as wp
 
     models, torch_parts, reason = _wan(ctx)
     c = ctx.cfg.vae
@@ -744,17 +744,19 @@ def _grpo_vlm(ctx: BenchContext, recipe):
     loader, else random weights of ``vlm.model``'s architecture and a tiny tokenizer trained on the
     synthetic world's texts (the special-token ids follow the tokenizer; the vocabulary size stays,
     so the LM head and sampling cost what they cost at that size)."""
-    from .data import synthetic
-    from .models import qwen2_5_vl as qwen
-    from .models.lora import lora_init_fill
-    from .models.qwen2_5_vl import tokenizer as qtok
-    from .train import loop
+    from vans_jax.data import synthetic
+    from vans_jax.models import qwen2_5_vl as qwen
+    from vans_jax.models.lora import lora_init_fill
+    from vans_jax.models.qwen2_5_vl import tokenizer as qtok
+    from vans_jax.rl.format import TAGS
+    from vans_jax.train import loop
 
     if recipe.vlm.path:
         return loop.load_vlm(recipe, None, lora=True)
     arch = ctx.cfg.vlm.model.to_dict()
     path = ctx.tmpdir("grpo_vlm_tokenizer")
-    ids = qtok.build_tiny_tokenizer(path, synthetic.world_texts(), vocab_size=min(512, arch["vocab_size"] - 16))
+    ids = qtok.build_tiny_tokenizer(path, synthetic.world_texts(), vocab_size=min(512, arch["vocab_size"] - 16),
+                                   added_tokens=TAGS)
     if ids["vocab_size"] > arch["vocab_size"]:
         raise ValueError(f"vlm.model.vocab_size {arch['vocab_size']} is smaller than the tiny tokenizer's "
                          f"{ids['vocab_size']} ids")
@@ -772,8 +774,8 @@ def _grpo_vlm(ctx: BenchContext, recipe):
 def _grpo_clip(ctx: BenchContext, recipe):
     """(CLIP reward model, tokenizer): ``recipe.clip.path``, else random fp32 weights of ``grpo.clip``
     (a Hugging Face CLIPConfig dict; {} = ViT-B/32) with the character-level tiny tokenizer."""
-    from .models import clip
-    from .train import loop
+    from vans_jax.models import clip
+    from vans_jax.train import loop
 
     if recipe.clip.path:
         return loop.load_clip(recipe, None)
@@ -791,7 +793,7 @@ def _grpo_vdm(ctx: BenchContext, recipe):
     released first (Joint-GRPO has no reference; on an accelerator they would hold its memory)."""
     import gc
 
-    from .train import loop
+    from vans_jax.train import loop
 
     ctx._cache.pop("qwen", None)
     cached = ctx._cache.pop("wan", None)
@@ -819,8 +821,8 @@ def _grpo_examples(ctx: BenchContext, recipe):
     """``train.batch_size`` samples of the synthetic world's RL split at the recipe's video size and
     rate (``grpo.world``: input clip length, event segment, events), written as videos and read back
     through the training data pipeline (``data.pipeline.VNEPSource``), as ``vans-jax train`` reads them."""
-    from .data import synthetic
-    from .data.pipeline import PipelineConfig, VNEPSource
+    from vans_jax.data import synthetic
+    from vans_jax.data.pipeline import PipelineConfig, VNEPSource
 
     v, w = recipe.video, ctx.cfg.grpo.world
     world = synthetic.WorldConfig(height=int(v.height), width=int(v.width), fps=float(v.fps),
@@ -876,12 +878,12 @@ def bench_grpo(ctx: BenchContext) -> list[dict]:
     ``JointGRPO`` built from the recipe block through ``train.loop.grpo_settings`` /
     ``render_settings``) on random models: the VLM of ``vlm.model``, the Wan models of ``wan.*``, the
     CLIP of ``grpo.clip`` (or checkpoints: ``grpo.recipe.{vlm,vdm,clip}.path``)."""
-    from .models.lora import merge_lora_copy
-    from .models.wan import pipeline as wp
-    from .parallel import make_mesh
-    from .train import loop
-    from .train.joint_grpo import JointGRPO
-    from .train.sft import build_prompt_batch
+    from vans_jax.models.lora import merge_lora_copy
+    from vans_jax.sampling import wan as wp
+    from vans_jax.parallel import make_mesh
+    from vans_jax.train import loop
+    from vans_jax.train.grpo import JointGRPO
+    from vans_jax.rl.rollouts import build_prompt_batch
 
     c = ctx.cfg.grpo
     unknown = [m for m in c.stages if m not in GRPO_WHAT]

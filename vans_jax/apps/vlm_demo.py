@@ -16,9 +16,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from . import parallel
-from .models import qwen2_5_vl as qwen
-from .models.qwen2_5_vl import processor, tokenizer as tok_lib
+from vans_jax import parallel
+from vans_jax.models import qwen2_5_vl as qwen
+from vans_jax.models.qwen2_5_vl import processor, tokenizer as tok_lib
+from vans_jax.rl.format import TAGS, format_response, parse_response
 
 
 def synthetic_clip(num_frames: int = 12, height: int = 84, width: int = 112, seed: int = 0):
@@ -53,14 +54,15 @@ def run(cfg, question: str, output: str | None = None, video: str | None = None)
         model = qwen.from_pretrained(cfg.vlm.path, dtype=cfg.vlm.dtype, mesh=mesh, attn_impl=cfg.vlm.attn_impl)
     else:
         tok_dir = tempfile.mkdtemp(prefix="vans_tok_")
-        ids = tok_lib.build_tiny_tokenizer(tok_dir, vocab_texts=[question, "[Think] the square moves right. "
-                                                                 "[/Think][Ans] the square keeps moving right.[/Ans]"])
+        ids = tok_lib.build_tiny_tokenizer(
+            tok_dir, vocab_texts=[question, format_response(" the square moves right. ", " the square keeps moving right.")],
+            added_tokens=TAGS)
         tokenizer = tok_lib.load_tokenizer(tok_dir)
         model = parallel.shard_module(_tiny_model(cfg, ids, seed), mesh)
     load_s = time.perf_counter() - t0
 
     if video:
-        from .data.video_io import read_video
+        from vans_jax.data.video_io import read_video
         frames, fps = read_video(video)
     else:
         frames, fps = synthetic_clip(seed=seed), 4.0
@@ -90,7 +92,7 @@ def run(cfg, question: str, output: str | None = None, video: str | None = None)
         video=video or "synthetic moving square",
         vlm_frames=int(vlm_frames.shape[0]), video_grid_thw=grid.tolist(), prompt_tokens=int(enc["input_ids"].shape[1]),
         answers=[dict(text=t, logprob=float(np.asarray(out.logprobs)[i].sum()), tokens=int(lengths[i]),
-                      **tok_lib.parse_response(t)) for i, t in enumerate(texts)],
+                      **parse_response(t)) for i, t in enumerate(texts)],
         timings=dict(load_s=round(load_s, 3), first_call_s=round(first_s, 3), steady_s=round(steady_s, 3),
                      new_tokens=n_new, tokens_per_s=round(n_new / steady_s, 1)),
         device=str(jax.devices()[0].platform), num_devices=len(jax.devices()),

@@ -16,8 +16,8 @@ from vans_jax.convert.safetensors_io import Checkpoint  # noqa: E402
 from vans_jax.convert.wan_vae import load_vae  # noqa: E402
 from vans_jax.data import synthetic  # noqa: E402
 from vans_jax.models.wan.vae import WanVAE  # noqa: E402
-from vans_jax.world import vae_train as vt  # noqa: E402
-from vans_jax.world.clips import load_world_clips  # noqa: E402
+from tools.tiny_world import vae_train as vt  # noqa: E402
+from tools.tiny_world.clips import load_world_clips  # noqa: E402
 from tests.utils import rel_err  # noqa: E402
 
 SPEC = vt.TinyVAESpec(base_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1)

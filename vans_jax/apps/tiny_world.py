@@ -32,6 +32,6 @@ def load_defaults(root: str | None = None) -> dict:
     if missing:
         raise FileNotFoundError(
             f"the tiny synthetic-world models are missing under {root or tiny_world_dir()} ({', '.join(missing)}); "
-            f"build them with `python -m vans_jax.world.build` or point {ENV} at a copy")
+            f"build them with `python -m tools.tiny_world.build` or point {ENV} at a copy")
     with open(p["defaults"]) as f:
         return json.load(f)

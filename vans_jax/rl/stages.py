@@ -1,0 +1,140 @@
+"""The Joint-GRPO stages as data and pure functions (paper section 3.3 / appendix B-C).
+
+* Which rewards each mode uses (``MODE_REWARDS``; the paper's normalize-then-sum rule, weights 1),
+  the settings of a run (``GRPOSettings``).
+* Stage 1 (VLM tuned through the frozen VDM): ``stage1_loss``, the token-level clipped-ratio loss
+  with the k3 KL to the LoRA-disabled reference, on stored completions.
+* Stage 2 (DiT tuned, anchored by the stage-1 VLM): ``stage2_grads``, the per-timestep Flow-GRPO
+  loss with the closed-form Gaussian KL to the reference DiT, its gradient accumulated timestep by
+  timestep.
+* All-in-one (ablation): both, on one joint reward.
+
+The rollouts that feed them are in ``rl.rollouts``; the trainer that owns the optimizer states
+and compiles the updates is ``train.grpo``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..sampling import flow
+from ..sampling.text import completion_logprobs
+from .grpo import vdm_grpo_loss, vlm_grpo_loss
+from .rewards import RewardConfig
+
+# which reward components each mode uses (all weights 1, the paper's B.1 normalize-then-sum rule)
+MODE_REWARDS = {
+    "grpo_stage1": ("format", "t1", "v1"),
+    "grpo_vlm": ("format", "t1"),          # standard GRPO on the VLM alone: text rewards only
+    "grpo_stage2": ("v2", "c2"),
+    "grpo_vdm": ("v2", "c2"),              # standard GRPO on the VDM alone: ground-truth captions
+    "grpo_all_in_one": ("format", "t1", "v1", "c2"),
+}
+GRPO_MODES = tuple(MODE_REWARDS)
+
+
+def reward_config(mode: str, disabled: Sequence[str] = (), **kw) -> RewardConfig:
+    names = MODE_REWARDS[mode]
+    bad = [d for d in disabled if d not in names]
+    if bad:
+        raise ValueError(f"cannot disable reward(s) {bad} in mode {mode}: it uses {list(names)}")
+    return RewardConfig(weights={k: 1.0 for k in names}, **kw).without(*disabled)
+
+
+@dataclasses.dataclass
+class GRPOSettings:
+    mode: str
+    group_size: int = 8
+    beta: float = 0.004
+    clip_eps: float = 1e-3
+    num_updates: int = 1
+    aggregation: str = "sequence_mean"
+    advantage_clip: float = 5.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    anchor_rouge_threshold: float = 0.6
+    anchor_max_tries: int = 4
+    anchor_temperature: float = 1.0
+    caption_fallback: str = "full"
+    disabled_rewards: tuple[str, ...] = ()
+    pad_multiple: int = 64
+
+
+def stage1_loss(params, graphdef, frozen, batch, rng, *, beta, clip_eps, temperature, aggregation):
+    """Token-level GRPO loss of the VLM on stored completions (no LoRA dropout: ratio 1 at the
+    first update)."""
+    model = nnx.merge(graphdef, params, frozen)
+    logp = completion_logprobs(model, batch["prompt"], batch["completions"], batch["completion_mask"],
+                               temperature)
+    t = vlm_grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["completion_mask"],
+                      beta=beta, clip_eps=clip_eps, aggregation=aggregation)
+    return t.loss, {"kl": t.kl, "clip_fraction": t.clip_fraction, "ratio": t.ratio_mean,
+                    "policy_objective": t.policy_objective}
+
+
+def _dit_velocity(graphdef, params, frozen, x, t, ctx, unc, g, ref_lat):
+    return flow.guided_velocity(nnx.merge(graphdef, params, frozen), x, t, ctx, unc, g, ref_lat)
+
+
+def stage2_grads(params, graphdef, frozen, ref_params, batch, *, beta, clip_eps, advantage_clip, noise_level,
+                 std_form, aggregation="sequence_mean"):
+    """Stage-2 (Flow-GRPO) gradient of the DiT on stored SDE trajectories: the mean over the S trained
+    timesteps of the per-timestep clipped-ratio terms with the closed-form Gaussian KL to
+    ``ref_params``, accumulated one timestep at a time in a ``lax.scan`` (one DiT forward + backward
+    live at once). Returns (gradient, metrics: loss, kl, clip_fraction, ratio, policy_objective)."""
+    s = batch["x"].shape[0]
+    ctx, unc, g, ref_lat = batch["context"], batch.get("uncond_context"), batch["cfg"], batch.get("ref_latents")
+    sigmas, adv = batch["sigmas"], batch["advantages"]
+
+    def one(carry, xs):
+        gsum, msum = carry
+        x, xn, olp, j, t = xs
+
+        def lossf(params):
+            v = _dit_velocity(graphdef, params, frozen, x, t, ctx, unc, g, ref_lat)
+            out = flow.sde_step(x, v, sigmas, j, prev_sample=xn, noise_level=noise_level, std_form=std_form)
+            if beta > 0:
+                v_ref = _dit_velocity(graphdef, ref_params, frozen, x, t, ctx, unc, g, ref_lat)
+                ref_mean = jax.lax.stop_gradient(
+                    flow.sde_step(x, v_ref, sigmas, j, prev_sample=xn, noise_level=noise_level,
+                                  std_form=std_form).mean)
+            else:
+                ref_mean = jax.lax.stop_gradient(out.mean)
+            terms = vdm_grpo_loss(out.log_prob[:, None], olp[:, None], out.mean[:, None], ref_mean[:, None],
+                                  out.std, adv, beta=beta, clip_eps=clip_eps, advantage_clip=advantage_clip,
+                                  aggregation=aggregation)
+            return terms.loss / s, terms
+
+        (_, terms), grads = jax.value_and_grad(lossf, has_aux=True)(params)
+        m = jnp.stack([terms.loss, terms.kl, terms.clip_fraction, terms.ratio_mean, terms.policy_objective]) / s
+        return (jax.tree.map(jnp.add, gsum, grads), msum + m), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, m), _ = jax.lax.scan(one, (zeros, jnp.zeros(5, jnp.float32)),
+                                 (batch["x"], batch["x_next"], batch["old_logp"], batch["steps"],
+                                  batch["timesteps"]))
+    return grads, dict(loss=m[0], kl=m[1], clip_fraction=m[2], ratio=m[3], policy_objective=m[4])
+
+
+def _summary(prefix: str, x) -> dict:
+    x = np.asarray(x, np.float64)
+    return {f"{prefix}_mean": float(x.mean()), f"{prefix}_std": float(x.std()), f"{prefix}_min": float(x.min()),
+            f"{prefix}_max": float(x.max())}
+
+
+def reward_metrics(rewards: dict, adv) -> dict:
+    out = {f"reward/{k}": float(np.mean(v)) for k, v in rewards.items()}
+    out["reward/total"] = float(sum(np.mean(v) for v in rewards.values()))
+    out.update({f"advantage/{k}": v for k, v in _summary("adv", adv).items()})
+    return out
+
+
+def finite_rewards(rewards: dict) -> bool:
+    return all(np.all(np.isfinite(np.asarray(v))) for v in rewards.values())

@@ -1,0 +1,324 @@
+"""The Joint-GRPO trainer: one object for every mode (``rl.stages.MODE_REWARDS``). It owns the
+trained parts (optimizer states, reference policies) and the compiled updates; the rollouts are
+``rl.rollouts``, the losses ``rl.stages``.
+
+Stage 1 (VLM tuned, VDM frozen): G captions per prompt with one prefill; the [Ans] of each rendered
+by the frozen VDM (ODE sampler); rewards r_format + r_t1 + r_v1; the token-level loss.
+Stage 2 (VDM tuned, stage-1 VLM frozen): anchors resampled while ROUGE-L < threshold; G videos per
+anchor from the SDE sampler with stored trajectories; rewards r_v2 + r_c2; the per-timestep loss.
+All-in-one (ablation): the policy VLM's captions rendered by the policy DiT with the SDE sampler,
+one joint reward updates both.
+
+Every jitted function is built once per (model structure, settings) and shared across instances
+(a second trainer in the same process, e.g. the demo's stage 2 or the next test, reuses the
+compiled programs). ``num_updates`` policy updates run per batch of rollouts. ``step`` returns the
+update metrics as device arrays (the loop fetches them on log steps) next to the host-side reward
+metrics.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .. import parallel
+from ..models.lora import without_lora
+from ..rl import rollouts as ro
+from ..rl.rewards import compute_rewards, stage_advantages
+from ..rl.stages import (GRPO_MODES, GRPOSettings, finite_rewards, reward_config, reward_metrics, stage1_loss,
+                         stage2_grads)
+from ..sampling import wan as wp
+from ..sampling.text import SamplingSettings
+from .core import (TrainState, apply_gradients, init_state, jit_sharded, make_optimizer, make_update_step, place,
+                   replicated, split_model)
+
+RenderSettings = ro.RenderSettings
+
+
+# ----------------------------------------------------------------------------- trainable parts
+
+
+def optim_key(optim_cfg) -> str:
+    """A hashable description of optimizer settings (the compiled-step caches key on it)."""
+    d = optim_cfg.to_dict() if hasattr(optim_cfg, "to_dict") else dict(optim_cfg)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+class Part:
+    """A model split into its trainable state (in a donated TrainState) and the frozen rest, with
+    the reference policy: the LoRA-disabled model for LoRA, else a frozen copy of the start."""
+
+    def __init__(self, model: nnx.Module, trainable: str, optim_cfg, seed: int, *, reference: bool = True,
+                 mesh=None):
+        self.graphdef, params, frozen = split_model(model, trainable)
+        self.trainable = trainable
+        self.optim_key = optim_key(optim_cfg)
+        self.optimizer = make_optimizer(optim_cfg)
+        self.mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1})
+        state = init_state(params, self.optimizer, seed, self.mesh)
+        self.state, self.state_shardings = place(state, self.mesh)
+        self.frozen, self.frozen_shardings = place(frozen, self.mesh)
+        # the reference is the starting point, which a restarted run loads again: never checkpointed
+        self._ref = (jax.device_put(jax.tree.map(jnp.copy, self.state.params), self.state_shardings.params)
+                     if reference and trainable != "lora" else None)
+
+    def shardings(self, batch_sharding=None):
+        """(state, frozen, batch) shardings for ``make_update_step``."""
+        return self.state_shardings, self.frozen_shardings, batch_sharding
+
+    def cache_key(self) -> tuple:
+        """What a compiled update of this part depends on besides its loss: structure, optimizer,
+        shardings."""
+        sh = (self.state_shardings, self.frozen_shardings)
+        return (self.graphdef, self.optim_key, jax.tree.structure(sh), tuple(jax.tree.leaves(sh)))
+
+    def ref_params(self):
+        return without_lora(self.state.params) if self.trainable == "lora" else self._ref
+
+    def model(self, params=None) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.state.params if params is None else params, self.frozen)
+
+    def ckpt_items(self) -> dict:
+        return {"state": self.state}
+
+    def restore_items(self, items: dict):
+        self.state = items["state"]
+
+
+class FrozenPart:
+    """A model that only samples (the stage-2 anchor VLM): same interface for generation."""
+
+    def __init__(self, model: nnx.Module):
+        self.graphdef, params, self.frozen = nnx.split(model, nnx.Param, ...)
+        self.state = TrainState(step=jnp.int32(0), params=params, opt_state=None, rng=jax.random.key_data(
+            jax.random.key(0)), skipped=jnp.int32(0))
+
+
+_STEPS: dict = {}
+
+
+def cached_update_step(part: Part, loss_fn, loss_key: tuple, **kw):
+    """``core.make_update_step`` for ``part`` with ``loss_fn``, built once per (loss, part structure,
+    optimizer, shardings): ``loss_key`` names the loss and its static settings."""
+    key = ("update", loss_key, part.cache_key())
+    if key not in _STEPS:
+        _STEPS[key] = make_update_step(loss_fn, part.optimizer, part.graphdef, shardings=part.shardings(), **kw)
+    return _STEPS[key]
+
+
+def make_stage2_update(graphdef, optimizer, *, beta, clip_eps, advantage_clip, noise_level, std_form,
+                       aggregation="sequence_mean", shardings=None):
+    """jit(update)(state, frozen, ref_params, batch) -> (state, metrics): ``rl.stages.stage2_grads``
+    then one optimizer update (skipped on a non-finite loss or gradient). ``shardings``: (state,
+    frozen, ref_params) shardings for explicit in/out shardings (the batch's taken from the batch,
+    ``core.jit_sharded``; metrics replicated); None: inferred."""
+    grads_fn = functools.partial(stage2_grads, graphdef=graphdef, beta=beta, clip_eps=clip_eps,
+                                 advantage_clip=advantage_clip, noise_level=noise_level, std_form=std_form,
+                                 aggregation=aggregation)
+
+    def update(state: TrainState, frozen, ref_params, batch):
+        grads, m = grads_fn(state.params, frozen=frozen, ref_params=ref_params, batch=batch)
+        new, extra = apply_gradients(state, grads, m["loss"], optimizer)
+        return new, dict(m, **extra)
+
+    if shardings is None:
+        return jax.jit(update, donate_argnums=(0,))
+    st, fr, ref = shardings
+    return jit_sharded(update, (st, fr, ref, None), (st, replicated(st)), donate_argnums=(0,))
+
+
+def part_optim_cfg(optim_cfg, part: str):
+    """The optimizer settings of one part: ``optim_cfg`` with ``lr`` replaced by ``<part>_lr`` when that
+    is set (``train.grpo.vlm_lr`` / ``dit_lr``: the VLM's LoRA and the DiT's full weights usually want
+    different rates)."""
+    if optim_cfg is None:
+        return None
+    lr = optim_cfg.get(f"{part}_lr", None)
+    if lr is None or lr == "":
+        return optim_cfg
+    c = copy.deepcopy(optim_cfg)
+    c.lr = float(lr)
+    return c
+
+
+def _mean_updates(ms: list[dict]) -> dict:
+    """Per-update metrics (device arrays) -> their mean over the updates, plus the last ratio."""
+    out = {k: jnp.mean(jnp.stack([m[k] for m in ms])) for k in ms[0]}
+    if "ratio" in ms[0]:
+        out["ratio_last_update"] = ms[-1]["ratio"]
+    return out
+
+
+class JointGRPO:
+    """One object for every Joint-GRPO mode. ``step(examples, step_index, rng)`` runs one rollout +
+    its policy updates and returns the metrics; ``parts`` are the trained models."""
+
+    def __init__(self, s: GRPOSettings, render: RenderSettings, *, vlm=None, vlm_tokenizer=None, vlm_vcfg=None,
+                 vdm: wp.WanModels | None = None, clip_model=None, clip_tokenizer=None,
+                 vlm_trainable="lora", dit_trainable="full", optim_cfg=None, seed: int = 0, mesh=None):
+        if s.mode not in GRPO_MODES:
+            raise ValueError(f"unknown Joint-GRPO mode {s.mode!r}; expected one of {GRPO_MODES}")
+        self.s, self.r = s, render
+        self.rewards = reward_config(s.mode, s.disabled_rewards)
+        self.tokenizer, self.vcfg, self.vdm = vlm_tokenizer, vlm_vcfg, vdm
+        self.train_vlm = s.mode in ("grpo_stage1", "grpo_vlm", "grpo_all_in_one")
+        self.train_dit = s.mode in ("grpo_stage2", "grpo_vdm", "grpo_all_in_one")
+        self.needs_video = s.mode != "grpo_vlm"
+        self.needs_vlm = s.mode != "grpo_vdm"
+        if self.needs_vlm and vlm is None:
+            raise ValueError(f"mode {s.mode} needs the VLM")
+        if self.needs_video and (vdm is None or clip_model is None):
+            raise ValueError(f"mode {s.mode} needs the VDM and the CLIP reward model")
+        self.mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1})
+        mesh = self.mesh
+        self.env = ro.RolloutEnv(render, mesh=mesh, tokenizer=vlm_tokenizer, vdm=vdm, clip_model=clip_model,
+                                 clip_tokenizer=clip_tokenizer)
+        self.parts: dict[str, Part] = {}
+        if self.needs_vlm:
+            self.vlm_cfg = vlm.config
+            self.vlm = (Part(vlm, vlm_trainable, part_optim_cfg(optim_cfg, "vlm"), seed, mesh=mesh) if self.train_vlm
+                        else FrozenPart(vlm))
+            if self.train_vlm:
+                self.parts["vlm"] = self.vlm
+            pad = vlm.config.pad_token_id
+            eos = tuple(np.atleast_1d(vlm.config.eos_token_id).tolist())
+            self._policy_sampling = SamplingSettings(
+                max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                num_return_sequences=s.group_size if s.mode != "grpo_stage2" else 1, eos_token_id=eos,
+                pad_token_id=pad)
+            self._anchor_sampling = SamplingSettings(
+                max_new_tokens=s.max_new_tokens, temperature=s.anchor_temperature, top_p=s.top_p, top_k=s.top_k,
+                num_return_sequences=1, eos_token_id=eos, pad_token_id=pad)
+            if self.train_vlm:
+                self._vlm_update = cached_update_step(
+                    self.vlm, functools.partial(stage1_loss, beta=s.beta, clip_eps=s.clip_eps,
+                                                temperature=s.temperature, aggregation=s.aggregation),
+                    ("stage1", s.beta, s.clip_eps, s.temperature, s.aggregation))
+        if self.train_dit:
+            self.dit = Part(vdm.dit, dit_trainable, part_optim_cfg(optim_cfg, "dit"), seed + 1, mesh=mesh)
+            self.parts["dit"] = self.dit
+            key = ("stage2", s.beta, s.clip_eps, s.advantage_clip, render.noise_level, render.std_form, s.aggregation,
+                   self.dit.cache_key())
+            if key not in _STEPS:
+                _STEPS[key] = make_stage2_update(
+                    self.dit.graphdef, self.dit.optimizer, beta=s.beta, clip_eps=s.clip_eps,
+                    advantage_clip=s.advantage_clip, noise_level=render.noise_level, std_form=render.std_form,
+                    aggregation=s.aggregation,
+                    shardings=(self.dit.state_shardings, self.dit.frozen_shardings, self.dit.state_shardings.params))
+            self._dit_update = _STEPS[key]
+
+    # -- the policies as the rollouts see them
+
+    def _generate(self, settings, params=None):
+        vlm = self.vlm
+        return lambda prompt, rng: ro.generate_completions(vlm.graphdef, vlm.state.params if params is None else
+                                                           params, vlm.frozen, prompt, rng, settings)
+
+    def _score(self, params, prompt, comp, cmask):
+        return ro.score_completions(self.vlm.graphdef, params, self.vlm.frozen, prompt, comp, cmask,
+                                    self.s.temperature)
+
+    def _dit_module(self):
+        return self.dit.model() if self.train_dit else self.vdm.dit
+
+    # -- one step
+
+    def step(self, examples: Sequence[dict], step_index: int, rng) -> dict:
+        s, g, env = self.s, self.s.group_size, self.env
+        t0 = time.perf_counter()
+        metrics: dict[str, Any] = {}
+        k_gen, k_vid, k_anchor = jax.random.split(rng, 3)
+        # host values cover the whole global batch (every process's examples, in process order);
+        # device arrays are global (this process's rows placed on its devices)
+        gt_caps = ro.gather_list([e["caption"] for e in examples])
+        prompt = None
+        if self.needs_vlm:
+            prompt = ro.build_prompt_batch(examples, self.tokenizer, self.vlm_cfg, self.vcfg, s.pad_multiple,
+                                           mesh=self.mesh)
+        if self.needs_video:
+            ref_lat = ro.reference_latents(self.vdm, examples, self.r, to_device=env.rows)
+            target = np.stack([np.asarray(e["target"]) for e in examples])
+            gt_feat = env.frame_feats(target if jax.process_count() == 1 else env.rows(target))
+        new_tokens = 0
+        if self.train_vlm:
+            out = self._generate(self._policy_sampling)(prompt, k_gen)
+            lengths = ro.host_values(out.lengths)
+            texts = ro.decode_texts(self.tokenizer, ro.host_values(out.tokens), lengths)
+            caps = ro.captions_of(texts, s.caption_fallback)
+            new_tokens = int(lengths.sum())
+            batch_in = dict(texts=texts, gt_captions=[c for c in gt_caps for _ in range(g)])
+            metrics["think_tokens"] = float(ro.think_lengths(texts, self.tokenizer).mean())
+            metrics["completion_tokens"] = float(lengths.mean())
+            metrics["sample_text"] = texts[0]
+        else:
+            if s.mode == "grpo_vdm":
+                anchors = list(gt_caps)
+                am = {"anchor/resamples": 0.0, "anchor/failed": 0.0, "anchor/rouge_l": 1.0}
+            else:
+                anchors, am = env.anchors(self._generate(self._anchor_sampling), prompt, gt_caps, k_anchor,
+                                          threshold=s.anchor_rouge_threshold, max_tries=s.anchor_max_tries,
+                                          fallback=s.caption_fallback)
+            metrics.update(am)
+            caps = [c for c in anchors for _ in range(g)]
+            batch_in = {}
+            metrics["sample_text"] = anchors[0]
+        t_text = time.perf_counter()
+        frames = traj = None
+        if self.needs_video:
+            ref_rep = jnp.repeat(ref_lat, g, axis=0)
+            if self.train_dit:
+                frames, traj, ctx, unc = env.render_sde(self._dit_module(), caps, ref_rep, k_vid)
+            else:
+                frames = env.render_ode(caps, ref_rep, k_vid)
+            feats = env.frame_feats(frames)
+            batch_in.update(gen_video_feats=feats, gt_video_feats=np.repeat(gt_feat, g, axis=0))
+            if "c2" in self.rewards.active:
+                batch_in["caption_feats"] = env.caption_feats(caps)
+        t_video = time.perf_counter()
+        rewards = compute_rewards(self.rewards, **batch_in)
+        if not finite_rewards(rewards):
+            return dict(metrics, skipped_rewards=1.0, step_time_s=time.perf_counter() - t0)
+        adv = np.asarray(stage_advantages(self.rewards, rewards, g))
+        metrics.update(reward_metrics(rewards, adv))
+        metrics["skipped_rewards"] = 0.0
+
+        upd: dict[str, list] = {}
+        if self.train_vlm:
+            comp = jnp.asarray(out.tokens)
+            cmask = jnp.asarray(out.mask)
+            old = self._score(self.vlm.state.params, prompt, comp, cmask)
+            ref = old if s.beta == 0 else self._score(self.vlm.ref_params(), prompt, comp, cmask)
+            vb = dict(prompt=prompt, completions=comp, completion_mask=cmask, old_logp=old, ref_logp=ref,
+                      advantages=env.whole(adv))
+            for u in range(s.num_updates):
+                self.vlm.state, m = self._vlm_update(self.vlm.state, self.vlm.frozen,
+                                                     dict(vb, update_index=env.const(np.int32(u))))
+                upd.setdefault("vlm", []).append(m)
+        if self.train_dit:
+            lo, hi = env.sde_window()
+            idx = np.arange(lo, hi)
+            db = dict(x=traj.latents[idx], x_next=traj.latents[idx + 1], old_logp=traj.log_probs[idx],
+                      steps=env.const(idx.astype(np.int32)), timesteps=traj.timesteps[idx], sigmas=traj.sigmas,
+                      context=ctx, uncond_context=unc, cfg=env.const(np.float32(self.r.cfg_scale)),
+                      ref_latents=ref_rep, advantages=env.whole(adv))
+            if unc is None:
+                db.pop("uncond_context")
+            ref_params = self.dit.ref_params()
+            for u in range(s.num_updates):
+                self.dit.state, m = self._dit_update(self.dit.state, self.dit.frozen, ref_params, db)
+                upd.setdefault("dit", []).append(m)
+        for name, ms in upd.items():
+            metrics.update({f"{name}/{k}": v for k, v in _mean_updates(ms).items()})
+        t1 = time.perf_counter()
+        n_frames = 0 if frames is None else int(np.prod(frames.shape[:2]))
+        metrics.update({"time/step_s": t1 - t0, "time/text_s": t_text - t0, "time/video_s": t_video - t_text,
+                        "time/update_s": t1 - t_video, "throughput/tokens_per_s": new_tokens / max(t_text - t0, 1e-9),
+                        "throughput/frames_per_s": n_frames / max(t_video - t_text, 1e-9)})
+        return metrics
