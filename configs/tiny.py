@@ -27,6 +27,7 @@ def get_config():
     c.generation.max_new_tokens = 24
     c.generation.num_return_sequences = 4
     c.video.update(dict(height=64, width=64, num_frames=9, num_steps=4, n_ref=3, fps=4))
+    c.data.pipeline.reference_frames = 9
     c.train.update(dict(batch_size=2, log_every=1, checkpoint_every=2, steps=2))
     c.train.sft_vlm.update(dict(lr=1e-3, max_len=384))
     c.train.sft_vdm.update(dict(lr=1e-3))

@@ -34,9 +34,7 @@ def get_config():
     c.generation.update(dict(max_new_tokens=96, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=1))
     c.video.update(dict(height=64, width=64, num_frames=9, fps=4, n_ref=3, num_steps=10, cfg_scale=3.0, shift=3.0,
                         negative_prompt=""))
-    c.data.pipeline = dict(num_vlm_frames=6, vlm_sample_fps=2.0, target_frames=9, target_height=64, target_width=64,
-                           target_fps=4.0, reference_frames=9, reference_height=64, reference_width=64,
-                           reference_fps=4.0)
+    c.data.pipeline = dict(reference_frames=9)
     c.train.update(dict(batch_size=2, log_every=5, checkpoint_every=50, steps=0, pad_multiple=64))
     # a plain `vans-jax train` SFT run on the world; the shipped models were trained in the phases of
     # tools.tiny_world.build.SFT_PHASES (steps, batch, lr per phase), which override these three

@@ -40,16 +40,16 @@ def get_config():
     c.vdm = ml_collections.ConfigDict(dict(path="", dit_path="", dtype="bfloat16", model=wan2_1_t2v_1_3b()))
     c.generation = ml_collections.ConfigDict(dict(max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0,
                                                   num_return_sequences=1))
-    c.video = ml_collections.ConfigDict(dict(height=352, width=640, num_frames=33, fps=11, n_ref=6,
+    c.video = ml_collections.ConfigDict(dict(height=352, width=640, num_frames=33, fps=11.0, n_ref=6,
                                              num_steps=50, cfg_scale=5.0, shift=5.0))
     c.clip = ml_collections.ConfigDict(dict(path=""))   # local Hugging Face CLIP directory (rewards, eval)
     c.data = ml_collections.ConfigDict(dict(
         train_csv="", rl_csv="", eval_csv="", video_root="", num_workers=0,
         num_shards=0,             # data shards (0: one per process); the batches depend on this, not on the hosts
-        # what one sample looks like (vans_jax.data.pipeline.PipelineConfig): VANS numbers
-        pipeline=dict(num_vlm_frames=6, vlm_sample_fps=1.0, target_frames=33, target_height=352, target_width=640,
-                      target_fps=11.0, reference_frames=33, reference_height=352, reference_width=640,
-                      reference_fps=11.0),
+        # what one sample looks like (vans_jax.data.loader.PipelineConfig.from_experiment): frame counts,
+        # sizes and rates come from vlm.* and video.*; here only what is set nowhere else. VANS: the
+        # reference latents come from the input clip's last 33 frames
+        pipeline=dict(reference_frames=33),
     ))
     c.train = ml_collections.ConfigDict(dict(
         mode="grpo_stage1",       # sft_vlm | sft_vdm | grpo_stage1 | grpo_stage2 | grpo_vlm | grpo_vdm | grpo_all_in_one

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.train.conftest import ROOT, make_config, tiny_world  # noqa: F401  (the fixture)
+from tests.tiny import ROOT, make_config
 
 STEPS, STOP = 3, 2
 # (mode, where the 2-process run stops and restarts): the restart path is the same for every mode,

@@ -11,7 +11,7 @@ from flax import nnx
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from tests import tiny_vans as T  # noqa: E402
+from tests import tiny as T  # noqa: E402
 from vans_jax.convert.wan_dit import iter_dit_tensors  # noqa: E402
 from vans_jax.convert.safetensors_io import save_file  # noqa: E402
 from vans_jax.data.video_io import (VideoError, read_video, reference_clip, resize_center_crop,  # noqa: E402
@@ -27,13 +27,8 @@ Q = "What will happen next?"
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vans_pipe")
-    vlm, _, _ = T.build_vlm_dir(str(root / "vlm"))
-    vdm = T.build_vdm_dir(str(root / "vdm"))
-    clip = write_video(str(root / "clip.mp4"), T.moving_square(), fps=T.FPS)
-    other = write_video(str(root / "other.mp4"), T.moving_square(color=(40, 60, 230), seed=5)[::-1], fps=T.FPS)
-    return {"root": root, "vlm": vlm, "vdm": vdm, "clip": clip, "other": other}
+def dirs(tiny_vans):
+    return tiny_vans
 
 
 @pytest.fixture(scope="module")

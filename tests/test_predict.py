@@ -13,7 +13,7 @@ from PIL import Image
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from tests import tiny_vans as T  # noqa: E402
+from tests import tiny as T  # noqa: E402
 from vans_jax.apps import cli, predict  # noqa: E402
 from vans_jax.data import synthetic  # noqa: E402
 from vans_jax.data.video_io import read_video, write_video  # noqa: E402
@@ -26,12 +26,8 @@ SETTING_FLAGS = [x for k, v in T.SETTINGS.items() for x in (f"--{k}", str(v))]
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vans_predict")
-    vlm, _, _ = T.build_vlm_dir(str(root / "vlm"))
-    vdm = T.build_vdm_dir(str(root / "vdm"))
-    clip = write_video(str(root / "clip.mp4"), T.moving_square(), fps=T.FPS)
-    return {"root": root, "vlm": vlm, "vdm": vdm, "clip": clip}
+def dirs(tiny_vans):
+    return tiny_vans
 
 
 def run(*argv):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-from tests.models import qwen_tiny as tiny
+from tests import tiny
 from tests.utils import rel_err
 from vans_jax.convert.peft_lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft_adapter, merge_peft_adapter,
                                         read_peft_adapter)
@@ -32,7 +32,7 @@ MODULES = ["model.language_model.layers.0.self_attn.q_proj", "model.language_mod
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("peft_base"))
-    hf = tiny.hf_model(tie=False, seed=4)
+    hf = tiny.qwen_hf_model(tie=False, seed=4)
     hf.save_pretrained(d)
     batch = tiny.build_batch("right")
     return d, hf, batch
@@ -82,7 +82,7 @@ def test_peft_layout_adapter_matches_torch_merge(setup, tmp_path):
     tensors = _random_adapter(hf)
     # per-module alpha (PEFT's alpha_pattern, suffix match) and rsLoRA scaling
     adapter = _write_adapter(str(tmp_path / "adapter"), tensors, alpha_pattern={"down_proj": 16}, use_rslora=True)
-    ref = tiny.hf_model(tie=False, seed=4)
+    ref = tiny.qwen_hf_model(tie=False, seed=4)
     with torch.no_grad():
         for name in MODULES:
             alpha = 16 if name.endswith("down_proj") else 8
@@ -160,7 +160,7 @@ def test_adapter_written_by_peft(setup, tmp_path):
     """Only where ``peft`` is installed: its own adapter file, merged here, equals its merge_and_unload."""
     peft = pytest.importorskip("peft")
     d, _, batch = setup
-    model = peft.get_peft_model(tiny.hf_model(tie=False, seed=4),
+    model = peft.get_peft_model(tiny.qwen_hf_model(tie=False, seed=4),
                                 peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
     with torch.no_grad():
         for n, p in model.named_parameters():

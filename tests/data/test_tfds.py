@@ -8,7 +8,7 @@ import pytest
 
 from vans_jax.data import synthetic as S
 from vans_jax.data import tfds_vnep  # importable without tensorflow-datasets
-from vans_jax.data.pipeline import PipelineConfig, VNEPSource
+from vans_jax.data.loader import PipelineConfig, VNEPSource
 
 HAVE_TFDS = importlib.util.find_spec("tensorflow_datasets") is not None
 needs_tfds = pytest.mark.skipif(not HAVE_TFDS, reason="tensorflow-datasets is not installed")

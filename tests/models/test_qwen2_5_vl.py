@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.models import qwen_tiny as tiny
+from tests import tiny
 from tests.utils import rel_err
 from vans_jax.convert.safetensors_io import CheckpointError, save_file
 from vans_jax.models import qwen2_5_vl as qwen
@@ -19,7 +19,7 @@ TOL = 1e-4  # fp32 max relative error (max |ours - ref| / max |ref|)
 
 @pytest.fixture(scope="module")
 def hf_tied():
-    return tiny.hf_model(tie=True)
+    return tiny.qwen_hf_model(tie=True)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,8 @@ def test_rope_index_matches_transformers_where_conventions_agree(hf_tied, ours):
 def test_rope_index_text_after_video_starts_at_max_plus_one(ours):
     cfg = ours.config
     # video grid t=3 (6 frames), merged 1x1 spatial, 2 s per grid -> t positions 0, 4, 8
-    ids = np.array([[7, tiny.IDS["vision_start"]] + [tiny.IDS["video"]] * 3 + [tiny.IDS["vision_end"], 8]])
+    i = tiny.QWEN_IDS
+    ids = np.array([[7, i["vision_start"]] + [i["video_pad"]] * 3 + [i["vision_end"], 8]])
     pos, delta = get_rope_index(cfg, ids, None, None, np.array([[3, 2, 2]]), np.array([2.0]))
     np.testing.assert_array_equal(pos[0, 0], [0, 1, 2, 6, 10, 11, 12])
     np.testing.assert_array_equal(pos[1, 0], [0, 1, 2, 2, 2, 11, 12])
@@ -97,7 +98,7 @@ def test_rope_index_text_after_video_starts_at_max_plus_one(ours):
 
 
 def test_untied_head_and_new_key_layout(tmp_path):
-    hf = tiny.hf_model(tie=False, seed=1)
+    hf = tiny.qwen_hf_model(tie=False, seed=1)
     hf.save_pretrained(tmp_path / "hub")
     # rewrite the checkpoint in newer transformers' layout (model.visual.* / model.language_model.*)
     from vans_jax.convert.safetensors_io import Checkpoint
@@ -124,7 +125,7 @@ def _hf_generate(hf, batch, n):
             "pixel_values", "image_grid_thw", "mm_token_type_ids"]
     with torch.no_grad():
         out = hf.generate(**tiny.to_torch(batch, keys), max_new_tokens=n, do_sample=False,
-                          eos_token_id=tiny.IDS["eos"], pad_token_id=tiny.IDS["pad"])
+                          eos_token_id=tiny.QWEN_IDS["eos"], pad_token_id=tiny.QWEN_IDS["pad"])
     return out[:, batch["input_ids"].shape[1]:].numpy()
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from flax import nnx
 
-from tests.models import qwen_tiny as tiny
+from tests import tiny
 from tests.utils import rel_err
 from vans_jax.models import qwen2_5_vl as qwen
 from vans_jax.models.layers import LoRAParam
@@ -20,7 +20,7 @@ KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("qwen_lora"))
-    hf = tiny.hf_model(tie=True, seed=2)
+    hf = tiny.qwen_hf_model(tie=True, seed=2)
     hf.save_pretrained(d)
     base = qwen.from_pretrained(d)
     lora = qwen.from_pretrained(d, lora=qwen.LoRAConfig(rank=4, alpha=16, dropout=0.1))

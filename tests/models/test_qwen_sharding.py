@@ -10,12 +10,12 @@ SCRIPT = textwrap.dedent("""
     import numpy as np, jax
     from jax.sharding import NamedSharding
     sys.path.insert(0, os.getcwd())
-    from tests.models import qwen_tiny as tiny
+    from tests import tiny
     from vans_jax import parallel
     from vans_jax.models import qwen2_5_vl as qwen
     assert len(jax.devices()) == 8, jax.devices()
     d = sys.argv[1]
-    tiny.hf_model(tie=False, seed=3).save_pretrained(d)
+    tiny.qwen_hf_model(tie=False, seed=3).save_pretrained(d)
     batch = tiny.build_batch("right")
     keys = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
             "pixel_values", "image_grid_thw")

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from tests.train.conftest import ROOT, make_config
+from tests.tiny import ROOT, make_config
 from vans_jax.train import core, loop
 from vans_jax.rl.stages import reward_config
 
@@ -31,7 +31,7 @@ def _changed(a, b):
 
 
 def _examples(cfg, mode, n):
-    from vans_jax.data.pipeline import make_dataset
+    from vans_jax.data.loader import make_dataset
     ds = make_dataset(loop.data_source(cfg, mode), batch_size=n, seed=0, num_epochs=None, shard_index=0,
                       shard_count=1)
     return loop.uncollate(next(iter(ds)))
@@ -223,7 +223,7 @@ def _train_cmd(world, workdir, steps):
                 f"--config.data.video_root={world['video_root']}", f"--config.train.workdir={workdir}",
                 "--config.train.mode=sft_vlm", f"--config.train.steps={steps}", "--config.train.checkpoint_every=1",
                 "--config.train.export=False"]
-    cfg_args += [f"--config.data.pipeline.{k}={v}" for k, v in world["pipeline"].items()]
+    cfg_args += [f"--config.{k}={v}" for k, v in world["overrides"].items()]
     return [sys.executable, "-m", "vans_jax.apps.cli", "train", "--config", os.path.join(ROOT, "configs", "tiny.py")] + cfg_args
 
 

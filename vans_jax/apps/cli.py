@@ -6,7 +6,7 @@
     vans-jax demo [--output_dir DIR] [--quick] [--config configs/tiny_world.py] [--config.a.b=value ...]
     vans-jax demo --compare [--seeds 0 1 2] [--output_dir DIR] [--quick]
     vans-jax demo --vlm_only [--config configs/tiny.py] [--question TEXT] [--video FILE] [--output FILE]
-    vans-jax make-data --output_dir DIR --num_samples N --seed S [--split all|train|rl|eval]
+    vans-jax make-data --output_dir DIR --num_samples N --seed S [--split all|train|rl|eval] [--train N ...]
     vans-jax validate-data --csv FILE --video_root DIR [--output report.json] [--quick]
     vans-jax eval --predictions DIR --csv FILE --video_root DIR --output FILE.json
                   [--clip DIR] [--i3d FILE] [--random_models] [--num_frames 33 --height 352 --width 640 --fps 11]
@@ -59,7 +59,7 @@ def _demo(args, overrides):
 
 
 def _validate(args):
-    from vans_jax.data.pipeline import validate_dataset
+    from vans_jax.data.loader import validate_dataset
 
     report = validate_dataset(args.csv, args.video_root, full_decode=not args.quick)
     print(report.summary())
@@ -73,14 +73,13 @@ def _validate(args):
 def _make_data(args):
     from vans_jax.data import synthetic
 
-    if args.split == "all":  # 80 / 10 / 10, at least one sample each
-        n_rl = n_eval = max(1, args.num_samples // 10)
-        plan = {"train": max(1, args.num_samples - n_rl - n_eval), "rl": n_rl, "eval": n_eval}
-    else:
-        plan = {args.split: args.num_samples}
-    for split, n in plan.items():
-        ws = synthetic.generate_world(args.output_dir, split, n, seed=synthetic.SPLIT_SEEDS[split] + 3 * args.seed)
-        print(f"{split}: {n} samples -> {ws.csv_path}")
+    counts = synthetic.split_plan(args.num_samples, args.split)
+    counts.update({k: n for k in ("train", "rl", "eval") if (n := getattr(args, k)) is not None})
+    wc = synthetic.WorldConfig(**{k: getattr(args, k) for k in ("height", "width", "fps") if getattr(args, k)})
+    made = synthetic.make_splits(args.output_dir, counts, seed=args.seed, config=wc,
+                                 tokenizer_corpus=args.tokenizer_corpus)
+    for split, ws in made.items():
+        print(f"{split}: {ws}" if split == "tokenizer_corpus" else f"{split}: {len(ws.rows)} samples -> {ws.csv_path}")
     print(f"videos under {args.output_dir}/videos (pass it as --video_root)")
     return 0
 
@@ -124,6 +123,12 @@ def main(argv=None):
     make.add_argument("--num_samples", type=int, required=True)
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--split", default="all", choices=["all", "train", "rl", "eval"])
+    for split in ("train", "rl", "eval"):
+        make.add_argument(f"--{split}", type=int, default=None, help=f"samples in the {split} split (overrides the plan)")
+    make.add_argument("--height", type=int, default=None, help="canvas height (default 64)")
+    make.add_argument("--width", type=int, default=None, help="canvas width (default 64)")
+    make.add_argument("--fps", type=float, default=None, help="frame rate (default 4)")
+    make.add_argument("--tokenizer_corpus", action="store_true", help="also write OUTPUT_DIR/world_texts.txt")
     val = sub.add_parser("validate-data", help="check every row of a VANS-Data CSV and its videos (never stops early)")
     val.add_argument("--csv", required=True)
     val.add_argument("--video_root", required=True)

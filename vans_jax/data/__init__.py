@@ -1,6 +1,6 @@
 """VANS data: VANS-Data CSV format, video I/O, a synthetic world, grain pipeline.
 
-Submodules: ``csv_format``, ``video_io`` (PyAV), ``synthetic``, ``pipeline``
+Submodules: ``csv_format``, ``video_io`` (PyAV), ``synthetic``, ``loader``
 (grain; imports jax).  The names below are re-exported lazily, so importing
 ``vans_jax.data`` itself is cheap.
 """
@@ -13,6 +13,6 @@ _EXPORTS = {
     ".video_io": ("VideoError", "VideoInfo", "probe_video", "read_video", "reference_clip", "resize_center_crop",
                   "target_clip", "write_video"),
     ".synthetic": ("WorldConfig", "generate_world", "world_texts"),
-    ".pipeline": ("DatasetReport", "PipelineConfig", "VNEPSource", "make_dataset", "skip_stats", "validate_dataset"),
+    ".loader": ("DatasetReport", "PipelineConfig", "VNEPSource", "make_dataset", "skip_stats", "validate_dataset"),
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -136,7 +136,7 @@ class WorldConfig:
         }
 
     def pipeline_kwargs(self) -> dict:
-        """Settings for :class:`vans_jax.data.pipeline.PipelineConfig` that keep the
+        """Settings for :class:`vans_jax.data.loader.PipelineConfig` that keep the
         world's clips at native size and rate (VLM frames = one per segment)."""
         return dict(
             num_vlm_frames=min(6, self.moves_in_input + 1),
@@ -714,34 +714,29 @@ def world_texts(config: WorldConfig = WorldConfig()) -> list[str]:
     return sorted(texts)
 
 
-def main(argv=None) -> None:
-    """``python -m vans_jax.data.synthetic --out DIR [--train N] [--rl N] [--eval N]``"""
-    import argparse
+def split_plan(num_samples: int, split: str = "all") -> dict[str, int]:
+    """Samples per split: ``all`` = 80 / 10 / 10 train / rl / eval (at least one each)."""
+    if split != "all":
+        return {split: num_samples}
+    n_rl = n_eval = max(1, num_samples // 10)
+    return {"train": max(1, num_samples - n_rl - n_eval), "rl": n_rl, "eval": n_eval}
 
-    ap = argparse.ArgumentParser(description="Generate the VANS synthetic world (VANS-Data format).")
-    ap.add_argument("--out", required=True, help="output directory (<out>/<split>.csv, <out>/videos/)")
-    ap.add_argument("--train", type=int, default=2000)
-    ap.add_argument("--rl", type=int, default=500)
-    ap.add_argument("--eval", type=int, default=200)
-    ap.add_argument("--height", type=int, default=WorldConfig.height)
-    ap.add_argument("--width", type=int, default=WorldConfig.width)
-    ap.add_argument("--fps", type=float, default=WorldConfig.fps)
-    ap.add_argument("--seed-offset", type=int, default=0, help="added to the default per-split seeds")
-    ap.add_argument("--tokenizer-corpus", action="store_true", help="also write <out>/world_texts.txt")
-    args = ap.parse_args(argv)
-    cfg = WorldConfig(height=args.height, width=args.width, fps=args.fps)
-    for split in SPLITS:
-        n = getattr(args, split)
-        if n <= 0:
-            continue
-        ws = generate_world(args.out, split, n, seed=SPLIT_SEEDS[split] + args.seed_offset, config=cfg)
-        print(f"{split}: {n} samples -> {ws.csv_path} ({dict(sorted(ws.event_counts.items()))})")
-    if args.tokenizer_corpus:
-        path = os.path.join(args.out, "world_texts.txt")
+
+def make_splits(output_dir: str, counts: dict[str, int], *, seed: int = 0, config: WorldConfig = WorldConfig(),
+                tokenizer_corpus: bool = False) -> dict:
+    """The world's splits under ``output_dir`` (``<split>.csv`` + ``videos/``), the one entry point
+    (``vans-jax make-data``). Split ``s`` uses seed ``SPLIT_SEEDS[s] + 3 * seed``: the same ``seed``
+    gives identical files, different seeds different scenes, and the splits never share scenes.
+    ``tokenizer_corpus`` also writes ``world_texts.txt`` (every caption/question the world uses)."""
+    out = {}
+    for split, n in counts.items():
+        if split not in SPLIT_SEEDS:
+            raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_SEEDS)}")
+        if n > 0:
+            out[split] = generate_world(output_dir, split, n, seed=SPLIT_SEEDS[split] + 3 * seed, config=config)
+    if tokenizer_corpus:
+        path = os.path.join(output_dir, "world_texts.txt")
         with open(path, "w", encoding="utf-8") as f:
-            f.write("\n".join(world_texts(cfg)) + "\n")
-        print(f"tokenizer corpus -> {path}")
-
-
-if __name__ == "__main__":
-    main()
+            f.write("\n".join(world_texts(config)) + "\n")
+        out["tokenizer_corpus"] = path
+    return out

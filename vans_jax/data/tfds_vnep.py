@@ -44,7 +44,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .pipeline import PipelineConfig, VNEPSource
+from .loader import PipelineConfig, VNEPSource
 
 __all__ = ["build", "data_source", "builder_class", "features_spec", "TfdsVNEPSource", "ENCODINGS", "NAME", "DATASET_VERSION"]
 

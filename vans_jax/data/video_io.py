@@ -362,12 +362,14 @@ def resample_indices(num_src: int, fps: float, out_fps: float, num_frames: int) 
     return np.minimum(idx, num_src - 1), valid
 
 
-def check_vae_frames(num_frames: int, what: str = "clip") -> None:
-    if num_frames < 1 or (num_frames - 1) % 4 != 0:
-        lo = max(1, (num_frames - 1) // 4 * 4 + 1)
+def check_vae_frames(num_frames: int, what: str = "clip", temporal: int = 4) -> None:
+    """The Wan VAE's frame rule, the one check everything uses: ``temporal``k+1 frames (1, 5, 9, ...,
+    33, ...), so the causal encoder's first frame plus whole chunks of ``temporal``."""
+    if num_frames < 1 or (num_frames - 1) % temporal != 0:
+        lo = max(1, (num_frames - 1) // temporal * temporal + 1)
         raise ValueError(
-            f"{what}: the video VAE needs 4k+1 frames (1, 5, 9, ..., 33, ...), got num_frames={num_frames}; "
-            f"use e.g. {lo} or {lo + 4}"
+            f"{what}: the video VAE needs {temporal}k+1 frames (1, {1 + temporal}, {1 + 2 * temporal}, ..., 33, ...), "
+            f"got num_frames={num_frames}; use e.g. {lo} or {lo + temporal}"
         )
 
 

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vans_jax.sampling import flow
-from vans_jax.models.wan.text import DEFAULT_MAX_LENGTH, NegativePromptCache, encode_prompts, load_tokenizer
+from ..data.video_io import check_vae_frames
+from ..models.wan.text import DEFAULT_MAX_LENGTH, NegativePromptCache, encode_prompts, load_tokenizer
+from . import flow
 
 __all__ = ["SchedulerSettings", "WanModels", "from_pretrained", "ref_frame_indices", "encode_video",
            "reference_latents", "encode_text", "decode_latents", "generate", "check_generation_size",
@@ -230,13 +231,6 @@ def ref_frame_indices(num_latent_frames: int, n_ref: int = DEFAULT_NUM_REF) -> n
     return np.floor(np.linspace(0.0, num_latent_frames - 1, n_ref)).astype(np.int64)
 
 
-def _check_frames(num_frames: int, temporal: int, what: str):
-    if num_frames < 1 or (num_frames - 1) % temporal:
-        lo = max(1, (num_frames - 1) // temporal * temporal + 1)
-        raise ValueError(f"{what}: the Wan VAE needs {temporal}k+1 frames (1, {1 + temporal}, {1 + 2 * temporal}, "
-                         f"..., 33, ...); got {num_frames}. Use e.g. {lo} or {lo + temporal}")
-
-
 def encode_video(models: WanModels, video) -> jax.Array:
     """video (B, C, F, H, W) float in [-1, 1], F = 4k+1 -> normalized latents (B, z, 1+k, H/8, W/8)
     fp32 (posterior mean, then ``(mu - latents_mean) / latents_std``: the DiT's latent space)."""
@@ -276,7 +270,7 @@ def reference_latents(models: WanModels, clip, n_ref: int = DEFAULT_NUM_REF, *,
     if trim and f >= 1 and (f - 1) % temporal:
         f = (f - 1) // temporal * temporal + 1
         a = a[:, -f:]
-    _check_frames(f, temporal, "reference_latents")
+    check_vae_frames(f, "reference_latents", temporal)
     th, tw = h if height is None else int(height), w if width is None else int(width)
     m = models.spatial_factor
     if th % m or tw % m:
@@ -320,7 +314,7 @@ def check_generation_size(models: WanModels, height: int, width: int, num_frames
     m = models.size_multiple
     if height <= 0 or width <= 0 or height % m or width % m:
         raise ValueError(f"height and width must be positive multiples of {m}; got height={height}, width={width}")
-    _check_frames(num_frames, models.temporal_factor, "generate: num_frames")
+    check_vae_frames(num_frames, "generate: num_frames", models.temporal_factor)
     s = models.spatial_factor
     return (num_frames - 1) // models.temporal_factor + 1, height // s, width // s
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import parallel
-from ..data.pipeline import PipelineConfig, VNEPSource, make_dataset, skip_stats
+from ..data.loader import PipelineConfig, VNEPSource, make_dataset, skip_stats
 from .checkpoint import Checkpointer
 from ..rl.rollouts import RenderSettings, reference_latents
 from ..rl.stages import GRPO_MODES, GRPOSettings
@@ -193,7 +193,7 @@ def data_source(cfg, mode) -> VNEPSource:
                          f"CSV (--config.data.train_csv=FILE --config.data.video_root=DIR)")
     if not os.path.isfile(csv):
         raise FileNotFoundError(f"data CSV {csv} does not exist")
-    pc = PipelineConfig(**dict(d.pipeline))
+    pc = PipelineConfig.from_experiment(cfg)
     return VNEPSource(csv, d.video_root, pc)
 
 

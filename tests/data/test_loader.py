@@ -8,7 +8,7 @@ import pytest
 
 from vans_jax.data import synthetic as S
 from vans_jax.data.csv_format import read_vnep_csv
-from vans_jax.data.pipeline import (
+from vans_jax.data.loader import (
     PipelineConfig,
     VNEPSource,
     make_dataset,

@@ -99,6 +99,30 @@ class PipelineConfig:
     min_output_frames: int = 1
     load_target: bool = True
 
+    # fields an experiment config sets elsewhere (one place each): field -> (section, key)
+    FROM_EXPERIMENT = {
+        "num_vlm_frames": ("vlm", "num_frames"), "vlm_sample_fps": ("vlm", "sample_fps"),
+        "target_frames": ("video", "num_frames"), "target_height": ("video", "height"),
+        "target_width": ("video", "width"), "target_fps": ("video", "fps"),
+        "reference_height": ("video", "height"), "reference_width": ("video", "width"),
+        "reference_fps": ("video", "fps"),
+    }
+
+    @classmethod
+    def from_experiment(cls, cfg) -> "PipelineConfig":
+        """The sample layout of an experiment config: frame counts, sizes and rates from ``vlm.*`` and
+        ``video.*`` (the frames the models see are the frames the data gives), the rest from
+        ``data.pipeline`` (``reference_frames``, ``reference_mode``, ``resample``, ...). Setting a
+        derived field in ``data.pipeline`` is an error naming where it is set."""
+        own = dict(cfg.data.get("pipeline", {}) or {})
+        for k in own:
+            if k in cls.FROM_EXPERIMENT:
+                sec, key = cls.FROM_EXPERIMENT[k]
+                raise ValueError(f"data.pipeline.{k} is derived from {sec}.{key}: set --config.{sec}.{key} instead")
+        derived = {k: cfg[sec][key] for k, (sec, key) in cls.FROM_EXPERIMENT.items()}
+        derived = {k: float(v) if k.endswith("fps") else int(v) for k, v in derived.items()}
+        return cls(**derived, **own)
+
     def __post_init__(self):
         check_vae_frames(self.target_frames, "PipelineConfig.target_frames")
         check_vae_frames(self.reference_frames, "PipelineConfig.reference_frames")

@@ -1,0 +1,50 @@
+"""Test-session setup shared by the whole suite (this file sits at the repository root, so
+``tests`` and ``tools`` import from any working directory).
+
+* JAX's persistent compilation cache, under pytest's cache directory (``.pytest_cache/jax``, or
+  ``VANS_TEST_JAX_CACHE``): a program compiled by one test, or by a subprocess test (the setting
+  travels in the environment), is loaded, not recompiled, by the next one that builds it.
+* Session-scoped tiny models and data (``tests/tiny.py``), built once per run: ``tiny_vans``
+  (a Qwen2.5-VL and a diffusers Wan directory plus input clips, for the pipeline / predict tests)
+  and ``tiny_world`` (the trainer tests' synthetic world with VLM / VDM / CLIP directories).
+"""
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_configure(config):
+    cache = os.environ.get("VANS_TEST_JAX_CACHE")
+    if not cache:
+        pytest_cache = getattr(config, "cache", None)   # absent with -p no:cacheprovider
+        cache = str(pytest_cache.mkdir("jax")) if pytest_cache is not None else os.path.join(ROOT, ".pytest_cache",
+                                                                                                "jax")
+    # through the environment, so subprocess tests (CLI runs, multi-process tests) share it
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_vans(tmp_path_factory):
+    """Tiny random VLM + VDM directories and two input clips (mp4)."""
+    pytest.importorskip("diffusers")
+    from tests import tiny
+    from vans_jax.data.video_io import write_video
+
+    root = tmp_path_factory.mktemp("tiny_vans")
+    vlm, _, _ = tiny.build_vlm_dir(str(root / "vlm"))
+    vdm = tiny.build_vdm_dir(str(root / "vdm"))
+    clip = write_video(str(root / "clip.mp4"), tiny.moving_square(), fps=tiny.FPS)
+    other = write_video(str(root / "other.mp4"), tiny.moving_square(color=(40, 60, 230), seed=5)[::-1], fps=tiny.FPS)
+    return {"root": root, "vlm": vlm, "vdm": vdm, "clip": clip, "other": other}
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from tests import tiny
+
+    return tiny.build_tiny_world(str(tmp_path_factory.mktemp("tiny_world")))
