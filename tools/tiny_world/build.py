@@ -41,7 +41,7 @@ def write_vdm_dir(out_dir: str, *, dit_config: dict, vae_dir: str, texts, seed: 
     import transformers
     from flax import nnx
 
-    from vans_jax.convert.wan_dit import _diffusers_version, export_dit_diffusers
+    from vans_jax.convert.wan_dit import diffusers_version, export_dit_diffusers
     from vans_jax.models.wan.dit import WanConfig, WanTransformer3D
 
     os.makedirs(out_dir, exist_ok=True)
@@ -64,13 +64,13 @@ def write_vdm_dir(out_dir: str, *, dit_config: dict, vae_dir: str, texts, seed: 
         te.shared.weight.normal_(0.0, 1.0)
     te.save_pretrained(os.path.join(out_dir, "text_encoder"), safe_serialization=True)
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-    sched = {"_class_name": "UniPCMultistepScheduler", "_diffusers_version": _diffusers_version(),
+    sched = {"_class_name": "UniPCMultistepScheduler", "_diffusers_version": diffusers_version(),
              "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": float(shift),
              "num_train_timesteps": 1000, "solver_order": 2, "predict_x0": True, "solver_type": "bh2",
              "lower_order_final": True, "timestep_spacing": "linspace"}
     with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(sched, f, indent=2)
-    index = {"_class_name": "WanPipeline", "_diffusers_version": _diffusers_version(),
+    index = {"_class_name": "WanPipeline", "_diffusers_version": diffusers_version(),
              "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
              "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "WanTransformer3DModel"],
              "vae": ["diffusers", "AutoencoderKLWan"]}

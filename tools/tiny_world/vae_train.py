@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from vans_jax.convert.safetensors_io import save_file
+from vans_jax.convert.wan_dit import diffusers_version
 from vans_jax.convert.wan_vae import key_table, load_vae
 from vans_jax.data.video_io import check_vae_frames
 from vans_jax.models.wan.vae import WanVAE, WanVAEConfig
@@ -98,21 +99,13 @@ def vae_state_dict(vae: WanVAE, dtype=np.float32) -> dict[str, np.ndarray]:
     return out
 
 
-def _diffusers_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("diffusers")
-    except Exception:  # noqa: BLE001 - diffusers is optional at run time
-        return "0.33.0"
-
-
 def save_vae(vae: WanVAE, out_dir: str, *, dtype=np.float32) -> str:
     """Writes ``vae`` as a diffusers ``AutoencoderKLWan`` directory (config.json with its
     latents_mean / latents_std + diffusion_pytorch_model.safetensors); returns out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     save_file(vae_state_dict(vae, dtype), os.path.join(out_dir, "diffusion_pytorch_model.safetensors"))
     cfg = vae.cfg.to_diffusers_config()
-    cfg["_diffusers_version"] = _diffusers_version()
+    cfg["_diffusers_version"] = diffusers_version()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     return out_dir

@@ -307,13 +307,15 @@ def export_dit_diffusers(model: WanTransformer3D, out_dir: str, *, dtype=None,
     save_sharded(iter_dit_tensors(model, "diffusers", dtype), out_dir, max_shard_bytes=max_shard_bytes,
                  name="diffusion_pytorch_model")
     cfg = model.cfg.to_diffusers_config()
-    cfg["_diffusers_version"] = _diffusers_version()
+    cfg["_diffusers_version"] = diffusers_version()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     return out_dir
 
 
-def _diffusers_version() -> str:
+def diffusers_version() -> str:
+    """The installed diffusers' version for the ``_diffusers_version`` field of a written diffusers
+    config (0.33.0 when diffusers is not installed: it is optional at run time)."""
     try:
         from importlib.metadata import version
         return version("diffusers")
