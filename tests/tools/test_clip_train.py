@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 from vans_jax.data import synthetic  # noqa: E402
+from vans_jax.convert import clip as clip_ckpt  # noqa: E402
 from vans_jax.models import clip as C  # noqa: E402
 from tools.tiny_world import clip_train as ct  # noqa: E402
 from tools.tiny_world.clips import load_world_clips  # noqa: E402
@@ -73,7 +74,7 @@ def test_short_training_lowers_the_loss(trained):
 
 def test_export_loads_in_ours_and_transformers(trained, world):
     out, _ = trained
-    ours = C.from_pretrained(out)
+    ours = clip_ckpt.from_pretrained(out)
     ref = transformers.CLIPModel.from_pretrained(out).eval()
     tok = C.load_tokenizer(out)
     clips = load_world_clips(world, "eval", 4)
@@ -103,7 +104,7 @@ def test_evaluate_clip_separates_on_a_handmade_case(trained, world):
     """The metrics are measured, not constant: an untrained model differs from the trained one,
     and identical videos give CLIP-V 1."""
     out, m = trained
-    model, tok = C.from_pretrained(out), C.load_tokenizer(out)
+    model, tok = clip_ckpt.from_pretrained(out), C.load_tokenizer(out)
     clips = load_world_clips(world, "eval")
     e = ct.evaluate_clip(model, tok, clips)
     assert e == pytest.approx(m["eval"], rel=1e-4, abs=1e-5)      # the saved model is the evaluated one
