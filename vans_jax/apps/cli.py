@@ -30,11 +30,10 @@ def _split_overrides(argv):
 
 
 def _demo(args, overrides):
-    from vans_jax.apps import vlm_demo
+    from vans_jax.apps import demo as world_demo
     from vans_jax.apps.configlib import load_config
 
     if not args.vlm_only:
-        from vans_jax.apps import demo as world_demo
         cfg = load_config(args.config or "tiny_world", overrides)
         out_dir = args.output_dir or (os.path.splitext(args.output)[0] if args.output else "out/demo")
         if args.compare:
@@ -47,7 +46,7 @@ def _demo(args, overrides):
             print(f"wrote {args.output}")
         return 0
     cfg = load_config(args.config or "tiny", overrides)
-    result = vlm_demo.run(cfg, args.question, args.output, args.video)
+    result = world_demo.run_vlm_only(cfg, args.question, args.output, args.video)
     for i, a in enumerate(result["answers"]):
         print(f"[{i}] ({a['tokens']} tokens, valid format: {a['valid_format']}) {a['text']!r}")
     t = result["timings"]

@@ -16,21 +16,32 @@ short Joint-GRPO (stage 1: the VLM's LoRA with r_format + r_t1 + r_v1 through th
 Metrics (means over the eval samples): ``format`` (valid [Think]/[Ans]), ``rouge_l`` (caption vs
 ground truth), ``clip_v`` (CLIP frame-by-frame similarity to the ground-truth video), ``clip_t``
 (CLIPScore of the generated video against the ground-truth caption), ``total_reward`` = their sum
-(the four rewards Joint-GRPO optimizes, each in [0, 1]-ish units).
+(the four rewards Joint-GRPO optimizes, each in [0, 1]-ish units), scored by the evaluation's own
+core (``eval.runner.score_predictions``) on the videos the pipeline just decoded.
+
+Each model is loaded once: the SFT models are handed to stage 1 in memory, stage 1's VLM (its LoRA
+merged, as its export reloads) to stage 2, and both stages' models to the final evaluation
+(``train.loop.train(models=...)``); the exports under ``runs/*/export`` are still written.
+
+``vans-jax demo --vlm_only`` (``run_vlm_only``): the VLM half alone on one clip, with a tiny random
+Qwen2.5-VL when ``vlm.path`` is empty (no shipped models needed).
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from typing import Sequence
 
 import jax
 import numpy as np
 
+from vans_jax import parallel
 from vans_jax.data import synthetic
 from vans_jax.data.csv_format import read_vnep_csv
 from vans_jax.data.video_io import read_video, target_clip
+from vans_jax.eval import runner as eval_runner
 
 METRICS = ("format", "rouge_l", "clip_v", "clip_t", "total_reward")
 
@@ -45,43 +56,40 @@ def settings_from_config(cfg) -> dict:
                 temperature=0.0, top_p=1.0, negative_prompt=str(v.get("negative_prompt", "")), sampler="euler")
 
 
-def evaluate(pipe, clip_model, clip_tokenizer, csv_path: str, video_root: str, out_dir: str | None, *,
-             num_samples: int | None = None, batch_size: int = 8, seed: int = 0, progress: bool = True) -> dict:
-    """Runs the VANS pipeline on the first ``num_samples`` rows and scores them (module docstring).
-    Writes each prediction under ``out_dir/<row index>/`` when ``out_dir`` is given. Returns
-    ``{"metrics": {...}, "per_sample": [...], "videos": {index: uint8 frames}}``."""
-    from vans_jax.models import clip as clip_lib
+def eval_config(settings) -> eval_runner.EvalConfig:
+    """The evaluation geometry of the demo: the generated videos' own (``VANSSettings``)."""
+    return eval_runner.EvalConfig(num_frames=int(settings.num_frames), height=int(settings.height),
+                                  width=int(settings.width), fps=float(settings.fps))
+
+
+def predict_and_score(pipe, eval_models: eval_runner.Models, csv_path: str, video_root: str, out_dir: str | None, *,
+                      num_samples: int | None = None, batch_size: int = 8, seed: int = 0,
+                      progress: bool = True) -> dict:
+    """Runs the VANS pipeline on the first ``num_samples`` rows and scores its answers with the
+    evaluation's core (``eval.runner.score_predictions``: the ground truth through
+    ``read_ground_truth``, CLIP features of the decoded videos as they are, ROUGE-L in float32 as
+    the Joint-GRPO reward) a batch of ``batch_size`` rows at a time. Writes each prediction under
+    ``out_dir/<row index>/`` when ``out_dir`` is given. Returns ``{"metrics": {...}, "per_sample":
+    [...], "videos": {index: uint8 frames}}``."""
     from vans_jax.apps.predict import write_prediction
-    from vans_jax.rl.rewards import clip_score, clip_video_similarity, format_reward, rouge_l_reward
+    from vans_jax.pipeline import Clip
 
     rows = list(read_vnep_csv(csv_path))[:num_samples]
     s = pipe.settings
+    config = eval_config(s)
     per, videos = [], {}
     t0 = time.perf_counter()
     for b in range(0, len(rows), batch_size):
         chunk = rows[b:b + batch_size]
-        clips, gts = [], []
-        for r in chunk:
-            frames, fps = read_video(os.path.join(video_root, r.input_video_path))
-            clips.append((frames, fps))
-            tf, tfps = read_video(os.path.join(video_root, r.output_video_path))
-            gts.append(target_clip(tf, tfps, s.num_frames, s.height, s.width, s.fps))
-        from vans_jax.pipeline import Clip
+        clips = [read_video(os.path.join(video_root, r.input_video_path)) for r in chunk]
+        gts = [eval_runner.read_ground_truth(os.path.join(video_root, r.output_video_path), config) for r in chunk]
         out = pipe([Clip(f, fps) for f, fps in clips], [r.question for r in chunk], seed=seed + b)
-        gen = np.stack([a.video for a in out])
-        gt = np.stack(gts)
-        fg = clip_lib.encode_frames(clip_model, gen)
-        ft = clip_lib.encode_frames(clip_model, gt)
-        txt = clip_lib.encode_texts(clip_model, clip_tokenizer, [r.caption for r in chunk])
-        texts = [a.text for a in out]
-        fmt = np.asarray(format_reward(texts))
-        rl = np.asarray(rouge_l_reward(texts, [r.caption for r in chunk]))
-        cv = np.asarray(clip_video_similarity(fg, ft))
-        ct = np.asarray(clip_score(fg, txt))
-        for i, (r, a) in enumerate(zip(chunk, out)):
+        scores = eval_runner.score_predictions([a.text for a in out], [a.caption for a in out],
+                                               [r.caption for r in chunk], [a.video for a in out], gts,
+                                               models=eval_models, config=config, rouge_dtype=np.float32)
+        for i, (r, a, sc) in enumerate(zip(chunk, out, scores)):
             rec = dict(index=int(r.index), question=r.question, gt_caption=r.caption, caption=a.caption,
-                       text=a.text, format=float(fmt[i]), rouge_l=float(rl[i]), clip_v=float(cv[i]),
-                       clip_t=float(ct[i]))
+                       text=a.text, **{k: sc[k] for k in ("format", "rouge_l", "clip_v", "clip_t")})
             rec["total_reward"] = rec["format"] + rec["rouge_l"] + rec["clip_v"] + rec["clip_t"]
             per.append(rec)
             videos[int(r.index)] = a.video
@@ -136,17 +144,35 @@ def markdown(before: dict, after: dict) -> str:
 
 
 def _pipeline(vlm_dir, vdm_dir, settings: dict):
+    """The pipeline from model directories (``tools.tiny_world.build``)."""
     from vans_jax.pipeline import VANSPipeline, VANSSettings
     return VANSPipeline.from_pretrained(vlm_dir, vdm_dir, dtype="float32",
                                         settings=VANSSettings.from_dict(settings), attn_impl="xla")
 
 
+def _pipeline_from(models, settings: dict):
+    """The pipeline from models in memory (``train.loop.LoadedModels``)."""
+    from vans_jax.pipeline import VANSPipeline, VANSSettings
+    return VANSPipeline(models.vlm, models.tokenizer, models.vdm, settings=VANSSettings.from_dict(settings),
+                        sources={"vlm": "in memory", "vdm": "in memory"})
+
+
+def _load_models(cfg):
+    """The SFT models, each loaded once (as training loads them: ``vlm.*``, ``vdm.*``, ``clip.*``
+    of ``cfg``; the tiny world's config: float32, XLA attention)."""
+    from vans_jax.train import loop
+
+    mesh = parallel.make_mesh(dict(cfg.mesh))
+    vlm, tok = loop.load_vlm(cfg, mesh, lora=False)
+    vdm = loop.load_vdm(cfg, mesh)
+    clip_model, clip_tok = loop.load_clip(cfg, mesh)
+    return loop.LoadedModels(vlm=vlm, tokenizer=tok, vdm=vdm, clip=clip_model, clip_tokenizer=clip_tok)
+
+
 def _prepare(cfg, output_dir: str, quick: bool):
     """What the demo and the comparison share: the shipped models' paths (a clear error if they are
     missing), the demo settings (shortened by ``quick``), freshly generated rl / eval splits, which
-    ``cfg``'s data section is pointed at, the CLIP reward model and the generation settings."""
-    from vans_jax.convert import clip as clip_ckpt
-    from vans_jax.models import clip as clip_lib
+    ``cfg``'s data section is pointed at, the models (``_load_models``) and the generation settings."""
     from vans_jax.apps.tiny_world import load_defaults, tiny_world_paths
 
     root = os.path.dirname(cfg.vlm.path.rstrip("/"))
@@ -166,8 +192,18 @@ def _prepare(cfg, output_dir: str, quick: bool):
     cfg.data.rl_csv = cfg.data.train_csv = csvs["rl"]
     cfg.data.video_root = video_root
     cfg.train.export_link = True
+    models = _load_models(cfg)
     return dict(paths=paths, d=d, csvs=csvs, video_root=video_root, settings=settings_from_config(cfg),
-                clip_model=clip_ckpt.from_pretrained(paths["clip"]), clip_tok=clip_lib.load_tokenizer(paths["clip"]))
+                models=models, eval_models=eval_runner.Models(clip=models.clip, tokenizer=models.clip_tokenizer,
+                                                              clip_source=cfg.clip.path))
+
+
+def _score(models, env: dict, out_dir: str | None, progress: bool) -> dict:
+    """``predict_and_score`` of the pipeline made of ``models`` on the demo's eval split."""
+    d = env["d"]
+    return predict_and_score(_pipeline_from(models, env["settings"]), env["eval_models"], env["csvs"]["eval"],
+                             env["video_root"], out_dir, num_samples=int(d["eval_samples"]),
+                             batch_size=int(d["eval_batch"]), progress=progress)
 
 
 def run(cfg, output_dir: str, *, quick: bool = False, progress: bool = True) -> dict:
@@ -176,18 +212,14 @@ def run(cfg, output_dir: str, *, quick: bool = False, progress: bool = True) -> 
 
     t_start = time.perf_counter()
     env = _prepare(cfg, output_dir, quick)
-    paths, d, csvs, video_root, settings = env["paths"], env["d"], env["csvs"], env["video_root"], env["settings"]
-    clip_model, clip_tok = env["clip_model"], env["clip_tok"]
+    d, csvs, video_root, settings = env["d"], env["csvs"], env["video_root"], env["settings"]
 
     def say(msg):
         if progress:
             print(msg, flush=True)
 
     say(f"[demo] 1/4 evaluating the SFT models on {d['eval_samples']} eval samples")
-    pipe = _pipeline(paths["vlm"], paths["vdm"], settings)
-    before = evaluate(pipe, clip_model, clip_tok, csvs["eval"], video_root, os.path.join(output_dir, "before"),
-                      num_samples=int(d["eval_samples"]), batch_size=int(d["eval_batch"]), progress=progress)
-    del pipe
+    before = _score(env["models"], env, os.path.join(output_dir, "before"), progress)
     say("[demo] before: " + ", ".join(f"{k}={before['metrics'][k]:.4f}" for k in METRICS))
 
     runs = os.path.join(output_dir, "runs")
@@ -196,26 +228,25 @@ def run(cfg, output_dir: str, *, quick: bool = False, progress: bool = True) -> 
     c1 = _copy(cfg)
     c1.train.mode, c1.train.workdir = "grpo_stage1", os.path.join(runs, "grpo_stage1")
     t = time.perf_counter()
-    f1 = loop.train(c1, progress=progress)
+    f1 = loop.train(c1, progress=progress, models=env["models"])
     timings["stage1_s"] = time.perf_counter() - t
-    vlm_after = f1["exports"]["vlm"]
+    stage1 = f1.pop("models")          # the VLM with its LoRA merged: what the export reloads as
     say(f"[demo] 3/4 Joint-GRPO stage 2 ({cfg.train.grpo.stage2_steps} steps: DiT, stage-1 VLM frozen as anchor)")
     c2 = _copy(cfg)
-    c2.vlm.path = vlm_after
+    c2.vlm.path = f1.get("exports", {}).get("vlm", c2.vlm.path)   # a record: the VLM itself comes in memory
     c2.train.mode, c2.train.workdir = "grpo_stage2", os.path.join(runs, "grpo_stage2")
     t = time.perf_counter()
-    f2 = loop.train(c2, progress=progress)
+    f2 = loop.train(c2, progress=progress, models=stage1)
     timings["stage2_s"] = time.perf_counter() - t
-    vdm_after = f2["exports"]["vdm"]
+    stage2 = f2.pop("models")
 
     say("[demo] 4/4 evaluating the Joint-GRPO models")
-    pipe = _pipeline(vlm_after, vdm_after, settings)
-    after = evaluate(pipe, clip_model, clip_tok, csvs["eval"], video_root, os.path.join(output_dir, "after"),
-                     num_samples=int(d["eval_samples"]), batch_size=int(d["eval_batch"]), progress=progress)
+    after = _score(stage2, env, os.path.join(output_dir, "after"), progress)
     say("[demo] after:  " + ", ".join(f"{k}={after['metrics'][k]:.4f}" for k in METRICS))
     rows = list(read_vnep_csv(csvs["eval"]))
+    from vans_jax.pipeline import VANSSettings
     sheet = contact_sheet(os.path.join(output_dir, "contact_sheet.png"), rows, video_root, before["videos"],
-                          after["videos"], pipe.settings)
+                          after["videos"], VANSSettings.from_dict(settings))
     timings["total_s"] = time.perf_counter() - t_start
     result = {"before": before["metrics"], "after": after["metrics"],
               "training": {"stage1": _last(f1), "stage2": _last(f2)},
@@ -240,7 +271,7 @@ def run(cfg, output_dir: str, *, quick: bool = False, progress: bool = True) -> 
 
 
 VARIANTS = {
-    # name: (modes run in order; each later mode starts from the earlier one's exported VLM)
+    # name: (modes run in order; each later mode starts from the models the earlier one trained)
     "grpo_vlm": ("grpo_vlm",),
     "stage1": ("grpo_stage1",),
     "joint_grpo": ("grpo_stage1", "grpo_stage2"),
@@ -260,17 +291,14 @@ def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bo
 
     t_start = time.perf_counter()
     env = _prepare(cfg, output_dir, quick)
-    paths, d, csvs, video_root, settings = env["paths"], env["d"], env["csvs"], env["video_root"], env["settings"]
-    clip_model, clip_tok = env["clip_model"], env["clip_tok"]
+    d, settings = env["d"], env["settings"]
 
     def say(msg):
         if progress:
             print(msg, flush=True)
 
-    def score(vlm_dir, vdm_dir):
-        pipe = _pipeline(vlm_dir, vdm_dir, settings)
-        return evaluate(pipe, clip_model, clip_tok, csvs["eval"], video_root, None,
-                        num_samples=int(d["eval_samples"]), batch_size=int(d["eval_batch"]), progress=False)["metrics"]
+    def score(models):
+        return _score(models, env, None, False)["metrics"]
 
     result_path = os.path.join(output_dir, "compare.json")
     result = {"sft": None, "runs": {v: {} for v in VARIANTS}, "seeds": [int(x) for x in seeds]}
@@ -298,29 +326,26 @@ def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bo
 
     if result["sft"] is None:
         say("[compare] evaluating the SFT models")
-        result["sft"] = score(paths["vlm"], paths["vdm"])
+        result["sft"] = score(env["models"])
         save()
     for seed in seeds:
-        exported: dict = {}
+        trained: dict = {}                 # mode -> the final metrics of its run, "models" included
         for variant, modes in VARIANTS.items():
             if str(seed) in result["runs"][variant]:
                 continue
-            vlm_dir, vdm_dir = paths["vlm"], paths["vdm"]
+            models = env["models"]
             for mode in modes:
-                workdir = os.path.join(output_dir, "runs", f"seed{seed}", mode)
-                if mode not in exported:
+                if mode not in trained:
                     c = _copy(cfg)
                     c.seed = int(seed)
-                    c.train.mode, c.train.workdir = mode, workdir
-                    if mode == "grpo_stage2":
-                        c.vlm.path = exported["grpo_stage1"]["vlm"]
+                    c.train.mode, c.train.workdir = mode, os.path.join(output_dir, "runs", f"seed{seed}", mode)
+                    if mode == "grpo_stage2":    # a record: stage 1's VLM comes in memory
+                        c.vlm.path = (trained["grpo_stage1"].get("exports") or {}).get("vlm", c.vlm.path)
                     say(f"[compare] seed {seed}: training {mode}")
-                    final = loop.train(c, progress=progress)
-                    exported[mode] = final.get("exports") or {}
-                vlm_dir = exported[mode].get("vlm", vlm_dir)
-                vdm_dir = exported[mode].get("vdm", vdm_dir)
+                    trained[mode] = loop.train(c, progress=progress, models=models)
+                models = trained[mode]["models"]
             say(f"[compare] seed {seed}: evaluating {variant}")
-            result["runs"][variant][str(seed)] = score(vlm_dir, vdm_dir)
+            result["runs"][variant][str(seed)] = score(models)
             m = result["runs"][variant][str(seed)]
             say(f"[compare] seed {seed} {variant}: " + ", ".join(f"{k}={m[k]:.4f}" for k in METRICS))
             save()
@@ -354,6 +379,104 @@ def compare_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- --vlm_only
+
+
+def synthetic_clip(num_frames: int = 12, height: int = 84, width: int = 112, seed: int = 0):
+    """A red square moving right over a textured background (uint8 frames)."""
+    rng = np.random.default_rng(seed)
+    bg = (rng.integers(0, 40, size=(height, width, 3)) + np.array([20, 60, 20])).astype(np.uint8)
+    frames = np.repeat(bg[None], num_frames, axis=0)
+    size = height // 4
+    for t in range(num_frames):
+        x = int(t * (width - size) / max(num_frames - 1, 1))
+        y = height // 2 - size // 2
+        frames[t, y:y + size, x:x + size] = (220, 30, 30)
+    return frames
+
+
+def _tiny_model(cfg, ids, seed):
+    from flax import nnx
+    from vans_jax.models import qwen2_5_vl as qwen
+
+    model_dict = dict(cfg.vlm.model.to_dict() if hasattr(cfg.vlm.model, "to_dict") else cfg.vlm.model)
+    model_dict.update(vocab_size=ids["vocab_size"], image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+                      vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+                      eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+    mcfg = qwen.Qwen2_5_VLConfig.from_hf_dict(model_dict, dtype=cfg.vlm.dtype, attn_impl=cfg.vlm.attn_impl,
+                                              remat=cfg.vlm.remat)
+    return qwen.Qwen2_5_VLModel(mcfg, rngs=nnx.Rngs(seed))
+
+
+def run_vlm_only(cfg, question: str, output: str | None = None, video: str | None = None) -> dict:
+    """``vans-jax demo --vlm_only``: the VLM half of VANS on one clip (``video``, else
+    ``synthetic_clip``) -> ``generation.num_return_sequences`` sampled answers, with timings.
+
+    With ``vlm.path`` empty, a tiny random Qwen2.5-VL and a tiny tokenizer are built on the fly (no
+    weights, no network), so the whole path - frame sampling, the Qwen processor, the chat template
+    with the VANS system prompt, M-RoPE, the jitted prefill + decode loop - runs anywhere. With
+    ``vlm.path`` set, the checkpoint and its tokenizer are loaded from that local directory."""
+    from vans_jax.models import qwen2_5_vl as qwen
+    from vans_jax.models.qwen2_5_vl import processor, tokenizer as tok_lib
+    from vans_jax.rl.format import TAGS, format_response, parse_response
+
+    seed = int(cfg.seed)
+    mesh = parallel.make_mesh(dict(cfg.mesh))
+    t0 = time.perf_counter()
+    if cfg.vlm.path:
+        tokenizer = tok_lib.load_tokenizer(cfg.vlm.path)
+        model = qwen.from_pretrained(cfg.vlm.path, dtype=cfg.vlm.dtype, mesh=mesh, attn_impl=cfg.vlm.attn_impl)
+    else:
+        tok_dir = tempfile.mkdtemp(prefix="vans_tok_")
+        ids = tok_lib.build_tiny_tokenizer(
+            tok_dir, vocab_texts=[question, format_response(" the square moves right. ", " the square keeps moving right.")],
+            added_tokens=TAGS)
+        tokenizer = tok_lib.load_tokenizer(tok_dir)
+        model = parallel.shard_module(_tiny_model(cfg, ids, seed), mesh)
+    load_s = time.perf_counter() - t0
+
+    if video:
+        frames, fps = read_video(video)
+    else:
+        frames, fps = synthetic_clip(seed=seed), 4.0
+    vlm_frames, vlm_fps = processor.sample_frames_for_vlm(frames, fps, num_frames=cfg.vlm.num_frames,
+                                                          sample_fps=cfg.vlm.sample_fps)
+    pixels, grid, seconds = processor.preprocess_videos([vlm_frames], vlm_fps, min_pixels=cfg.vlm.video_min_pixels,
+                                                        max_pixels=cfg.vlm.video_max_pixels)
+    enc = tok_lib.encode_prompts(tokenizer, [question], grid, merge_size=model.config.vision.spatial_merge_size)
+    batch = qwen.prepare_inputs(model.config, enc["input_ids"], enc["attention_mask"], pixels, grid, seconds)
+    g = cfg.generation
+    kwargs = dict(max_new_tokens=int(g.max_new_tokens), temperature=float(g.temperature), top_p=float(g.top_p),
+                  top_k=int(g.top_k), num_return_sequences=int(g.num_return_sequences))
+    t1 = time.perf_counter()
+    out = qwen.generate(model, batch, rng=jax.random.key(seed), **kwargs)
+    jax.block_until_ready(out.tokens)
+    first_s = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    out = qwen.generate(model, batch, rng=jax.random.key(seed), **kwargs)
+    jax.block_until_ready(out.tokens)
+    steady_s = time.perf_counter() - t2
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    texts = [tokenizer.decode(tokens[i, :lengths[i]], skip_special_tokens=True) for i in range(len(tokens))]
+    n_new = int(lengths.sum())
+    result = dict(
+        question=question,
+        model="random tiny Qwen2.5-VL" if not cfg.vlm.path else cfg.vlm.path,
+        video=video or "synthetic moving square",
+        vlm_frames=int(vlm_frames.shape[0]), video_grid_thw=grid.tolist(), prompt_tokens=int(enc["input_ids"].shape[1]),
+        answers=[dict(text=t, logprob=float(np.asarray(out.logprobs)[i].sum()), tokens=int(lengths[i]),
+                      **parse_response(t)) for i, t in enumerate(texts)],
+        timings=dict(load_s=round(load_s, 3), first_call_s=round(first_s, 3), steady_s=round(steady_s, 3),
+                     new_tokens=n_new, tokens_per_s=round(n_new / steady_s, 1)),
+        device=str(jax.devices()[0].platform), num_devices=len(jax.devices()),
+    )
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
 def _last(final: dict) -> dict:
     return {k: v for k, v in final.items() if k.startswith(("reward/", "vlm/", "dit/", "anchor/"))}
 
@@ -363,4 +486,5 @@ def _copy(cfg):
     return copy.deepcopy(cfg)
 
 
-__all__ = ["run", "compare", "evaluate", "contact_sheet", "METRICS"]
+__all__ = ["run", "compare", "run_vlm_only", "predict_and_score", "eval_config", "contact_sheet",
+           "synthetic_clip", "METRICS"]

@@ -29,6 +29,12 @@ Missing pieces never stop the run; they are counted (``counts`` in the JSON) and
 A predictions directory that does not exist, or that holds no prediction for any CSV row, is an
 error (the likely cause is a wrong path).
 
+The scoring itself is ``score_predictions``: predictions held in memory (response texts, captions,
+uint8 videos per row) against the rows' ground truth. ``evaluate`` reads each row's files and
+calls it one row at a time; ``vans-jax demo`` calls it on the videos its pipeline just decoded
+(no mp4 round trip), a batch of rows at a time, with ROUGE-L rounded to float32 as the Joint-GRPO
+rewards are.
+
 Conventions (also written to the output JSON's ``conventions`` field):
 
 * **text** (``bleu1``..``bleu4``, ``rouge_l``): the predicted [Ans] caption vs the row's
@@ -79,9 +85,9 @@ from flax import nnx
 from vans_jax.data.csv_format import KINDS, VNEPRow, read_vnep_csv
 from vans_jax.data.video_io import VideoError, check_vae_frames, read_video, resize_center_crop, target_clip
 from vans_jax.eval.fvd import FeatureStats, fvd_from_stats, i3d_features
-from vans_jax.eval.text_metrics import caption_metrics, rouge_l
+from vans_jax.eval.text_metrics import caption_metrics
 from vans_jax.rl.format import extract_answer, parse_response
-from vans_jax.rl.rewards import clip_score, clip_video_similarity
+from vans_jax.rl.rewards import _rouge_scorer, clip_score, clip_video_similarity, format_reward
 
 __all__ = [
     "EvalConfig",
@@ -93,6 +99,9 @@ __all__ = [
     "load_models",
     "random_models",
     "read_prediction",
+    "read_ground_truth",
+    "to_eval_geometry",
+    "score_predictions",
     "evaluate",
     "markdown_table",
     "ByteTokenizer",
@@ -289,6 +298,86 @@ def read_prediction(predictions_dir: str, index: int) -> Prediction:
 
 
 # --------------------------------------------------------------------------------------------
+# the scoring core: in-memory predictions (what `evaluate` reads from files, what the demo holds)
+
+
+def read_ground_truth(path: str, config: EvalConfig) -> np.ndarray:
+    """The ground-truth target video at the eval geometry: ``target_clip`` (nearest-frame re-timing
+    to ``config.fps``, resize to cover + center crop, padded with its last frame) -> uint8
+    (num_frames, height, width, 3). Raises ``VideoError`` / ``ValueError``."""
+    frames, fps = read_video(path)
+    return target_clip(frames, fps, config.num_frames, config.height, config.width, config.fps,
+                       resample=config.resample)
+
+
+def to_eval_geometry(video: np.ndarray, config: EvalConfig) -> np.ndarray:
+    """A generated video at the eval size: every frame kept (not re-timed); resized to cover
+    ``height x width`` and center-cropped when its size differs, else returned as is."""
+    if video.shape[1:3] == (config.height, config.width):
+        return video
+    return resize_center_crop(video, config.height, config.width, resample=config.resample)
+
+
+def score_predictions(texts: Sequence[str], captions: Sequence[str], references: Sequence[str],
+                      videos: Sequence[np.ndarray | None] | None = None,
+                      gt_videos: Sequence[np.ndarray | None] | None = None, *, models: Models | None = None,
+                      config: EvalConfig = EvalConfig(), rouge_dtype=np.float64) -> list[dict]:
+    """Scores predictions held in memory, one record per row: ``format`` (1.0 when the full
+    response ``text`` follows the strict [Think]/[Ans] format with non-empty parts, else 0.0),
+    ``rouge_l`` (the predicted ``caption`` vs the reference caption, rouge-score F-measure; in
+    ``rouge_dtype``: float64 for `vans-jax eval`, float32 where the numbers are the Joint-GRPO
+    rewards as the trainer computes them) and, where ``models.clip`` is given and the row has both
+    a generated video (uint8 (F, H, W, 3), brought to the eval size by ``to_eval_geometry``) and a
+    ground-truth one (``read_ground_truth``), ``clip_v`` and ``clip_t`` (``CONVENTIONS``).
+
+    The CLIP features of all the rows are computed together (one ``encode_frames`` call on every
+    generated frame, one on every ground-truth frame, one ``encode_texts`` on the references), and
+    the similarities in one batch when every row has the same frame counts; so a caller's batching
+    decides the compiled shapes (`evaluate` scores one row at a time, the demo a batch of rows)."""
+    n = len(texts)
+    if not (len(captions) == len(references) == n):
+        raise ValueError(f"{n} texts, {len(captions)} captions and {len(references)} references")
+    videos = [None] * n if videos is None else list(videos)
+    gt_videos = [None] * n if gt_videos is None else list(gt_videos)
+    if not (len(videos) == len(gt_videos) == n):
+        raise ValueError(f"{n} rows but {len(videos)} videos and {len(gt_videos)} ground-truth videos")
+    fmt = format_reward(list(texts))
+    scorer = _rouge_scorer(False)
+    recs = []
+    for i in range(n):
+        f = scorer.score(references[i], captions[i])["rougeL"].fmeasure   # score(target, prediction)
+        recs.append({"format": float(fmt[i]), "rouge_l": float(np.asarray(f, rouge_dtype))})
+    models = models if models is not None else Models()
+    rows = [i for i in range(n) if videos[i] is not None and gt_videos[i] is not None]
+    if models.clip is None or not rows:
+        return recs
+    from vans_jax.models.clip import encode_frames, encode_texts
+
+    gens = [to_eval_geometry(np.asarray(videos[i]), config) for i in rows]
+    used = [min(g.shape[0], np.asarray(gt_videos[i]).shape[0]) for g, i in zip(gens, rows)]
+    gts = [np.asarray(gt_videos[i])[:k] for i, k in zip(rows, used)]
+    fg = encode_frames(models.clip, np.concatenate(gens), batch_size=config.clip_batch_size)
+    ft = encode_frames(models.clip, np.concatenate(gts), batch_size=config.clip_batch_size)
+    txt = encode_texts(models.clip, models.tokenizer, [references[i] for i in rows])
+    off_g = np.cumsum([0] + [g.shape[0] for g in gens])
+    off_t = np.cumsum([0] + used)
+    fg_rows = [fg[off_g[j]:off_g[j + 1]] for j in range(len(rows))]
+    ft_rows = [ft[off_t[j]:off_t[j + 1]] for j in range(len(rows))]
+    if len(set(used)) == 1 and len({g.shape[0] for g in gens}) == 1:    # one batch
+        k = used[0]
+        fgb = jnp.stack(fg_rows)
+        cv = np.asarray(clip_video_similarity(fgb[:, :k], jnp.stack(ft_rows)))
+        ct = np.asarray(clip_score(fgb, txt))
+    else:                                                                 # row by row
+        cv = np.asarray([clip_video_similarity(fg_rows[j][None, :used[j]], ft_rows[j][None])[0]
+                         for j in range(len(rows))])
+        ct = np.asarray([clip_score(fg_rows[j][None], txt[j:j + 1])[0] for j in range(len(rows))])
+    for j, i in enumerate(rows):
+        recs[i]["clip_v"], recs[i]["clip_t"] = float(cv[j]), float(ct[j])
+    return recs
+
+
+# --------------------------------------------------------------------------------------------
 # streaming FVD features
 
 
@@ -420,8 +509,8 @@ def evaluate(predictions_dir: str, csv_path: str, video_root: str, output: str |
             texts[b][0].append(p.caption)
             texts[b][1].append(row.caption)
         rec["caption"] = p.caption
-        rec["rouge_l"] = rouge_l([p.caption], [row.caption])
-
+        rec["rouge_l"] = None
+        gen = gt = None
         if p.video_path is None:
             rec["video"] = "missing_video"
             lists["missing_video"].append(row.index)
@@ -431,21 +520,24 @@ def evaluate(predictions_dir: str, csv_path: str, video_root: str, output: str |
                 lists[rec["video"]].append(row.index)
             if rec.get("generated_fps") is not None and abs(rec["generated_fps"] - config.fps) > 0.01 * config.fps:
                 lists["fps_mismatch"].append(row.index)
-            if rec["video"] == "ok":
-                counts["video_evaluated"] += 1
-                for b in bench(row):
-                    n_video[b] += 1
-                if has_clip:
-                    v, t = _clip_metrics(models, gen, gt, row.caption, config.clip_batch_size)
-                    rec["clip_v"], rec["clip_t"] = v, t
-                    for b in bench(row):
-                        clip_vals[b]["clip_v"].append(v)
-                        clip_vals[b]["clip_t"].append(t)
-                if has_fvd:
-                    queues["gen"].add(gen, bench(row))
-                    queues["gt"].add(gt, bench(row))
         else:
             rec["video"] = "not_scored"
+        # one row at a time (streaming: a row's videos are dropped once scored and queued for FVD)
+        scored = score_predictions([p.text], [p.caption], [row.caption], [gen], [gt], models=models,
+                                   config=config)[0]
+        rec["rouge_l"] = scored["rouge_l"]
+        if rec["video"] == "ok":
+            counts["video_evaluated"] += 1
+            for b in bench(row):
+                n_video[b] += 1
+            if has_clip:
+                rec["clip_v"], rec["clip_t"] = scored["clip_v"], scored["clip_t"]
+                for b in bench(row):
+                    clip_vals[b]["clip_v"].append(scored["clip_v"])
+                    clip_vals[b]["clip_t"].append(scored["clip_t"])
+            if has_fvd:
+                queues["gen"].add(gen, bench(row))
+                queues["gt"].add(gt, bench(row))
         prog(done)
 
     for q in queues.values():
@@ -522,32 +614,17 @@ def _video_pair(gen_path: str, gt_path: str, config: EvalConfig, rec: dict):
     to "ok", "bad_video" or "gt_video_error" (and ``detail``)."""
     try:
         gen, rec["generated_fps"] = read_video(gen_path)
-        if gen.shape[1:3] != (config.height, config.width):
-            gen = resize_center_crop(gen, config.height, config.width, resample=config.resample)
+        gen = to_eval_geometry(gen, config)
     except VideoError as e:
         rec["video"], rec["detail"] = "bad_video", str(e)
         return None, None
     try:
-        frames, fps = read_video(gt_path)
-        gt = target_clip(frames, fps, config.num_frames, config.height, config.width, config.fps,
-                         resample=config.resample)
+        gt = read_ground_truth(gt_path, config)
     except (VideoError, ValueError) as e:
         rec["video"], rec["detail"] = "gt_video_error", str(e)
         return None, None
     rec["video"], rec["generated_frames"] = "ok", int(gen.shape[0])
     return gen, gt
-
-
-def _clip_metrics(models: Models, gen: np.ndarray, gt: np.ndarray, caption: str, batch_size: int):
-    from vans_jax.models.clip import encode_frames, encode_texts
-
-    n = min(gen.shape[0], gt.shape[0])
-    fg = encode_frames(models.clip, gen, batch_size=batch_size)
-    ft = encode_frames(models.clip, gt[:n], batch_size=batch_size)
-    txt = encode_texts(models.clip, models.tokenizer, [caption])
-    v = float(clip_video_similarity(fg[None, :n], ft[None])[0])
-    t = float(clip_score(fg[None], txt)[0])
-    return v, t
 
 
 # --------------------------------------------------------------------------------------------

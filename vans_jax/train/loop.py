@@ -26,7 +26,9 @@ import shutil
 import sys
 import time
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +83,133 @@ def load_clip(cfg, mesh):
     return clip_ckpt.from_pretrained(cfg.clip.path, mesh=mesh), clip.load_tokenizer(cfg.clip.path)
 
 
+@dataclasses.dataclass
+class LoadedModels:
+    """Models already in memory. Given to ``train(cfg, models=...)``: what the run uses instead of
+    loading it from the config's paths (a field left None is loaded as before). Returned by
+    ``train`` (its result's ``"models"``): the models after training, ready for inference."""
+    vlm: Any = None              # Qwen2_5_VLModel WITHOUT LoRA adapters (as ``load_vlm(lora=False)``)
+    tokenizer: Any = None        # the VLM's tokenizer
+    vdm: Any = None              # sampling.wan.WanModels
+    clip: Any = None             # models.clip.CLIPModel (the reward model)
+    clip_tokenizer: Any = None
+
+
+def copy_module(model):
+    """A copy of ``model`` with buffers of its own (same values, same shardings): a trained copy's
+    donated updates then never delete the original's arrays."""
+    from flax import nnx
+    graphdef, state = nnx.split(model)
+    fresh = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False) if isinstance(x, jax.Array) else x,
+                         state)
+    return nnx.merge(graphdef, fresh)
+
+
+def _flat(state) -> dict:
+    from flax import nnx
+    return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
+
+
+def add_lora(model, cfg, mesh, *, seed: int = 0):
+    """``model`` (a Qwen2.5-VL without adapters) with the fresh LoRA adapters of ``cfg.vlm.lora``
+    exactly as ``load_vlm(cfg, mesh, lora=True)`` adds them when it loads the weights
+    (``convert.qwen2_5_vl.from_pretrained``: the same parameter paths, ``lora_init_fill(seed)``
+    values, dtype and shardings). The base weights are shared with ``model``, which is unchanged."""
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from ..models.layers import resolve_dtype
+    from ..models.lora import has_lora, lora_init_fill
+    if has_lora(model):
+        raise ValueError("the VLM already has LoRA adapters: hand over the base model (merge them first: "
+                         "models.lora.merge_lora_copy)")
+    abstract = nnx.eval_shape(lambda: type(model)(model.config, rngs=nnx.Rngs(seed), lora=_lora_config(cfg)))
+    graphdef, state = nnx.split(abstract)
+    have, want = _flat(nnx.state(model)), _flat(state)
+    if set(have) - set(want):
+        raise ValueError(f"the VLM has parameters a LoRA model of its config lacks: {sorted(set(have) - set(want))[:5]}")
+    fill = lora_init_fill(seed)
+    dt = resolve_dtype(model.config.dtype)          # from_pretrained: every parameter in the load dtype
+    mesh = mesh if mesh is not None else parallel.make_mesh({"data": 1}, jax.devices()[:1])
+    for path, var in want.items():
+        if path in have:
+            var.set_value(have[path].get_value())
+            continue
+        shape = var.get_value().shape
+        value = fill(path, shape, dt)
+        if value is None:
+            raise ValueError(f"{path} is missing from the given VLM")
+        spec = parallel.logical_to_spec(parallel.variable_axes(var), parallel.DEFAULT_RULES, mesh, shape)
+        var.set_value(parallel.device_put_global(np.asarray(value).astype(dt), NamedSharding(mesh, spec)))
+    return nnx.merge(graphdef, state)
+
+
+def merged_vlm(model):
+    """The VLM as its export reloads (``export_parts`` -> ``load_vlm(lora=False)``): LoRA merged into
+    the base weights and the adapters removed, in a copy (``model`` is unchanged)."""
+    from ..models.lora import merge_lora_copy
+    merged = merge_lora_copy(model)
+    merged.lora_config = None
+    return merged
+
+
+def _mode_uses(cfg, mode) -> dict:
+    """Which models a mode needs and how it trains them ("lora" / "full" / None = frozen)."""
+    if mode == "sft_vlm":
+        return dict(vlm=True, vdm=False, clip=False, train_vlm=str(cfg.train.sft_vlm.trainable), train_dit=None)
+    if mode == "sft_vdm":
+        return dict(vlm=False, vdm=True, clip=False, train_vlm=None, train_dit=str(cfg.train.sft_vdm.trainable))
+    g = cfg.train.grpo
+    return dict(vlm=mode != "grpo_vdm", vdm=mode != "grpo_vlm", clip=mode != "grpo_vlm",
+                train_vlm=str(g.vlm_trainable) if mode in ("grpo_stage1", "grpo_vlm", "grpo_all_in_one") else None,
+                train_dit=str(g.dit_trainable) if mode in ("grpo_stage2", "grpo_vdm", "grpo_all_in_one") else None)
+
+
+def prepare_models(cfg, mode, mesh, given: LoadedModels | None = None) -> LoadedModels:
+    """The models ``mode``'s runner uses: each one from ``given`` when there, else loaded from the
+    config's paths (``load_vlm`` / ``load_vdm`` / ``load_clip``). A given VLM that the mode trains
+    with LoRA gets fresh adapters (``add_lora``: what loading it would have given); a given model
+    the mode trains in full is copied first (``copy_module``): the given models are never changed,
+    and never donated away by the updates."""
+    given = given if given is not None else LoadedModels()
+    use = _mode_uses(cfg, mode)
+    out = LoadedModels()
+    if use["vlm"]:
+        lora = use["train_vlm"] == "lora"
+        if given.vlm is None:
+            out.vlm, out.tokenizer = load_vlm(cfg, mesh, lora=lora)
+        else:
+            if given.tokenizer is None:
+                raise ValueError("models.vlm was given without models.tokenizer")
+            out.vlm = (add_lora(given.vlm, cfg, mesh) if lora else
+                       copy_module(given.vlm) if use["train_vlm"] else given.vlm)
+            out.tokenizer = given.tokenizer
+    if use["vdm"]:
+        if given.vdm is None:
+            out.vdm = load_vdm(cfg, mesh)
+        else:
+            out.vdm = dataclasses.replace(given.vdm, dit=copy_module(given.vdm.dit)) if use["train_dit"] else given.vdm
+    if use["clip"]:
+        if given.clip is None:
+            out.clip, out.clip_tokenizer = load_clip(cfg, mesh)
+        else:
+            out.clip, out.clip_tokenizer = given.clip, given.clip_tokenizer
+    return out
+
+
+def trained_models(runner, used: LoadedModels, given: LoadedModels | None = None) -> LoadedModels:
+    """The models after training, as their exports would reload: the trained VLM with its LoRA merged
+    (``merged_vlm``), the VDM with the trained DiT, the rest as used (models the mode did not use
+    pass through from ``given``)."""
+    given = given if given is not None else LoadedModels()
+    out = LoadedModels(**{f.name: getattr(used, f.name) if getattr(used, f.name) is not None else getattr(given, f.name)
+                          for f in dataclasses.fields(LoadedModels)})
+    if "vlm" in runner.parts:
+        out.vlm = merged_vlm(runner.parts["vlm"].model())
+    if "dit" in runner.parts:
+        out.vdm = dataclasses.replace(out.vdm, dit=runner.parts["dit"].model())
+    return out
+
+
 def render_settings(cfg) -> RenderSettings:
     v, g = cfg.video, cfg.train.grpo
     return RenderSettings(height=int(v.height), width=int(v.width), num_frames=int(v.num_frames),
@@ -106,9 +235,10 @@ def grpo_settings(cfg, mode) -> GRPOSettings:
 
 
 class SFTVLM:
-    def __init__(self, cfg, mesh):
+    def __init__(self, cfg, mesh, models: LoadedModels | None = None):
         sc = cfg.train.sft_vlm
-        self.model, self.tokenizer = load_vlm(cfg, mesh, lora=sc.trainable == "lora")
+        models = models if models is not None else prepare_models(cfg, "sft_vlm", mesh)
+        self.model, self.tokenizer = models.vlm, models.tokenizer
         self.model_cfg = self.model.config
         self.vcfg = cfg.vlm
         self.pad_multiple = int(cfg.train.pad_multiple)
@@ -132,9 +262,9 @@ class SFTVLM:
 
 
 class SFTVDM:
-    def __init__(self, cfg, mesh):
+    def __init__(self, cfg, mesh, models: LoadedModels | None = None):
         sc = cfg.train.sft_vdm
-        self.vdm = load_vdm(cfg, mesh)
+        self.vdm = (models if models is not None else prepare_models(cfg, "sft_vdm", mesh)).vdm
         self.n_ref = int(cfg.video.n_ref)
         self.render = render_settings(cfg)
         self.part = Part(self.vdm.dit, sc.trainable, sc, int(cfg.seed), reference=False, mesh=mesh)
@@ -162,24 +292,18 @@ class SFTVDM:
         return dict(m, **{"time/step_s": dt, "frames_in_batch": float(latents.shape[0] * target.shape[1])})
 
 
-def build_runner(cfg, mode, mesh):
+def build_runner(cfg, mode, mesh, models: LoadedModels | None = None):
+    """The runner of ``mode``; ``models``: what ``prepare_models`` gives (None: loaded from the config)."""
+    m = models if models is not None else prepare_models(cfg, mode, mesh)
     if mode == "sft_vlm":
-        return SFTVLM(cfg, mesh)
+        return SFTVLM(cfg, mesh, m)
     if mode == "sft_vdm":
-        return SFTVDM(cfg, mesh)
+        return SFTVDM(cfg, mesh, m)
     g = cfg.train.grpo
-    needs_vlm = mode != "grpo_vdm"
-    needs_video = mode != "grpo_vlm"
-    train_vlm = mode in ("grpo_stage1", "grpo_vlm", "grpo_all_in_one")
-    vlm = tok = vdm = clip_model = clip_tok = None
-    if needs_vlm:
-        vlm, tok = load_vlm(cfg, mesh, lora=train_vlm and g.vlm_trainable == "lora")
-    if needs_video:
-        vdm = load_vdm(cfg, mesh)
-        clip_model, clip_tok = load_clip(cfg, mesh)
-    return JointGRPO(grpo_settings(cfg, mode), render_settings(cfg), vlm=vlm, vlm_tokenizer=tok, vlm_vcfg=cfg.vlm,
-                     vdm=vdm, clip_model=clip_model, clip_tokenizer=clip_tok, vlm_trainable=str(g.vlm_trainable),
-                     dit_trainable=str(g.dit_trainable), optim_cfg=g, seed=int(cfg.seed), mesh=mesh)
+    return JointGRPO(grpo_settings(cfg, mode), render_settings(cfg), vlm=m.vlm, vlm_tokenizer=m.tokenizer,
+                     vlm_vcfg=cfg.vlm, vdm=m.vdm, clip_model=m.clip, clip_tokenizer=m.clip_tokenizer,
+                     vlm_trainable=str(g.vlm_trainable), dit_trainable=str(g.dit_trainable), optim_cfg=g,
+                     seed=int(cfg.seed), mesh=mesh)
 
 
 # ----------------------------------------------------------------------------- data
@@ -328,8 +452,15 @@ def _fmt_eta(s: float) -> str:
 
 
 def _scalars(m: dict) -> dict:
-    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float, np.floating, np.integer))
-            and math.isfinite(float(v))}
+    """The finite numbers of ``m`` as floats; 0-d arrays (what ``jax.device_get`` gives for a jitted
+    step's metrics) count as numbers."""
+    out = {}
+    for k, v in m.items():
+        if isinstance(v, (np.ndarray, np.generic)) and v.ndim == 0 and v.dtype.kind in "biuf":
+            v = v.item()
+        if isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
 
 
 def steps_for(cfg, mode) -> int:
@@ -365,9 +496,17 @@ def check_batching(cfg, mode, mesh) -> tuple[int, int]:
     return bs, int(cfg.data.get("num_shards", 0)) or pc
 
 
-def train(cfg, *, progress: bool = True, stop_after: int | None = None) -> dict:
+def train(cfg, *, progress: bool = True, stop_after: int | None = None,
+          models: LoadedModels | None = None) -> dict:
     """Runs (or resumes) the configured training; returns the final metrics.
     ``stop_after``: return after that many steps of this invocation (tests of resumption).
+
+    ``models``: models already in memory (``LoadedModels``; ``prepare_models`` says what is done with
+    them: the given models are never changed), used instead of loading them from the config's paths
+    (fields left None are loaded). With ``models``, the result also holds ``"models"``: the
+    ``LoadedModels`` after training (``trained_models``: the VLM with its LoRA merged, numerically
+    what ``export/vlm`` reloads as; the VDM with the trained DiT), not written to
+    ``final_metrics.json``. Exports are written as without it.
 
     Several processes (``jax.distributed``; ``parallel.initialize_distributed``): every process runs
     this same function on its own slice of the data (``HostBatches``); the runners turn each
@@ -389,7 +528,8 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None) -> dict:
     primary = jax.process_index() == 0
     progress = progress and primary
     os.makedirs(workdir, exist_ok=True)
-    runner = build_runner(cfg, mode, mesh)
+    used = prepare_models(cfg, mode, mesh, models)
+    runner = build_runner(cfg, mode, mesh, used)
     data = HostBatches(data_source(cfg, mode), batch_size=bs, num_shards=num_shards, seed=int(cfg.seed),
                        num_workers=int(cfg.data.num_workers))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=int(cfg.train.checkpoint_every),
@@ -436,7 +576,7 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None) -> dict:
         t_flush = now
         n_skipped = float(sum(parallel.process_allgather_objects(data.num_skipped())))
         for (step, _), m in zip(pending, host):
-            m = dict(m)
+            m = {k: v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v for k, v in m.items()}
             if "target_tokens_in_batch" in m or "frames_in_batch" in m:
                 m["time/step_s"] = per_step
                 if "target_tokens_in_batch" in m:
@@ -498,6 +638,8 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None) -> dict:
     if primary:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2)
+    if models is not None:
+        final["models"] = trained_models(runner, used, models)
     return final
 
 
@@ -512,4 +654,5 @@ def main_train(cfg) -> int:
     return 0
 
 
-__all__ = ["MODES", "train", "export_parts", "build_runner", "main_train", "HostBatches", "check_batching"]
+__all__ = ["MODES", "LoadedModels", "train", "export_parts", "build_runner", "prepare_models", "trained_models",
+           "add_lora", "merged_vlm", "copy_module", "main_train", "HostBatches", "check_batching"]
