@@ -171,6 +171,9 @@ def main(argv=None):
                     help="compile for fake CPU devices (any mesh) or the default backend's own devices")
     mp.add_argument("--output", required=True, help="FILE.json (the .md table goes next to it) or FILE.md")
     args = parser.parse_args(rest)
+    if args.command in ("demo", "predict"):
+        from .compile_cache import enable
+        enable()
     try:
         if args.command == "predict":
             from vans_jax.apps import predict
