@@ -22,6 +22,7 @@ RUNTIME = [
 TFDS = ["tensorflow-datasets"]  # builder only; no TensorFlow needed (array_record format)
 TEST = TFDS + [
     "pytest",
+    "pytest-xdist",       # pytest.ini runs the suite on two workers
     # The CPU build of torch: an unpinned torch pulls several GB of CUDA packages.
     "torch==2.13.0",
     "diffusers",

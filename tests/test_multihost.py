@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.tiny import ROOT, make_config
+from tests.utils import xla_flags
 
 STEPS, STOP = 3, 2
 # (mode, where the 2-process run stops and restarts): the restart path is the same for every mode,
@@ -94,7 +95,8 @@ def test_host_batches_become_global_arrays_on_two_processes(tmp_path):
     port = _free_port()
     procs = []
     for i in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+                   XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
         procs.append(subprocess.Popen([sys.executable, "-c", PRIMITIVES], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
@@ -113,8 +115,9 @@ def _run(runs, out_dir, *, processes, devices):
     """Runs the worker in ``processes`` processes with ``devices`` fake CPU devices each; ``runs``:
     [(pickled config file, [stop_after, ...])]. Returns each process's results."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               # LLVM optimization off: half the compile time, the same programs in both runs
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
+               # the session's fast-compile flags (conftest.py), the same programs in both runs
+               XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}",
+                                   "--xla_backend_optimization_level=0"))
     port = _free_port()
     procs, outs = [], []
     for i in range(processes):

@@ -151,32 +151,43 @@ TRAIN_WAN = dict(
     pieces=(), perturb="output")
 
 
-def build_vdm_dir(d: str, seed: int = 0, spec: dict = VANS_WAN) -> str:
-    """A tiny random diffusers ``WanPipeline`` directory (transformer, vae, text_encoder, tokenizer,
-    scheduler). ``spec["perturb"]``: "all" perturbs every DiT and VAE weight (a random encoder is
-    then sensitive enough that different clips give clearly different reference latents),
-    "output" only the DiT's output projection and modulation (so it predicts something non-zero)."""
+# the Wan pipeline parity tests: the pipeline tests' sizes, VAE perturbed in its norm gains only
+PARITY_WAN = dict(VANS_WAN, perturb="vae_gamma")
+
+
+def build_wan_pipeline(seed: int = 0, spec: dict = VANS_WAN):
+    """A tiny random diffusers ``WanPipeline`` (transformer, vae, text_encoder, tokenizer, UniPC
+    scheduler with flow shift 3). ``spec["perturb"]``: "all" perturbs every DiT and VAE weight (a
+    random encoder is then sensitive enough that different clips give clearly different reference
+    latents), "output" only the DiT's output projection and modulation (so it predicts something
+    non-zero), "vae_gamma" the DiT and the VAE's norm gains."""
     import diffusers
     import transformers
 
     torch.manual_seed(seed)
-    if spec["perturb"] == "all":
-        dit = _perturb(diffusers.WanTransformer3DModel(**spec["dit"]), 0.1)
-        vae = _perturb(diffusers.AutoencoderKLWan(**spec["vae"]), 0.05)
-        te = _perturb(transformers.UMT5EncoderModel(transformers.UMT5Config(**spec["umt5"])), 0.2,
-                      lambda n: "layer_norm" in n)
-    else:
+    mode = spec["perturb"]
+    if mode == "output":
         dit = _perturb(diffusers.WanTransformer3DModel(**spec["dit"]), 0.05,
                        lambda n: "proj_out" in n or "scale_shift" in n)
         vae = diffusers.AutoencoderKLWan(**spec["vae"]).eval()
         te = transformers.UMT5EncoderModel(transformers.UMT5Config(**spec["umt5"])).eval()
+    else:
+        dit = _perturb(diffusers.WanTransformer3DModel(**spec["dit"]), 0.1)
+        vae = (_perturb(diffusers.AutoencoderKLWan(**spec["vae"]), 0.05) if mode == "all" else
+               _perturb(diffusers.AutoencoderKLWan(**spec["vae"]), 0.3, lambda n: n.endswith("gamma")))
+        te = _perturb(transformers.UMT5EncoderModel(transformers.UMT5Config(**spec["umt5"])), 0.2,
+                      lambda n: "layer_norm" in n)
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     letters = -6.0 if spec["pieces"] else -3.0
     vocab += [(p, -3.0) for p in spec["pieces"]] + [(c, letters) for c in string.ascii_lowercase]
     tok = transformers.T5Tokenizer(vocab=vocab, extra_ids=0)
     sch = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    diffusers.WanPipeline(tokenizer=tok, text_encoder=te, transformer=dit, vae=vae, scheduler=sch).save_pretrained(
-        d, safe_serialization=True)
+    return diffusers.WanPipeline(tokenizer=tok, text_encoder=te, transformer=dit, vae=vae, scheduler=sch)
+
+
+def build_vdm_dir(d: str, seed: int = 0, spec: dict = VANS_WAN) -> str:
+    """``build_wan_pipeline`` saved as a diffusers directory."""
+    build_wan_pipeline(seed, spec).save_pretrained(d, safe_serialization=True)
     return d
 
 
@@ -203,25 +214,14 @@ def build_clip_dir(d: str, seed: int = 1) -> str:
 
 # ----------------------------------------------------------------------------- inputs and settings
 
+from vans_jax.data.synthetic import moving_square  # noqa: E402,F401  (the test clips)
+
 # pipeline / predict: every stage tiny (32x48x5 video, 2 sampler steps, 8 new tokens)
 H, W, F, FPS = 32, 48, 5, 8.0
 SETTINGS = dict(height=H, width=W, num_frames=F, fps=FPS, num_steps=2, cfg_scale=4.0, shift=3.0, n_ref=3,
                 reference_frames=5, vlm_num_frames=4, vlm_sample_fps=2.0, video_min_pixels=56 * 56,
                 video_max_pixels=112 * 112, max_new_tokens=8, temperature=0.0, top_p=1.0, negative_prompt="",
                 prompt_bucket=32)
-
-
-def moving_square(num_frames: int = 12, height: int = 40, width: int = 56, color=(220, 40, 40), seed: int = 0):
-    """A coloured square moving right over a textured background: uint8 (T, H, W, 3)."""
-    rng = np.random.default_rng(seed)
-    bg = (rng.integers(0, 60, size=(height, width, 3)) + np.array([20, 70, 30])).astype(np.uint8)
-    frames = np.repeat(bg[None], num_frames, axis=0)
-    size = height // 3
-    for t in range(num_frames):
-        x = int(t * (width - size) / max(num_frames - 1, 1))
-        y = height // 2 - size // 2
-        frames[t, y:y + size, x:x + size] = color
-    return frames
 
 
 def build_tiny_world(root: str) -> dict:

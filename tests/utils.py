@@ -1,5 +1,12 @@
 """Helpers shared by the tests."""
+import os
+
 import numpy as np
+
+
+def xla_flags(*extra: str) -> str:
+    """XLA_FLAGS for a subprocess test: the session's (conftest.py: fast compilation) plus ``extra``."""
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip()
 
 
 def rel_err(a, b):

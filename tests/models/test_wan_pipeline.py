@@ -18,43 +18,19 @@ from vans_jax.convert.wan_dit import iter_dit_tensors  # noqa: E402
 from vans_jax.sampling import wan as wp  # noqa: E402
 from vans_jax.models.wan import text  # noqa: E402
 from vans_jax.sampling import flow  # noqa: E402
-from tests.utils import rel_err
+from tests import tiny  # noqa: E402
+from tests.utils import rel_err  # noqa: E402
 
-Z = 16
-DIT = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=Z, out_channels=Z,
-           text_dim=32, freq_dim=32, ffn_dim=96, num_layers=2, cross_attn_norm=True,
-           qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
-VAE = dict(base_dim=16, z_dim=Z, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-           temperal_downsample=[False, True, True], dropout=0.0,
-           latents_mean=list(np.linspace(-0.8, 0.9, Z).round(3)), latents_std=list(np.linspace(0.6, 2.5, Z).round(3)))
-UMT5 = dict(vocab_size=300, d_model=32, d_kv=16, num_heads=2, d_ff=64, num_layers=2,
-            relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0)
+Z = tiny.Z
+VAE = tiny.PARITY_WAN["vae"]
 SHIFT = 3.0                 # the saved scheduler's flow_shift (read back with shift=None)
 H, W, F = 32, 48, 5         # latents (2, 4, 6)
 CAPTIONS = ["a red cat runs on the grass", "the big dog"]
 
 
-def _perturb(m, scale, pred=lambda n: True):
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if pred(n):
-                p.add_(torch.randn_like(p) * scale)
-    return m.eval()
-
-
 @pytest.fixture(scope="module")
 def torch_pipe(tmp_path_factory):
-    torch.manual_seed(0)
-    dit = _perturb(diffusers.WanTransformer3DModel(**DIT), 0.1)
-    vae = _perturb(diffusers.AutoencoderKLWan(**VAE), 0.3, lambda n: n.endswith("gamma"))
-    te = _perturb(transformers.UMT5EncoderModel(transformers.UMT5Config(**UMT5)), 0.2, lambda n: "layer_norm" in n)
-    pieces = ["▁a", "▁cat", "▁dog", "▁the", "▁runs", "▁on", "▁red", "▁grass", "▁video", "▁of", "▁big"]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [(p, -3.0) for p in pieces] + [(c, -6.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-    tok = transformers.T5Tokenizer(vocab=vocab, extra_ids=0)
-    sch = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                            flow_shift=SHIFT)
-    pipe = diffusers.WanPipeline(tokenizer=tok, text_encoder=te, transformer=dit, vae=vae, scheduler=sch)
+    pipe = tiny.build_wan_pipeline(0, tiny.PARITY_WAN)
     d = str(tmp_path_factory.mktemp("wan_pipe"))
     pipe.save_pretrained(d, safe_serialization=True)
     return pipe, d
@@ -203,7 +179,7 @@ def test_vans_generation(models, clips):
 
 def test_bad_inputs(models):
     kw = dict(num_steps=4, height=H, width=W, num_frames=F, output_type="latent")
-    with pytest.raises(ValueError, match=r"4k\+1 frames.*got 6"):
+    with pytest.raises(ValueError, match=r"4k\+1 frames.*got num_frames=6"):
         wp.generate(models, ["a cat"], **{**kw, "num_frames": 6})
     with pytest.raises(ValueError, match="height=40, width=48"):
         wp.generate(models, ["a cat"], **{**kw, "height": 40})
@@ -219,7 +195,7 @@ def test_bad_inputs(models):
         wp.generate(models, ["a cat"], **{**kw, "mode": "ddim"})
     # reference clips: frames not 4k+1 (or trimmed to the last 4k+1), dtype, size
     clip = _clip(4, frames=8)
-    with pytest.raises(ValueError, match=r"4k\+1 frames.*got 8"):
+    with pytest.raises(ValueError, match=r"4k\+1 frames.*got num_frames=8"):
         wp.reference_latents(models, clip, n_ref=2, height=H, width=W)
     trimmed = wp.reference_latents(models, clip, n_ref=2, height=H, width=W, trim=True)
     np.testing.assert_array_equal(np.asarray(trimmed),

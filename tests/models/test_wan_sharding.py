@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from tests.utils import xla_flags  # noqa: E402
 
 SCRIPT = textwrap.dedent("""
     import os, sys, json
@@ -76,7 +77,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_dit_equals_unsharded():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                          timeout=600)

@@ -10,6 +10,7 @@ from flax import nnx
 from vans_jax import parallel
 from vans_jax.models.wan.dit import WanConfig, WanTransformer3D
 from vans_jax.train.grpo import Part
+from tests.utils import xla_flags  # noqa: E402
 mesh = parallel.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
 cfg = WanConfig(dim=64, num_layers=2, num_heads=2, ffn_dim=128, in_channels=4, out_channels=4, text_dim=8,
                 freq_dim=16, text_len=4)
@@ -28,7 +29,7 @@ print("OK", sharded)
 
 
 def test_adam_moments_are_sharded_like_parameters():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)

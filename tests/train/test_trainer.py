@@ -16,10 +16,14 @@ import optax
 import pytest
 
 from tests.tiny import ROOT, make_config
+from tests.utils import xla_flags
 from vans_jax.train import core, loop
 from vans_jax.rl.stages import reward_config
 
-SMALL = {"video.height": 32, "video.width": 32, "train.steps": 1, "train.checkpoint_every": 0}
+# two policy updates per rollout with a clip range that acts: what the stage tests need, and the same
+# compiled programs (train.grpo caches them per settings) for every GRPO test in this file
+SMALL = {"video.height": 32, "video.width": 32, "train.steps": 1, "train.checkpoint_every": 0,
+         "train.grpo.num_updates": 2, "train.grpo.clip_eps": 0.2}
 
 
 def _leaves(tree):
@@ -171,8 +175,7 @@ def test_one_step_of_every_mode(tiny_world, tmp_path, mode):
 def stage_runners(tiny_world, tmp_path_factory):
     out = {}
     for mode in ("grpo_stage1", "grpo_stage2"):
-        cfg = make_config(tiny_world, str(tmp_path_factory.mktemp(mode)), mode,
-                          **dict(SMALL, **{"train.grpo.num_updates": 2, "train.grpo.clip_eps": 0.2}))
+        cfg = make_config(tiny_world, str(tmp_path_factory.mktemp(mode)), mode, **SMALL)
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
         out[mode] = (cfg, loop.build_runner(cfg, mode, mesh))
     return out
@@ -233,7 +236,7 @@ def test_sigkill_then_restart_matches_uninterrupted(tiny_world, tmp_path):
     full = loop.train(make_config(tiny_world, str(tmp_path / "full"), "sft_vlm", **base), progress=False)
 
     work = str(tmp_path / "killed")
-    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
+    env = dict(os.environ, XLA_FLAGS=xla_flags(), PYTHONPATH=ROOT)   # the same code generation as in here
     proc = subprocess.Popen(_train_cmd(tiny_world, work, steps), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     ckdir = os.path.join(work, "checkpoints")

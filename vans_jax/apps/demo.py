@@ -382,19 +382,6 @@ def compare_markdown(result: dict) -> str:
 # ----------------------------------------------------------------------------- --vlm_only
 
 
-def synthetic_clip(num_frames: int = 12, height: int = 84, width: int = 112, seed: int = 0):
-    """A red square moving right over a textured background (uint8 frames)."""
-    rng = np.random.default_rng(seed)
-    bg = (rng.integers(0, 40, size=(height, width, 3)) + np.array([20, 60, 20])).astype(np.uint8)
-    frames = np.repeat(bg[None], num_frames, axis=0)
-    size = height // 4
-    for t in range(num_frames):
-        x = int(t * (width - size) / max(num_frames - 1, 1))
-        y = height // 2 - size // 2
-        frames[t, y:y + size, x:x + size] = (220, 30, 30)
-    return frames
-
-
 def _tiny_model(cfg, ids, seed):
     from flax import nnx
     from vans_jax.models import qwen2_5_vl as qwen
@@ -410,7 +397,7 @@ def _tiny_model(cfg, ids, seed):
 
 def run_vlm_only(cfg, question: str, output: str | None = None, video: str | None = None) -> dict:
     """``vans-jax demo --vlm_only``: the VLM half of VANS on one clip (``video``, else
-    ``synthetic_clip``) -> ``generation.num_return_sequences`` sampled answers, with timings.
+    ``data.synthetic.moving_square``) -> ``generation.num_return_sequences`` sampled answers, with timings.
 
     With ``vlm.path`` empty, a tiny random Qwen2.5-VL and a tiny tokenizer are built on the fly (no
     weights, no network), so the whole path - frame sampling, the Qwen processor, the chat template
@@ -438,7 +425,7 @@ def run_vlm_only(cfg, question: str, output: str | None = None, video: str | Non
     if video:
         frames, fps = read_video(video)
     else:
-        frames, fps = synthetic_clip(seed=seed), 4.0
+        frames, fps = synthetic.moving_square(12, 84, 112, seed=seed), 4.0
     vlm_frames, vlm_fps = processor.sample_frames_for_vlm(frames, fps, num_frames=cfg.vlm.num_frames,
                                                           sample_fps=cfg.vlm.sample_fps)
     pixels, grid, seconds = processor.preprocess_videos([vlm_frames], vlm_fps, min_pixels=cfg.vlm.video_min_pixels,
@@ -487,4 +474,4 @@ def _copy(cfg):
 
 
 __all__ = ["run", "compare", "run_vlm_only", "predict_and_score", "eval_config", "contact_sheet",
-           "synthetic_clip", "METRICS"]
+           "METRICS"]

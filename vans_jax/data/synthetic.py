@@ -714,6 +714,20 @@ def world_texts(config: WorldConfig = WorldConfig()) -> list[str]:
     return sorted(texts)
 
 
+def moving_square(num_frames: int = 12, height: int = 40, width: int = 56, color=(220, 40, 40), seed: int = 0):
+    """A coloured square moving left to right over a textured background: uint8 (T, H, W, 3). Not a
+    world scene: a generic input clip for demos, benchmarks and tests."""
+    rng = np.random.default_rng(seed)
+    bg = (rng.integers(0, 60, size=(height, width, 3)) + np.array([20, 70, 30])).astype(np.uint8)
+    frames = np.repeat(bg[None], num_frames, axis=0)
+    size = height // 3
+    for t in range(num_frames):
+        x = int(t * (width - size) / max(num_frames - 1, 1))
+        y = height // 2 - size // 2
+        frames[t, y:y + size, x:x + size] = color
+    return frames
+
+
 def split_plan(num_samples: int, split: str = "all") -> dict[str, int]:
     """Samples per split: ``all`` = 80 / 10 / 10 train / rl / eval (at least one each)."""
     if split != "all":

@@ -33,12 +33,12 @@ def _build_qwen(ctx: BenchContext):
 def bench_vlm(ctx: BenchContext) -> list[dict]:
     from vans_jax.models import qwen2_5_vl as qwen
     from vans_jax.models.qwen2_5_vl import processor
-    from vans_jax.apps.demo import synthetic_clip
+    from vans_jax.data.synthetic import moving_square
 
     c = ctx.cfg.vlm
     model, hf, reason = ctx.cached("qwen", lambda: _build_qwen(ctx))
     mcfg = model.config
-    frames = synthetic_clip(int(c.num_frames), int(c.height), int(c.width), seed=ctx.seed)
+    frames = moving_square(int(c.num_frames), int(c.height), int(c.width), seed=ctx.seed)
     pixels, grid, seconds = processor.preprocess_videos([frames], float(c.fps), min_pixels=int(c.min_pixels),
                                                         max_pixels=int(c.max_pixels))
     n_video = int(processor.num_vision_tokens(grid, mcfg.vision.spatial_merge_size).sum())
