@@ -4,13 +4,14 @@ import os
 import subprocess
 import sys
 
+from tests.utils import xla_flags
+
 SCRIPT = r'''
 import jax, ml_collections
 from flax import nnx
 from vans_jax import parallel
 from vans_jax.models.wan.dit import WanConfig, WanTransformer3D
 from vans_jax.train.grpo import Part
-from tests.utils import xla_flags  # noqa: E402
 mesh = parallel.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
 cfg = WanConfig(dim=64, num_layers=2, num_heads=2, ffn_dim=128, in_channels=4, out_channels=4, text_dim=8,
                 freq_dim=16, text_len=4)

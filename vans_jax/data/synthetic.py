@@ -740,7 +740,7 @@ def make_splits(output_dir: str, counts: dict[str, int], *, seed: int = 0, confi
                 tokenizer_corpus: bool = False) -> dict:
     """The world's splits under ``output_dir`` (``<split>.csv`` + ``videos/``), the one entry point
     (``vans-jax make-data``). Split ``s`` uses seed ``SPLIT_SEEDS[s] + 3 * seed``: the same ``seed``
-    gives identical files, different seeds different scenes, and the splits never share scenes.
+    gives an identical CSV and identical decoded frames, different seeds different scenes, and the splits never share scenes.
     ``tokenizer_corpus`` also writes ``world_texts.txt`` (every caption/question the world uses)."""
     out = {}
     for split, n in counts.items():

@@ -19,15 +19,14 @@ directory with the LoRA merged, ``export/vdm`` a diffusers Wan directory).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
 import shutil
 import sys
 import time
-
-import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -36,9 +35,9 @@ import numpy as np
 
 from .. import parallel
 from ..data.loader import PipelineConfig, VNEPSource, make_dataset, skip_stats
-from .checkpoint import Checkpointer
 from ..rl.rollouts import RenderSettings, reference_latents
 from ..rl.stages import GRPO_MODES, GRPOSettings
+from .checkpoint import Checkpointer
 from .grpo import JointGRPO, Part, cached_update_step
 from .sft import build_sft_vlm_batch, clip_to_video, sft_vdm_loss, sft_vlm_loss
 

@@ -14,7 +14,7 @@ from flax import nnx
 from vans_jax.apps import memory_plan
 from vans_jax.apps.configlib import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_parse_mesh():
