@@ -156,15 +156,22 @@ def _configs(world, root, name, modes=MODES, overrides=OVERRIDES):
 
 @pytest.mark.slow
 def test_two_processes_match_one(tiny_world, tmp_path):  # noqa: F811
+    """SFT-VDM (stopped and restarted), SFT-VLM, Joint-GRPO stage 1 and stage 2: one 1-process run and
+    one 2-process run of all four (the processes, models and the world start once)."""
     root = str(tmp_path)
-    one = _configs(tiny_world, root, "one")
-    (ref,) = _run([(one[m], [None]) for m, _ in MODES], root, processes=1, devices=4)
+    one = {**_configs(tiny_world, root, "one"), **_configs(tiny_world, root, "one", GRPO_MODES, GRPO_OVERRIDES)}
+    two = {**_configs(tiny_world, root, "two"), **_configs(tiny_world, root, "two", GRPO_MODES, GRPO_OVERRIDES)}
+    (ref,) = _run([(one[m], [None]) for m, _ in MODES] + [(one[m], s) for m, s in GRPO_MODES], root,
+                  processes=1, devices=4)
     assert ref["devices"] == 4 and ref["processes"] == 1
-
-    two = _configs(tiny_world, root, "two")
-    procs = _run([(two[m], stops) for m, stops in MODES], root, processes=2, devices=2)
+    procs = _run([(two[m], stops) for m, stops in MODES] + [(two[m], s) for m, s in GRPO_MODES], root,
+                 processes=2, devices=2)
     assert [p["process"] for p in procs] == [0, 1] and all(p["devices"] == 4 for p in procs)
+    _check_sft(root, ref, procs)
+    _check_grpo(root, procs, offset=len(MODES))
 
+
+def _check_sft(root, ref, procs):
     for i, (mode, _) in enumerate(MODES):
         work = os.path.join(root, "two", mode)
         expected = ref["results"][i][0]
@@ -223,15 +230,7 @@ GRPO_COMPARED = {
 }
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_joint_grpo(tiny_world, tmp_path):  # noqa: F811
-    root = str(tmp_path)
-    one = _configs(tiny_world, root, "one", GRPO_MODES, GRPO_OVERRIDES)
-    (ref,) = _run([(one[m], s) for m, s in GRPO_MODES], root, processes=1, devices=4)
-    two = _configs(tiny_world, root, "two", GRPO_MODES, GRPO_OVERRIDES)
-    procs = _run([(two[m], s) for m, s in GRPO_MODES], root, processes=2, devices=2)
-    assert [p["process"] for p in procs] == [0, 1] and all(p["devices"] == 4 for p in procs)
-
+def _check_grpo(root, procs, offset):
     for i, (mode, _) in enumerate(GRPO_MODES):
         work, ref_work = os.path.join(root, "two", mode), os.path.join(root, "one", mode)
         lines = [json.loads(x) for x in open(os.path.join(work, "metrics.jsonl")).read().splitlines()]
@@ -241,7 +240,7 @@ def test_two_processes_match_one_joint_grpo(tiny_world, tmp_path):  # noqa: F811
             for k in GRPO_COMPARED[mode]:
                 rel, abs_ = _grpo_tolerance(k)
                 assert got_m[k] == pytest.approx(want_m[k], rel=rel, abs=abs_), (mode, got_m["step"], k)
-        finals = [p["results"][i][-1] for p in procs]
+        finals = [p["results"][offset + i][-1] for p in procs]
         for k in GRPO_COMPARED[mode]:   # every process computed the same (global) rewards, advantages, updates
             assert finals[0][k] == finals[1][k], (mode, k)
         assert finals[0]["skipped_total"] == 0
