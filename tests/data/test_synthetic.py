@@ -27,9 +27,10 @@ def test_format_and_determinism(world, tmp_path):
         tgt, tfps = read_video(os.path.join(ws.video_root, r.output_video_path))
         assert inp.shape == (CFG.input_frames, CFG.height, CFG.width, 3) and fps == pytest.approx(CFG.fps)
         assert tgt.shape == (CFG.target_frames, CFG.height, CFG.width, 3) and tfps == pytest.approx(CFG.fps)
-    # same seed -> identical CSV and identical decoded frames; a prefix run is a prefix. Not the mp4
-    # bytes: libx264 (1 thread, fixed options) encodes the same frames to different bitstreams in
-    # some runs (seen at 64295bb too: 3 of 4 runs of this test), which decode to the same frames
+    # same seed -> identical CSV and identical decoded frames; a prefix run is a prefix. write_video
+    # converts to yuv420p itself: PyAV's conversion inside encode gave other decoded frames in some runs
+    # (3 of 4 runs of this test failed at 64295bb). Not the mp4 bytes: libx264 can still choose other
+    # (equivalent) slice encodings under pytest's output capture, which decode to the same frames
     ws2 = S.generate_world(tmp_path, "train", 10)
     a = open(ws.csv_path, encoding="utf-8").read().splitlines()
     b = open(ws2.csv_path, encoding="utf-8").read().splitlines()
@@ -37,7 +38,7 @@ def test_format_and_determinism(world, tmp_path):
     for r in ws2.rows[:4]:
         for rel in (r.input_video_path, r.output_video_path):
             pa, pb = os.path.join(ws.video_root, rel), os.path.join(ws2.video_root, rel)
-            assert np.array_equal(read_video(pa)[0], read_video(pb)[0])
+            assert np.array_equal(read_video(pa)[0], read_video(pb)[0]), rel
     # another seed -> another world
     ws3 = S.generate_world(tmp_path / "other", "train", 10, seed=123, write_videos=False)
     assert [r.caption for r in ws3.rows] != [r.caption for r in ws2.rows] or ws3.scene_hashes != ws2.scene_hashes

@@ -255,8 +255,8 @@ def _as_frames(frames, fn: str) -> np.ndarray:
 def write_video(path, frames, fps: float = DEFAULT_OUT_FPS, *, codec: str | None = None, crf: int = 12) -> str:
     """Encode ``frames`` (uint8 ``(T,H,W,3)`` RGB) to ``path`` at ``fps``.
 
-    H.264 (libx264, yuv420p, ``crf``, preset ``medium``, 1 thread -> bytes are
-    reproducible) or MPEG-4 Part 2 (``qscale`` 2) when libx264 is missing.
+    H.264 (libx264, yuv420p converted before encoding, ``crf``, preset
+    ``medium``, 1 thread -> the same frames give the same bytes) or MPEG-4 Part 2 (``qscale`` 2) when libx264 is missing.
     Odd sizes are padded to even by replicating the last row/column.
     Parent directories are created.  Returns the path.
     """
@@ -294,6 +294,10 @@ def write_video(path, frames, fps: float = DEFAULT_OUT_FPS, *, codec: str | None
             stream.codec_context.thread_count = 1
             for i in range(t):
                 vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
+                # convert to yuv420p here, not inside ``stream.encode``: PyAV's implicit conversion
+                # there gave 2-4 different bitstreams (and decoded frames) for the same frames over
+                # 25 runs; the explicit one gave one in every run we tried
+                vf = vf.reformat(format="yuv420p")
                 for pkt in stream.encode(vf):
                     container.mux(pkt)
             for pkt in stream.encode():
