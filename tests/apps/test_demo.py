@@ -28,6 +28,7 @@ def test_quick_demo_writes_everything(tmp_path, capsys):
         assert set(m[side]) >= {"total_reward", "rouge_l", "clip_v", "clip_t", "format"}
         assert m[side]["num_samples"] == 4
         assert abs(m[side]["total_reward"] - sum(m[side][k] for k in ("format", "rouge_l", "clip_v", "clip_t"))) < 1e-5
+        assert 0.0 <= m[side]["render_iou"] <= 1.0 and 0.0 <= m[side]["render_color"] <= 1.0   # exact diagnostics
     for d in ("before", "after"):
         rows = [r for r in os.listdir(out / d) if (out / d / r / "answer.json").exists()]
         assert len(rows) == 4 and all((out / d / r / "answer.mp4").exists() for r in rows)
@@ -71,6 +72,7 @@ def test_compare_order_handover_and_resume(tmp_path, monkeypatch):
         x = (len(models.vlm) + 3 * len(models.vdm)) / 100.0
         m = {"format": 1.0, "rouge_l": x, "clip_v": x / 2, "clip_t": x / 4}
         m["total_reward"] = sum(m.values())
+        m.update(render_iou=x / 3, render_color=x / 5)
         return {"metrics": dict(m, num_samples=4)}
 
     monkeypatch.setattr(loop, "train", fake_train)

@@ -107,10 +107,24 @@ def _train(cfg, mode, workdir, *, steps=None, batch_size=None, lr=None, **paths)
     return loop.train(c)
 
 
+def _spearman(a, b) -> float:
+    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(a), rankdata(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, batch_size: int = 8) -> dict:
     """What the shipped SFT models can do on the first ``num_samples`` eval clips, each part alone:
     the VLM's greedy answers (exact-caption accuracy, ROUGE-L, valid format) and the DiT's renderings
-    of the ground-truth captions (CLIP-V against the ground-truth next event; seed 0 noise)."""
+    of the ground-truth captions with the input's reference latents (seed 0 noise), scored against
+    the ground-truth next event by CLIP-V and by the world's exact render accuracy
+    (``eval.render_accuracy``: foreground IoU, object colour), next to a control that needs no
+    model: the input's last frame repeated. ``vdm_clip_v_vs_iou_spearman``: how CLIP-V ranks the
+    renders against how the exact IoU does."""
     from vans_jax.data.csv_format import read_vnep_csv
     from vans_jax.data.video_io import read_video
     from vans_jax.convert import clip as clip_ckpt
@@ -118,34 +132,56 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
     from vans_jax.pipeline import Clip
     from vans_jax.rl.rewards import clip_video_similarity, format_reward, rouge_l_reward
     from vans_jax.apps.tiny_world import load_defaults, tiny_world_paths
-    from vans_jax.apps.demo import _pipeline
+    from vans_jax.apps.demo import _pipeline, eval_config
+    from vans_jax.eval import runner as eval_runner
+    from vans_jax.eval.render_accuracy import mean_render_accuracy, render_accuracy
 
     paths = tiny_world_paths(world_dir)
     defaults = load_defaults(world_dir)
     settings = {k: v for k, v in defaults.items() if k != "world"}
     settings.update(temperature=0.0)
     pipe = _pipeline(paths["vlm"], paths["vdm"], settings)
+    config = eval_config(pipe.settings)
     clip_model = clip_ckpt.from_pretrained(paths["clip"])
     rows = list(read_vnep_csv(os.path.join(data_dir, "eval.csv")))[:num_samples]
     root = os.path.join(data_dir, "videos")
-    texts, caps, sims = [], [], []
+    texts, caps, sims, sims_last, pairs, pairs_last = [], [], [], [], [], []
+
+    def clip_v(a, b):
+        return np.asarray(clip_video_similarity(clip_lib.encode_frames(clip_model, a),
+                                                clip_lib.encode_frames(clip_model, b))).tolist()
+
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         clips = [Clip(*read_video(os.path.join(root, r.input_video_path))) for r in chunk]
         ans = pipe.answer(clips, [r.question for r in chunk])
         texts += ans.texts
         caps += ans.captions
-        gen = np.asarray(pipe.render(clips, [r.caption for r in chunk], seed=0))
-        gt = np.stack([read_video(os.path.join(root, r.output_video_path))[0] for r in chunk])
+        gen = np.stack([eval_runner.to_eval_geometry(np.asarray(v), config)
+                        for v in pipe.render(clips, [r.caption for r in chunk], seed=0)])
+        gt = np.stack([eval_runner.read_ground_truth(os.path.join(root, r.output_video_path), config)
+                       for r in chunk])
+        last = np.stack([np.repeat(eval_runner.to_eval_geometry(c.frames[-1:], config), gt.shape[1], 0)
+                         for c in clips])
         f = min(gen.shape[1], gt.shape[1])
-        sims += np.asarray(clip_video_similarity(clip_lib.encode_frames(clip_model, gen[:, :f]),
-                                                 clip_lib.encode_frames(clip_model, gt[:, :f]))).tolist()
+        sims += clip_v(gen[:, :f], gt[:, :f])
+        sims_last += clip_v(last, gt)
+        pairs += [(g[:f], t[:f]) for g, t in zip(gen, gt)]
+        pairs_last += list(zip(last, gt))
     gts = [r.caption for r in rows]
+    ra, ra_last = mean_render_accuracy(pairs), mean_render_accuracy(pairs_last)
+    ious = [render_accuracy(g, t)["render_iou"] for g, t in pairs]
     return {"num_samples": len(rows),
             "vlm_exact_caption": float(np.mean([c == g for c, g in zip(caps, gts)])),
             "vlm_rouge_l": float(np.mean(rouge_l_reward(caps, gts, extract=False))),
             "vlm_format": float(np.mean(format_reward(texts))),
-            "vdm_clip_v_gt_caption": float(np.mean(sims))}
+            "vdm_clip_v_gt_caption": float(np.mean(sims)),
+            "vdm_render_iou_gt_caption": ra["render_iou"],
+            "vdm_render_color_gt_caption": ra["render_color"],
+            "vdm_clip_v_vs_iou_spearman": _spearman(sims, ious),
+            "last_frame_clip_v": float(np.mean(sims_last)),
+            "last_frame_render_iou": ra_last["render_iou"],
+            "last_frame_render_color": ra_last["render_color"]}
 
 
 def _timed(fn, *a, **kw) -> dict:
@@ -272,7 +308,17 @@ def main(argv=None):
     p.add_argument("--train_samples", type=int, default=1500)
     p.add_argument("--quick", action="store_true", help="a few steps of everything (tests)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--measure", action="store_true",
+                   help="only measure the models in --out on a fresh eval split (written under --work) and print "
+                        "the JSON; builds nothing")
+    p.add_argument("--num_samples", type=int, default=32, help="eval clips measured by --measure")
     a = p.parse_args(argv)
+    if a.measure:
+        data = os.path.join(a.work, "measure_data")
+        if not os.path.exists(os.path.join(data, "eval.csv")):
+            synthetic.generate_world(data, "eval", max(a.num_samples, 8), config=synthetic.WorldConfig())
+        print(json.dumps(measure_quality(a.out, data, num_samples=a.num_samples), indent=2), flush=True)
+        return 0
     build(a.out, a.work, train_samples=a.train_samples, quick=a.quick, seed=a.seed)
     return 0
 

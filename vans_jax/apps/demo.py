@@ -17,7 +17,10 @@ Metrics (means over the eval samples): ``format`` (valid [Think]/[Ans]), ``rouge
 ground truth), ``clip_v`` (CLIP frame-by-frame similarity to the ground-truth video), ``clip_t``
 (CLIPScore of the generated video against the ground-truth caption), ``total_reward`` = their sum
 (the four rewards Joint-GRPO optimizes, each in [0, 1]-ish units), scored by the evaluation's own
-core (``eval.runner.score_predictions``) on the videos the pipeline just decoded.
+core (``eval.runner.score_predictions``) on the videos the pipeline just decoded; and two exact
+diagnostics that need no learned model (``eval.render_accuracy``): ``render_iou`` (foreground IoU
+of the generated frames with the true next event's) and ``render_color`` (the fraction of objects
+rendered in their colour, pooled over frames and samples).
 
 Each model is loaded once: the SFT models are handed to stage 1 in memory, stage 1's VLM (its LoRA
 merged, as its export reloads) to stage 2, and both stages' models to the final evaluation
@@ -42,8 +45,13 @@ from vans_jax.data import synthetic
 from vans_jax.data.csv_format import read_vnep_csv
 from vans_jax.data.video_io import read_video, target_clip
 from vans_jax.eval import runner as eval_runner
+from vans_jax.eval.render_accuracy import render_accuracy
 
-METRICS = ("format", "rouge_l", "clip_v", "clip_t", "total_reward")
+REWARDS = ("format", "rouge_l", "clip_v", "clip_t")
+# the four rewards, their sum, and two exact diagnostics of the world (eval.render_accuracy: the
+# foreground IoU and the object-colour accuracy of the generated video against the true next event;
+# not in total_reward)
+METRICS = REWARDS + ("total_reward", "render_iou", "render_color")
 
 
 def settings_from_config(cfg) -> dict:
@@ -89,8 +97,11 @@ def predict_and_score(pipe, eval_models: eval_runner.Models, csv_path: str, vide
                                                models=eval_models, config=config, rouge_dtype=np.float32)
         for i, (r, a, sc) in enumerate(zip(chunk, out, scores)):
             rec = dict(index=int(r.index), question=r.question, gt_caption=r.caption, caption=a.caption,
-                       text=a.text, **{k: sc[k] for k in ("format", "rouge_l", "clip_v", "clip_t")})
+                       text=a.text, **{k: sc[k] for k in REWARDS})
             rec["total_reward"] = rec["format"] + rec["rouge_l"] + rec["clip_v"] + rec["clip_t"]
+            ra = render_accuracy(eval_runner.to_eval_geometry(np.asarray(a.video), config), gts[i])
+            rec.update(render_iou=ra["render_iou"], render_color=ra["render_color"],
+                       render_color_groups=ra["render_color_groups"])
             per.append(rec)
             videos[int(r.index)] = a.video
             if out_dir is not None:
@@ -100,7 +111,10 @@ def predict_and_score(pipe, eval_models: eval_runner.Models, csv_path: str, vide
         if progress:
             print(f"  evaluated {min(b + batch_size, len(rows))}/{len(rows)} ({time.perf_counter() - t0:.0f}s)",
                   flush=True)
-    metrics = {k: float(np.mean([p[k] for p in per])) for k in METRICS}
+    metrics = {k: float(np.mean([p[k] for p in per])) for k in METRICS if k != "render_color"}
+    groups = sum(p["render_color_groups"] for p in per)    # pooled over every (frame, object colour)
+    metrics["render_color"] = (float(sum(p["render_color"] * p["render_color_groups"] for p in per if p["render_color_groups"])
+                                     / groups) if groups else float("nan"))
     metrics["num_samples"] = len(per)
     return {"metrics": metrics, "per_sample": per, "videos": videos}
 

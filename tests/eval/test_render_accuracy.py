@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from vans_jax.data import synthetic as S
+from vans_jax.data.video_io import read_video, write_video
+from vans_jax.eval.render_accuracy import foreground_mask, mean_render_accuracy, render_accuracy
+
+CFG = S.WorldConfig()
+
+
+def _clip(objs_per_frame):
+    return S.render(objs_per_frame, CFG)
+
+
+def _square(x, y, r=5, color="red"):
+    return {"x": float(x), "y": float(y), "r": float(r), "shape": "square", "color": color}
+
+
+def test_identical_frames_score_one():
+    truth = _clip([[_square(20, 20), _square(44, 40, 4, "blue")]] * 3)
+    r = render_accuracy(truth, truth)
+    assert r["render_iou"] == 1.0 and r["render_color"] == 1.0
+    assert r["render_color_groups"] == 6   # two colours in each of three frames
+    # the mask holds the objects and nothing of the wall or the background
+    m = foreground_mask(truth)
+    assert m.sum() == 3 * (10 * 10 + 8 * 8)   # S.render's squares of half-size 5 and 4 are 10 and 8 wide
+
+
+def test_shifted_recoloured_and_empty():
+    truth = _clip([[_square(20, 20)]] * 2)                           # a 10x10 square
+    shifted = _clip([[_square(25, 20)]] * 2)                         # 5 px right: overlap 5x10
+    r = render_accuracy(shifted, truth)
+    assert r["render_iou"] == pytest.approx(50 / (2 * 100 - 50))
+    assert r["render_color"] == 1.0                                  # the overlap is red
+    recoloured = _clip([[_square(20, 20, color="green")]] * 2)
+    r = render_accuracy(recoloured, truth)
+    assert r["render_iou"] == 1.0 and r["render_color"] == 0.0
+    empty = _clip([[]] * 2)
+    r = render_accuracy(empty, truth)
+    assert r["render_iou"] == 0.0 and r["render_color"] == 0.0 and r["render_color_groups"] == 2
+    # nothing to show and nothing shown: IoU 1, colour undefined
+    r = render_accuracy(empty, empty)
+    assert r["render_iou"] == 1.0 and np.isnan(r["render_color"]) and r["render_color_groups"] == 0
+    # one frame right, one frame empty
+    half = np.concatenate([truth[:1], empty[:1]])
+    r = render_accuracy(half, truth)
+    assert r["render_iou_per_frame"] == [1.0, 0.0] and r["render_color"] == 0.5
+
+
+def test_two_colours_judged_separately_and_pooled_mean():
+    truth = _clip([[_square(16, 32, 5, "red"), _square(46, 32, 5, "yellow")]])
+    half_wrong = _clip([[_square(16, 32, 5, "red"), _square(46, 32, 5, "purple")]])
+    r = render_accuracy(half_wrong, truth)
+    assert r["render_color"] == 0.5 and r["render_iou"] == 1.0
+    m = mean_render_accuracy([(truth, truth), (half_wrong, truth)])
+    assert m["render_color"] == 0.75 and m["render_iou"] == 1.0 and m["num_clips"] == 2
+
+
+def test_survives_video_compression(tmp_path):
+    # ground truth as the evaluation reads it (an mp4 of the world): the exact metric of a clip
+    # against its own decoded copy stays at the top
+    truth = _clip([[_square(20 + 2 * i, 20, 5, c) for c in ("green",)] + [_square(44, 44, 4, "purple")]
+                   for i in range(5)])
+    decoded, _ = read_video(write_video(tmp_path / "t.mp4", truth, fps=4.0))
+    r = render_accuracy(decoded, truth)
+    assert r["render_iou"] > 0.95 and r["render_color"] == 1.0
+
+
+def test_bad_input_names_the_problem():
+    a = _clip([[_square(20, 20)]] * 2)
+    with pytest.raises(ValueError, match=r"differ in shape"):
+        render_accuracy(a[:1], a)
+    with pytest.raises(ValueError, match="uint8"):
+        render_accuracy(a.astype(np.float32), a)

@@ -1,0 +1,110 @@
+"""Render accuracy on the synthetic world: an exact, model-free measure of a generated video against
+the ground-truth next event.
+
+The world (``data.synthetic``) draws flat-coloured objects (five colours, ``COLORS``) on a black
+canvas framed by a grey wall, so what should be on screen is known pixel for pixel. Two numbers,
+frame by frame (generated frame ``i`` against ground-truth frame ``i``, both ``uint8 (T, H, W, 3)``
+of one size):
+
+* **Foreground IoU** (``render_iou``): the foreground mask of a frame holds the pixels that are
+  neither background nor wall: max-channel distance to black above ``bg_margin`` *and* to the wall
+  grey above ``wall_margin``. IoU of the two masks; a frame where both are empty counts 1. The
+  clip's value is the mean over frames.
+* **Object colour** (``render_color``): the ground truth's foreground pixels are grouped by their
+  nearest world colour (one group a colour present in the frame: two objects of one colour form one
+  group). For each group, the generated foreground pixels inside the group's mask are averaged and
+  the mean RGB is classified to the nearest world colour; the group counts as right when that is
+  its colour, wrong when it is another one or when the generated frame has no foreground there.
+  The clip's value is the fraction of right (frame, group) pairs; ``nan`` when the truth shows no
+  object at all (``render_color_groups`` says how many pairs were counted).
+
+This is a diagnostic for the embedded world (reported next to CLIP-V by the world build and
+``vans-jax demo``), not a paper metric and not a reward: on real videos it means nothing.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from vans_jax.data.synthetic import BG_RGB, COLORS, WALL_RGB
+
+COLOR_NAMES = tuple(COLORS)
+_PALETTE = np.asarray([COLORS[c] for c in COLOR_NAMES], np.float32)   # (5, 3)
+
+
+def _frames(x, what: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim == 3 and a.shape[-1] == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"render_accuracy: {what} must be frames of shape (T, H, W, 3), got {a.shape}")
+    if a.dtype != np.uint8:
+        raise ValueError(f"render_accuracy: {what} must be uint8 RGB frames, got {a.dtype}")
+    return a
+
+
+def foreground_mask(frames, *, bg_margin: int = 60, wall_margin: int = 40) -> np.ndarray:
+    """``bool (T, H, W)``: pixels farther than ``bg_margin`` from black and farther than
+    ``wall_margin`` from the wall grey (max over channels). The world's colours are at least 170 from
+    black and 82 from the grey in their largest channel."""
+    f = _frames(frames, "frames").astype(np.int16)
+    d_bg = np.abs(f - np.asarray(BG_RGB, np.int16)).max(-1)
+    d_wall = np.abs(f - np.asarray(WALL_RGB, np.int16)).max(-1)
+    return (d_bg > bg_margin) & (d_wall > wall_margin)
+
+
+def nearest_color(rgb) -> np.ndarray:
+    """Index into ``COLOR_NAMES`` of the world colour nearest (Euclidean) to each RGB triple."""
+    x = np.asarray(rgb, np.float32)
+    d = ((x[..., None, :] - _PALETTE) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def render_accuracy(generated, truth, *, bg_margin: int = 60, wall_margin: int = 40) -> dict:
+    """``{"render_iou", "render_color", "render_color_groups", "render_iou_per_frame"}`` of one
+    generated clip against its ground truth (see the module docstring)."""
+    g, t = _frames(generated, "generated"), _frames(truth, "truth")
+    if g.shape != t.shape:
+        raise ValueError(f"render_accuracy: generated frames {g.shape} and ground-truth frames {t.shape} "
+                         "differ in shape (bring both to the evaluation geometry first)")
+    mg = foreground_mask(g, bg_margin=bg_margin, wall_margin=wall_margin)
+    mt = foreground_mask(t, bg_margin=bg_margin, wall_margin=wall_margin)
+    inter = (mg & mt).sum((1, 2)).astype(np.float64)
+    union = (mg | mt).sum((1, 2)).astype(np.float64)
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    right = groups = 0
+    for i in range(t.shape[0]):
+        if not mt[i].any():
+            continue
+        cls = nearest_color(t[i][mt[i]])
+        ys, xs = np.nonzero(mt[i])
+        for c in np.unique(cls):
+            sel = cls == c
+            yy, xx = ys[sel], xs[sel]
+            groups += 1
+            inside = mg[i][yy, xx]
+            if not inside.any():
+                continue
+            mean = g[i][yy[inside], xx[inside]].astype(np.float32).mean(0)
+            right += int(nearest_color(mean) == c)
+    return {"render_iou": float(iou.mean()),
+            "render_color": float(right / groups) if groups else float("nan"),
+            "render_color_groups": int(groups),
+            "render_iou_per_frame": [float(v) for v in iou]}
+
+
+def mean_render_accuracy(pairs) -> dict:
+    """Mean ``render_iou`` and ``render_color`` over ``(generated, truth)`` pairs: the IoU averaged
+    over clips, the colour accuracy pooled over every (frame, group) of every clip."""
+    ious, right, groups = [], 0.0, 0
+    for g, t in pairs:
+        r = render_accuracy(g, t)
+        ious.append(r["render_iou"])
+        if r["render_color_groups"]:
+            right += r["render_color"] * r["render_color_groups"]
+            groups += r["render_color_groups"]
+    return {"render_iou": float(np.mean(ious)) if ious else float("nan"),
+            "render_color": float(right / groups) if groups else float("nan"),
+            "num_clips": len(ious)}
+
+
+__all__ = ["foreground_mask", "nearest_color", "render_accuracy", "mean_render_accuracy", "COLOR_NAMES"]
