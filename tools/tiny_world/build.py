@@ -247,6 +247,8 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
     csv = stage("world", world)
     video_root = os.path.join(data, "videos")
     cfg.data.train_csv, cfg.data.video_root = csv["train"], video_root
+    # one latent cache for every SFT-VDM phase: the VAE latents and caption embeddings once per build
+    cfg.train.sft_vdm.latent_cache = os.path.join(work, "latent_cache")
     report: dict = {"train_samples": train_samples, "eval_samples": eval_samples, "seed": seed}
 
     print("[build] 1/5 tokenizer + random Qwen2.5-VL", flush=True)

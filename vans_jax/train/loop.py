@@ -272,23 +272,65 @@ class SFTVDM:
         shift, drop = float(cfg.video.shift), float(sc.text_dropout)
         self._update = cached_update_step(self.part, functools.partial(sft_vdm_loss, shift=shift, text_dropout=drop),
                                           ("sft_vdm", shift, drop))
+        from .latent_cache import LatentCache, cache_dir
+        d = cache_dir(sc.get("latent_cache", "auto"), str(cfg.train.workdir or ""))
+        self.cache = LatentCache(d, self.vdm, self.render) if d else None
 
-    def step(self, examples, step_index, rng):
+    def _encode(self, examples, kinds):
+        """The frozen encoders on this step's examples (global arrays): ``{kind: array}``."""
         from ..sampling import wan as wp
-        t0 = time.perf_counter()
         # this process's examples -> global arrays (rows over the mesh's batch axes) before any jitted
         # function sees them: the frozen VAE / text encoder run on the global batch too
         to_global = lambda x: parallel.host_local_batch_to_global(x, self.mesh)
-        target = np.stack([np.asarray(e["target"]) for e in examples])
-        latents = wp.encode_video(self.vdm, to_global(clip_to_video(target)))
-        batch = dict(latents=latents,
-                     context=wp.encode_text(self.vdm, [e["caption"] for e in examples], to_device=to_global),
-                     null_context=self.vdm.negative_embeddings("", 1))
+        out = {}
+        if "latents" in kinds:
+            target = np.stack([np.asarray(e["target"]) for e in examples])
+            out["latents"] = wp.encode_video(self.vdm, to_global(clip_to_video(target)))
+        if "context" in kinds:
+            out["context"] = wp.encode_text(self.vdm, [e["caption"] for e in examples], to_device=to_global)
+        if "ref" in kinds:
+            out["ref"] = reference_latents(self.vdm, examples, self.render, to_device=to_global)
+        return out
+
+    def _cached(self, examples, kinds):
+        """``_encode`` through the latent cache (``train.latent_cache``): every process looks up its
+        rows; a kind that any process misses is encoded for the whole batch (collective) and stored."""
+        from .latent_cache import content_key
+        source = {"latents": "target", "ref": "reference", "context": "caption"}
+        keys = {k: [content_key(e[source[k]]) for e in examples] for k in kinds}
+        got = {k: [self.cache.get(k, key) for key in keys[k]] for k in kinds}
+        missing = [k for k in kinds if any(a is None for a in got[k])]
+        if jax.process_count() > 1:          # the same decision on every process (collectives follow)
+            missing = sorted(set().union(*parallel.process_allgather_objects(missing)))
+        out = self._encode(examples, missing) if missing else {}
+        for k in missing:
+            rows = self._local_rows(out[k])
+            for key, row in zip(keys[k], rows):
+                self.cache.put(k, key, row)
+        for k in kinds:
+            if k not in out:
+                out[k] = parallel.host_local_batch_to_global(np.stack(got[k]), self.mesh)
+        return out
+
+    def _local_rows(self, x):
+        if jax.process_count() == 1:
+            return np.asarray(x)
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.global_array_to_host_local_array(x, self.mesh, x.sharding.spec))
+
+    def step(self, examples, step_index, rng):
+        t0 = time.perf_counter()
+        kinds = ("latents", "context") + (("ref",) if self.n_ref else ())
+        enc = self._encode(examples, kinds) if self.cache is None else self._cached(examples, kinds)
+        batch = dict(latents=enc["latents"], context=enc["context"], null_context=self.vdm.negative_embeddings("", 1))
         if self.n_ref:
-            batch["ref_latents"] = reference_latents(self.vdm, examples, self.render, to_device=to_global)
+            batch["ref_latents"] = enc["ref"]
         self.part.state, m = self._update(self.part.state, self.part.frozen, batch)
         dt = time.perf_counter() - t0
-        return dict(m, **{"time/step_s": dt, "frames_in_batch": float(latents.shape[0] * target.shape[1])})
+        m = dict(m, **{"time/step_s": dt, "frames_in_batch": float(enc["latents"].shape[0] * np.shape(examples[0]["target"])[0])})
+        if self.cache is not None:
+            m["cache/hit_rate"] = self.cache.hits / max(1, self.cache.hits + self.cache.misses)
+        return m
 
 
 def build_runner(cfg, mode, mesh, models: LoadedModels | None = None):

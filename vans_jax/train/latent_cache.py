@@ -1,0 +1,181 @@
+"""The SFT-VDM latent cache: the frozen VAE's latents of each clip and the frozen UMT5's embeddings of
+each caption, computed once and reused, so an SFT-VDM step runs the DiT alone.
+
+What is cached (all exactly what the uncached step computes; the VAE encodes the posterior mean, so
+it is deterministic):
+
+* ``latents``: ``sampling.wan.encode_video`` of a target clip -> ``(z, T_lat, h, w)`` float32;
+* ``ref``: ``rl.rollouts.reference_latents`` of an input clip at the render settings ->
+  ``(z, n_ref, h, w)`` float32;
+* ``context``: ``sampling.wan.encode_text`` of a caption -> ``(L, d)``, stored without its zero tail
+  (the encoder zeroes every position after the caption's tokens) and padded back on reading.
+
+Keys. An entry is keyed by its content: the SHA-1 of the clip's uint8 bytes and shape (or of the
+caption's UTF-8), so a changed video or caption is a new entry and nothing goes stale when the data
+change. Entries live in a namespace keyed by the models and settings: a fingerprint of the VAE's and
+of the text encoder's weights (each leaf's path, shape, dtype, float64 sum and a strided sample of
+up to 4,096 values), the text length and the reference settings; a retrained VAE or text encoder
+writes to a new namespace and never reads an old entry.
+
+Storage: ``<dir>/<namespace>/<kind>/<key[:2]>/<key>.npy`` (written atomically: a temporary file,
+then a rename; a damaged file is recomputed and overwritten), plus an in-memory copy of everything
+read or written up to ``memory_bytes``. ``dir`` is shared by runs and processes (several processes
+may write one entry: they write the same bytes). Turn it on with ``train.sft_vdm.latent_cache``:
+``"auto"`` (default: ``<workdir>/latent_cache``; off without a workdir), a directory, or ``"off"``.
+
+Several processes: each looks up its own rows; when any process misses one, every process runs the
+uncached (global, collective) encode of the whole batch and stores its own rows, so the collectives
+stay in step.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+import jax
+import numpy as np
+
+KINDS = ("latents", "ref", "context")
+
+
+def content_key(x) -> str:
+    """SHA-1 of a uint8 array's shape and bytes, or of a string's UTF-8."""
+    h = hashlib.sha1()
+    if isinstance(x, str):
+        h.update(b"str:" + x.encode("utf-8"))
+    else:
+        a = np.ascontiguousarray(np.asarray(x))
+        h.update(f"{a.dtype}:{a.shape}:".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _leaf_host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_shards[0].data      # this process's first piece: a per-process fingerprint
+    return np.asarray(jax.device_get(x))
+
+
+def weights_fingerprint(module) -> str:
+    """A fingerprint of an NNX module's weights: every leaf's path, shape, dtype, float64 sum and a
+    strided sample of at most 4,096 of its values (cheap on multi-GB encoders, and any retraining
+    changes it)."""
+    from flax import nnx
+
+    h = hashlib.sha1()
+    state = nnx.state(module)
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(state), key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = _leaf_host(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}:{a.shape}:{a.dtype}:".encode())
+        flat = a.reshape(-1)
+        if flat.size:
+            h.update(np.float64(flat.astype(np.float64).sum()).tobytes())
+            h.update(np.ascontiguousarray(flat[:: max(1, flat.size // 4096)][:4096]).tobytes())
+    return h.hexdigest()
+
+
+class LatentCache:
+    """See the module docstring. ``get(kind, key)`` -> array or None; ``put(kind, key, array)``."""
+
+    def __init__(self, directory: str, vdm, render, *, memory_bytes: int = 2 << 30):
+        self.settings = {"vae": weights_fingerprint(vdm.vae), "text_encoder": weights_fingerprint(vdm.text_encoder),
+                         "text_len": int(vdm.text_len), "n_ref": int(render.n_ref), "height": int(render.height),
+                         "width": int(render.width), "version": 1}
+        self.namespace = hashlib.sha1(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
+        self.dir = os.path.join(os.fspath(directory), self.namespace)
+        os.makedirs(self.dir, exist_ok=True)
+        info = os.path.join(self.dir, "settings.json")
+        if not os.path.exists(info):
+            _atomic_write(info, json.dumps(self.settings, indent=2).encode())
+        self.text_len = int(vdm.text_len)
+        self.memory_bytes = int(memory_bytes)
+        self._mem: dict[tuple[str, str], np.ndarray] = {}
+        self._mem_used = 0
+        self.hits = self.misses = self.damaged = 0
+        self._dtypes: dict = {}
+
+    def _path(self, kind: str, key: str) -> str:
+        return os.path.join(self.dir, kind, key[:2], key + ".npy")
+
+    def _remember(self, kind, key, a):
+        if self._mem_used + a.nbytes <= self.memory_bytes:
+            self._mem[(kind, key)] = a
+            self._mem_used += a.nbytes
+
+    def get(self, kind: str, key: str):
+        a = self._mem.get((kind, key))
+        if a is None:
+            p = self._path(kind, key)
+            if os.path.exists(p):
+                try:
+                    a = np.load(p, allow_pickle=False)
+                except Exception:      # damaged (a killed writer cannot leave one: writes are atomic)
+                    self.damaged += 1
+                    a = None
+                if a is not None:
+                    self._remember(kind, key, a)
+        if a is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        dtype = self._dtype(kind)
+        if kind == "context":          # stored without its zero tail
+            out = np.zeros((self.text_len,) + a.shape[1:], dtype)
+            out[: a.shape[0]] = a
+            return out
+        return a.astype(dtype, copy=False)
+
+    def _dtype(self, kind: str):
+        """The dtype the encoder gave (entries are stored as float32: .npy has no bfloat16)."""
+        if kind not in self._dtypes:
+            p = os.path.join(self.dir, kind, "dtype.txt")
+            name = open(p).read().strip() if os.path.exists(p) else "float32"
+            self._dtypes[kind] = jax.numpy.dtype(name)
+        return self._dtypes[kind]
+
+    def put(self, kind: str, key: str, value) -> None:
+        a = np.asarray(value)
+        if kind not in self._dtypes or self._dtypes[kind] != a.dtype:
+            os.makedirs(os.path.join(self.dir, kind), exist_ok=True)
+            _atomic_write(os.path.join(self.dir, kind, "dtype.txt"), str(a.dtype).encode())
+            self._dtypes[kind] = a.dtype
+        a = a.astype(np.float32)
+        if kind == "context":
+            nz = np.flatnonzero(np.any(a != 0, axis=tuple(range(1, a.ndim))))
+            a = a[: int(nz[-1]) + 1 if nz.size else 0]
+        a = np.ascontiguousarray(a)
+        p = self._path(kind, key)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(p), prefix=".tmp-", suffix=".npy", delete=False) as f:
+            np.save(f, a, allow_pickle=False)
+            tmp = f.name
+        os.replace(tmp, p)
+        self._remember(kind, key, a)
+
+    def stats(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "damaged": self.damaged,
+                "memory_mb": round(self._mem_used / 2 ** 20, 1), "dir": self.dir}
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    d = os.path.dirname(path)
+    with tempfile.NamedTemporaryFile(dir=d, prefix=".tmp-", delete=False) as f:
+        f.write(data)
+        tmp = f.name
+    os.replace(tmp, path)
+
+
+def cache_dir(setting: str, workdir: str) -> str | None:
+    """``train.sft_vdm.latent_cache`` -> a directory or None: ``"off"``/``""`` -> None, ``"auto"`` ->
+    ``<workdir>/latent_cache``, anything else is the directory."""
+    s = str(setting or "").strip()
+    if s.lower() in ("", "off", "none", "false", "0"):
+        return None
+    if s.lower() == "auto":
+        return os.path.join(workdir, "latent_cache") if workdir else None
+    return os.path.expanduser(s)
+
+
+__all__ = ["LatentCache", "content_key", "weights_fingerprint", "cache_dir", "KINDS"]
