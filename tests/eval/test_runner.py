@@ -101,7 +101,7 @@ def test_mixed_predictions_are_counted_not_fatal(world, models, tmp_path):
     out = tmp_path / "mixed.json"
 
     r = runner.evaluate(str(pred), world.csv_path, str(video_root), str(out), models=models, config=CONFIG,
-                        progress=False)
+                        exclude_missing=True, progress=False)   # the scored subset (failures: test_runner_failures)
     c = r["counts"]
     assert (c["rows"], c["predictions"], c["missing_prediction"], c["invalid_prediction"]) == (8, 7, 1, 1)
     assert (c["missing_video"], c["bad_video"], c["gt_video_error"], c["fps_mismatch"]) == (1, 1, 1, 1)
@@ -129,7 +129,8 @@ def test_without_models_video_metrics_are_null(world, tmp_path):
     pred = tmp_path / "textonly"
     for row in world.rows[:3]:
         _perfect(pred, world, row)
-    r = runner.evaluate(str(pred), world.csv_path, world.video_root, None, config=CONFIG, progress=False)
+    r = runner.evaluate(str(pred), world.csv_path, world.video_root, None, config=CONFIG, exclude_missing=True,
+                        progress=False)
     assert r["bleu1"] == pytest.approx(1.0, abs=1e-8)
     assert r["clip_v"] is None and r["clip_t"] is None and r["fvd"] is None
     assert any("--clip DIR" in n for n in r["notes"]) and any("--i3d FILE" in n for n in r["notes"])

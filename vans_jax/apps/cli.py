@@ -9,7 +9,8 @@
     vans-jax make-data --output_dir DIR --num_samples N --seed S [--split all|train|rl|eval] [--train N ...]
     vans-jax validate-data --csv FILE --video_root DIR [--output report.json] [--quick]
     vans-jax eval --predictions DIR --csv FILE --video_root DIR --output FILE.json
-                  [--clip DIR] [--i3d FILE] [--random_models] [--num_frames 33 --height 352 --width 640 --fps 11]
+                  [--clip DIR] [--i3d FILE] [--random_models] [--exclude_missing]
+                  [--num_frames 33 --height 352 --width 640 --fps 11]
     vans-jax bench --config configs/bench_cpu.py --output FILE.json [--config.a.b=value ...]
     vans-jax memory-plan --config configs/vans.py [--meshes 1 fsdp=8 ...] [--remat none dots full] --output FILE.json
 
@@ -90,9 +91,16 @@ def _eval(args):
                                fvd_batch_size=args.batch_size)
     models = runner.load_models(args.clip, args.i3d, use_random=args.random_models)
     result = runner.evaluate(args.predictions, args.csv, args.video_root, args.output, models=models,
-                             config=config, method=args.method, progress=not args.quiet)
+                             config=config, method=args.method, exclude_missing=args.exclude_missing,
+                             progress=not args.quiet)
     print(runner.markdown_table(result))
-    return 0
+    if result["complete"]:
+        return 0
+    failed = result["failed_rows"]
+    print(f"vans-jax eval: incomplete: {len(failed)} of {result['counts']['rows']} rows could not be scored "
+          f"(rows {failed[:20]}{' ...' if len(failed) > 20 else ''}; "
+          + ("left out: --exclude_missing)" if args.exclude_missing else "scored as failures)"), file=sys.stderr)
+    return 1
 
 
 def main(argv=None):
@@ -144,6 +152,9 @@ def main(argv=None):
     ev.add_argument("--random_models", action="store_true",
                     help="tiny random CLIP / feature net instead (tests and demos only: numbers mean nothing)")
     ev.add_argument("--method", default=None, help="name in the table (default: the predictions folder name)")
+    ev.add_argument("--exclude_missing", action="store_true",
+                    help="headline metrics over only the rows that could be scored (default: every row, a missing "
+                         "or unreadable prediction scoring 0); the exit code is 1 either way when rows failed")
     ev.add_argument("--num_frames", type=int, default=33, help="ground-truth clip frames (4k+1)")
     ev.add_argument("--height", type=int, default=352)
     ev.add_argument("--width", type=int, default=640)

@@ -18,8 +18,12 @@ synthetic world's ``kind`` / ``event`` / ``scene``) is kept verbatim in
 
 Reading rules
 -------------
-* The file may start with a UTF-8 BOM (``utf-8-sig``); fields may span lines
-  (standard CSV quoting).
+* The file is UTF-8 and may start with a UTF-8 BOM (``utf-8-sig``); fields may
+  span lines (standard CSV quoting).  Bytes that are not UTF-8 (e.g. a cp1252
+  export: "café" as ``caf\xe9``) raise :class:`VNEPFormatError` naming the file,
+  the line and the byte offset; nothing is silently replaced.
+* A file without a header, or with a header and no data rows, raises
+  :class:`VNEPFormatError`.
 * All text fields are whitespace-trimmed.  A trailing separator block such as
   ``"\\n\\n---"`` (one or more lines of 3+ dashes, as left over in some released
   captions) is stripped from ``caption`` and ``think``.
@@ -83,6 +87,7 @@ REQUIRED_COLUMNS = (COL_INPUT, COL_OUTPUT, COL_QUESTION, COL_THINK, COL_CAPTION)
 _MAPPED = set(REQUIRED_COLUMNS)
 KINDS = ("procedural", "predictive")
 _KIND_COLUMNS = ("kind", "question_type")
+_BOM = b"\xef\xbb\xbf"
 
 _SEP_LINE = re.compile(r"\s*-{3,}\s*")
 _PROC_RE = re.compile(r"\b(should|do next|next step|need to|supposed to|what do i do|how do i)\b", re.I)
@@ -90,7 +95,8 @@ _PRED_RE = re.compile(r"\b(will|going to|happen|happens|predict)\b", re.I)
 
 
 class VNEPFormatError(ValueError):
-    """The CSV header is unusable (e.g. a required column is missing)."""
+    """The CSV is unusable as a whole: not UTF-8, empty, header only, or a
+    required column missing."""
 
 
 @dataclasses.dataclass
@@ -198,14 +204,15 @@ def read_vnep_csv(
     :class:`VNEPRow`) whose ``.report`` counts kept / skipped rows by reason.
 
     Raises ``FileNotFoundError`` for a missing file and :class:`VNEPFormatError`
-    for an empty file or a header missing required columns.
+    for an empty or header-only file, bytes that are not UTF-8 (naming the line
+    and byte offset) or a header missing required columns.
     """
     path = os.fspath(path)
     _raise_field_limit()
     with open(path, "rb") as fb:
         raw = fb.read()
-    bom = raw.startswith(b"\xef\xbb\xbf")
-    text = raw.decode("utf-8-sig", errors="replace")
+    bom = raw.startswith(_BOM)
+    text = _decode_utf8(raw, path)
     report = CSVReport(path=path, bom=bom)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
@@ -262,7 +269,30 @@ def read_vnep_csv(
         report.kinds[kind] += 1
         rows.append(VNEPRow(i, inp, out, question, think, caption, kind, extra))
         report.kept += 1
+    if report.total_rows == 0:
+        raise VNEPFormatError(f"{path}: header only, no data rows (header has {header})")
     return rows
+
+
+def _decode_utf8(raw: bytes, path: str) -> str:
+    """The file's text (a leading BOM dropped); bytes that are not UTF-8 raise
+    :class:`VNEPFormatError` naming the file, the line and the byte offset."""
+    start = len(_BOM) if raw.startswith(_BOM) else 0
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start
+        line_no = raw.count(b"\n", 0, offset) + 1
+        line_start = raw.rfind(b"\n", 0, offset) + 1
+        line_end = raw.find(b"\n", offset)
+        line = raw[line_start:len(raw) if line_end < 0 else line_end].rstrip(b"\r")
+        shown = line.decode("utf-8", errors="backslashreplace")
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        raise VNEPFormatError(
+            f"{path}: not UTF-8 at line {line_no}, byte offset {offset} (byte {offset - line_start + 1} of the line): "
+            f"bytes {raw[offset:start + e.end]!r} ({e.reason}) in the line '{shown}'. Re-save the file as UTF-8 "
+            f"(e.g. from cp1252 / Latin-1: iconv -f cp1252 -t utf-8 IN.csv > OUT.csv)"
+        ) from None
 
 
 def write_vnep_csv(rows: Sequence[VNEPRow], path, *, bom: bool = False, kind_column: bool = True) -> str:

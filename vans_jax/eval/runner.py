@@ -1,7 +1,7 @@
 """The evaluation runner: a predictions directory + the eval CSV -> the paper's Table 1 metrics.
 
     vans-jax eval --predictions DIR --csv eval.csv --video_root VIDEOS --output results.json \\
-        [--clip CLIP_DIR] [--i3d i3d.safetensors] [--random_models]
+        [--clip CLIP_DIR] [--i3d i3d.safetensors] [--random_models] [--exclude_missing]
 
 writes ``results.json`` and, next to it, ``results.md`` (the table laid out like the paper's
 Table 1: one line per benchmark, procedural / predictive, plus all rows together).
@@ -18,13 +18,24 @@ Prediction directory format (what ``vans-jax predict`` writes, one folder per CS
 the data rows of the file, skipped rows keeping their number), written in decimal without padding
 (``0``, ``1``, ... ``799``). ``caption`` may be omitted: it is then ``extract_answer(text)``.
 
-Missing pieces never stop the run; they are counted (``counts`` in the JSON) and listed:
+Every prediction is cross-checked against its CSV row first: an ``answer.json`` that records an
+``input_video_path`` (``vans-jax predict --csv`` does) or an ``index`` other than its row's is an
+error naming the rows (``PredictionMismatchError``: predictions made from another CSV or split).
+
+Missing pieces never stop the run; they are counted (``counts`` in the JSON), listed, and scored
+as failures in the headline numbers (``FAILURES``):
 
 * a row without ``answer.json`` (or with an unreadable one) is a *missing* / *invalid*
-  prediction and is left out of every metric;
-* a row with ``answer.json`` but no readable ``answer.mp4`` gets text metrics only;
-* a row whose ground-truth target video cannot be read gets text metrics only
-  (``gt_video_error``).
+  prediction: an empty caption for the text metrics, 0 on CLIP-V / CLIP-T;
+* a row with ``answer.json`` but no readable ``answer.mp4``, or whose ground-truth target video
+  cannot be read (``gt_video_error``), is scored on text and gets 0 on CLIP-V / CLIP-T;
+* FVD is null when any row of the benchmark lacks a video pair (a set distance cannot score a
+  failure).
+
+``coverage`` (text / video: the fraction of rows scored) and ``splits.<benchmark>.scored`` (the
+metrics over the scored rows only) are always reported; ``--exclude_missing`` makes the scored
+subset the headline. ``complete`` is false, and ``vans-jax eval`` exits with 1, when any row failed
+(video failures only when video metrics are computed).
 
 A predictions directory that does not exist, or that holds no prediction for any CSV row, is an
 error (the likely cause is a wrong path).
@@ -96,9 +107,12 @@ __all__ = [
     "METRICS",
     "BENCHMARKS",
     "CONVENTIONS",
+    "FAILURES",
     "load_models",
     "random_models",
     "read_prediction",
+    "check_predictions_match",
+    "PredictionMismatchError",
     "read_ground_truth",
     "to_eval_geometry",
     "score_predictions",
@@ -111,6 +125,16 @@ __all__ = [
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "clip_v", "clip_t", "fvd")
 BENCHMARKS = KINDS + ("all",)
 ANSWER_JSON, ANSWER_MP4 = "answer.json", "answer.mp4"
+
+FAILURES = (
+    "headline metrics cover every CSV row of the benchmark and a row that cannot be scored counts as a failure: "
+    "without a readable answer.json it is an empty caption (no n-gram matches, its reference length in BLEU's "
+    "brevity penalty, ROUGE-L 0) and scores 0 on CLIP-V / CLIP-T; with one but without a readable answer.mp4 "
+    "(or with an unreadable ground-truth video) it scores 0 on CLIP-V / CLIP-T; FVD, a distance between two "
+    "sets, cannot score a failure: it is null unless every row has a video pair. splits.<benchmark>.scored "
+    "holds the metrics over the rows that were scored and coverage the fraction scored; --exclude_missing "
+    "(exclude_missing=True) makes those the headline. Video failures count only when video metrics are "
+    "computed (--clip / --i3d). complete is false (exit code 1) when any row failed")
 
 CONVENTIONS = {
     "text": "BLEU@1..4 (corpus-level over the benchmark, COCO convention) and ROUGE-L (rouge-score "
@@ -132,8 +156,7 @@ CONVENTIONS = {
            "(rows having both videos); null with fewer than 2 videos; biased upward for small sets",
     "benchmarks": "procedural / predictive by the row's kind (CSV 'kind' column or the question heuristic); "
                   "'all' is every row; the top-level metrics are those of 'all'",
-    "missing": "rows without a valid answer.json are left out of every metric (counted); rows without a "
-               "readable answer.mp4, or whose ground-truth video cannot be read, get text metrics only",
+    "missing": FAILURES,
 }
 
 
@@ -264,6 +287,11 @@ def load_models(clip_dir: str | None = None, i3d_path: str | None = None, *, use
 # predictions
 
 
+class PredictionMismatchError(ValueError):
+    """Predictions that record another input than the CSV row they are scored against (e.g. made
+    from the train split and scored against eval.csv)."""
+
+
 @dataclasses.dataclass
 class Prediction:
     index: int
@@ -273,6 +301,8 @@ class Prediction:
     think: str = ""
     video_path: str | None = None    # answer.mp4 when it exists
     detail: str = ""
+    input_video_path: str | None = None   # as answer.json records it (``vans-jax predict --csv`` does)
+    recorded_index: int | None = None     # answer.json's ``index``, when it has one
 
 
 def read_prediction(predictions_dir: str, index: int) -> Prediction:
@@ -280,7 +310,7 @@ def read_prediction(predictions_dir: str, index: int) -> Prediction:
     d = os.path.join(predictions_dir, str(int(index)))
     path = os.path.join(d, ANSWER_JSON)
     if not os.path.isfile(path):
-        return Prediction(index, "missing", detail=f"no {path}")
+        return Prediction(index, "missing", detail=f"no {path}" + _error_json_reason(d))
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -294,7 +324,48 @@ def read_prediction(predictions_dir: str, index: int) -> Prediction:
     think = data.get("think")
     think = think if isinstance(think, str) else parse_response(text)["think"]
     mp4 = os.path.join(d, ANSWER_MP4)
-    return Prediction(index, "ok", text, caption, think, mp4 if os.path.isfile(mp4) else None)
+    recorded_input, recorded_index = data.get("input_video_path"), data.get("index")
+    return Prediction(index, "ok", text, caption, think, mp4 if os.path.isfile(mp4) else None,
+                      input_video_path=recorded_input if isinstance(recorded_input, str) else None,
+                      recorded_index=recorded_index if type(recorded_index) is int else None)
+
+
+def _error_json_reason(row_dir: str) -> str:
+    """`` (error.json: reason: detail)`` when ``vans-jax predict`` recorded why the row failed."""
+    try:
+        with open(os.path.join(row_dir, "error.json"), encoding="utf-8") as f:
+            err = json.load(f)
+        return f" (error.json: {err.get('reason')}: {str(err.get('detail'))[:200]})"
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def check_predictions_match(rows: Sequence[VNEPRow], preds: dict[int, Prediction], predictions_dir: str,
+                            csv_path: str, max_listed: int = 10) -> int:
+    """Cross-checks every readable prediction against the CSV row it is scored against: the
+    ``input_video_path`` (and ``index``) its answer.json records must be the row's. Raises
+    ``PredictionMismatchError`` naming the mismatched rows; returns how many predictions record no
+    ``input_video_path`` (hand-made ones: nothing to check)."""
+    mismatched, unverified = [], 0
+    for row in rows:
+        p = preds[row.index]
+        if p.status != "ok":
+            continue
+        if p.input_video_path is None:
+            unverified += 1
+        elif os.path.normpath(p.input_video_path.strip()) != os.path.normpath(row.input_video_path):
+            mismatched.append(f"row {row.index}: answer.json has input_video_path {p.input_video_path!r}, "
+                              f"the CSV row {row.input_video_path!r}")
+        elif p.recorded_index is not None and p.recorded_index != row.index:
+            mismatched.append(f"row {row.index}: answer.json records index {p.recorded_index}")
+    if mismatched:
+        checked = sum(1 for r in rows if preds[r.index].status == "ok") - unverified
+        more = f"; ... and {len(mismatched) - max_listed} more" if len(mismatched) > max_listed else ""
+        raise PredictionMismatchError(
+            f"{predictions_dir} does not match {csv_path}: {len(mismatched)} of {checked} predictions were made "
+            f"for another input than their CSV row (another CSV or split?): "
+            + "; ".join(mismatched[:max_listed]) + more)
+    return unverified
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,9 +519,16 @@ def _first(items, n=20):
 
 def evaluate(predictions_dir: str, csv_path: str, video_root: str, output: str | None = None, *,
              models: Models | None = None, config: EvalConfig = EvalConfig(), method: str | None = None,
-             progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+             exclude_missing: bool = False, progress: bool = True,
+             log: Callable[[str], None] | None = None) -> dict:
     """Scores a predictions directory against the eval CSV; returns the result dict and, with
-    ``output``, writes it as JSON plus the markdown table (same stem, ``.md``)."""
+    ``output``, writes it as JSON plus the markdown table (same stem, ``.md``).
+
+    Every prediction is first cross-checked against its CSV row (``check_predictions_match``: a
+    mismatch raises). The headline metrics count every row the CSV has: a row that cannot be
+    scored scores as a failure (``FAILURES``); ``exclude_missing`` scores only the rows that can
+    be (the means over that subset are always in ``splits.<b>.scored``). ``complete`` (and
+    ``coverage``) says whether every row was scored on every metric computed."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     predictions_dir = os.fspath(predictions_dir)
     if not os.path.isdir(predictions_dir):
@@ -470,6 +548,7 @@ def evaluate(predictions_dir: str, csv_path: str, video_root: str, output: str |
         raise ValueError(f"{predictions_dir} holds no prediction for any of the {len(rows)} rows of {csv_path} "
                          f"(expected {predictions_dir}/<row index>/{ANSWER_JSON}, row indices "
                          f"{rows[0].index}..{rows[-1].index})")
+    unverified = check_predictions_match(rows, preds, predictions_dir, csv_path)
     row_ids = {str(r.index) for r in rows}
     unmatched = sorted(n for n in os.listdir(predictions_dir)
                        if os.path.isdir(os.path.join(predictions_dir, n)) and n not in row_ids)
@@ -488,6 +567,7 @@ def evaluate(predictions_dir: str, csv_path: str, video_root: str, output: str |
     lists: dict[str, list] = {k: [] for k in ("missing_prediction", "invalid_prediction", "missing_video",
                                               "bad_video", "gt_video_error", "fps_mismatch")}
     texts = {b: ([], []) for b in BENCHMARKS}                       # (predicted captions, references)
+    failed_refs = {b: [] for b in BENCHMARKS}                       # references of rows without a prediction
     clip_vals = {b: {"clip_v": [], "clip_t": []} for b in BENCHMARKS}
     n_video = Counter()
     samples = []
@@ -502,6 +582,8 @@ def evaluate(predictions_dir: str, csv_path: str, video_root: str, output: str |
             key = f"{p.status}_prediction"
             lists[key].append(row.index)
             rec["detail"] = p.detail
+            for b in bench(row):
+                failed_refs[b].append(row.caption)
             prog(done)
             continue
         counts["text_evaluated"] += 1
@@ -551,11 +633,15 @@ def evaluate(predictions_dir: str, csv_path: str, video_root: str, output: str |
         notes.append("clip_v and clip_t are null: no CLIP model was given (--clip DIR).")
     if not has_fvd:
         notes.append("fvd is null: no I3D weights were given (--i3d FILE).")
-    for key, what in (("missing_prediction", "have no answer.json (left out of every metric)"),
-                      ("invalid_prediction", "have an unreadable answer.json (left out of every metric)"),
-                      ("missing_video", "have no answer.mp4 (text metrics only)"),
-                      ("bad_video", "have an unreadable answer.mp4 (text metrics only)"),
-                      ("gt_video_error", "have an unreadable ground-truth video (text metrics only)"),
+    failure = ("left out of every metric: --exclude_missing" if exclude_missing
+               else "an empty caption, 0 on every other metric")
+    video_failure = ("text metrics only" if exclude_missing or not need_video
+                     else "text metrics only; 0 on CLIP-V / CLIP-T, no FVD")
+    for key, what in (("missing_prediction", f"have no answer.json ({failure})"),
+                      ("invalid_prediction", f"have an unreadable answer.json ({failure})"),
+                      ("missing_video", f"have no answer.mp4 ({video_failure})"),
+                      ("bad_video", f"have an unreadable answer.mp4 ({video_failure})"),
+                      ("gt_video_error", f"have an unreadable ground-truth video ({video_failure})"),
                       ("fps_mismatch", f"have an answer.mp4 whose frame rate is not {config.fps:g} fps "
                                        "(its frames are compared as they are, not re-timed)")):
         if lists[key]:
@@ -563,31 +649,63 @@ def evaluate(predictions_dir: str, csv_path: str, video_root: str, output: str |
     if unmatched:
         notes.append(f"{len(unmatched)} folder(s) in the predictions directory match no CSV row "
                      f"(ignored): {_first(unmatched)}")
+    if unverified:
+        notes.append(f"{unverified} answer.json file(s) record no input_video_path: not cross-checked against "
+                     f"their CSV rows (vans-jax predict --csv records it)")
 
     splits = {}
     for b in BENCHMARKS:
         n_rows = sum(1 for r in rows if b in bench(r))
         hyps, refs = texts[b]
-        out = {m: None for m in METRICS}
+        scored = {m: None for m in METRICS}        # over the rows that could be scored
         if hyps:
             tm = caption_metrics(hyps, refs, extract=False)
-            out.update({f"bleu{n}": tm[f"bleu{n}"] for n in range(1, 5)}, rouge_l=tm["rougeL"])
+            scored.update({f"bleu{n}": tm[f"bleu{n}"] for n in range(1, 5)}, rouge_l=tm["rougeL"])
         if has_clip and clip_vals[b]["clip_v"]:
-            out["clip_v"] = float(np.mean(clip_vals[b]["clip_v"]))
-            out["clip_t"] = float(np.mean(clip_vals[b]["clip_t"]))
+            scored.update(clip_v=float(np.mean(clip_vals[b]["clip_v"])), clip_t=float(np.mean(clip_vals[b]["clip_t"])))
         if has_fvd and n_video[b] >= 2:
-            out["fvd"] = fvd_from_stats(fvd_stats["gen"][b], fvd_stats["gt"][b])
+            scored["fvd"] = fvd_from_stats(fvd_stats["gen"][b], fvd_stats["gt"][b])
         elif has_fvd and n_rows:
             notes.append(f"fvd of '{b}' is null: {n_video[b]} video pair(s), at least 2 needed.")
-        out.update(num_rows=n_rows, num_text=len(hyps), num_video=n_video[b])
+        all_rows = dict(scored)                    # over every row, failures included (FAILURES)
+        if failed_refs[b]:
+            tm = caption_metrics(hyps + [""] * len(failed_refs[b]), refs + failed_refs[b], extract=False)
+            all_rows.update({f"bleu{n}": tm[f"bleu{n}"] for n in range(1, 5)}, rouge_l=tm["rougeL"])
+        if has_clip and n_rows and n_video[b] < n_rows:
+            all_rows.update(clip_v=float(np.sum(clip_vals[b]["clip_v"])) / n_rows,
+                            clip_t=float(np.sum(clip_vals[b]["clip_t"])) / n_rows)
+        if has_fvd and n_video[b] < n_rows:
+            all_rows["fvd"] = None
+            if not exclude_missing and n_video[b] >= 2:
+                notes.append(f"fvd of '{b}' is null: {n_rows - n_video[b]} of {n_rows} rows have no scored video "
+                             f"pair and FVD cannot score a failure (the FVD of the {n_video[b]} pairs is in "
+                             f"splits.{b}.scored.fvd; --exclude_missing makes it the headline).")
+        out = dict(scored if exclude_missing else all_rows)
+        out.update(num_rows=n_rows, num_text=len(hyps), num_video=n_video[b],
+                   coverage={"text": len(hyps) / n_rows if n_rows else None,
+                             "video": n_video[b] / n_rows if n_rows and need_video else None},
+                   scored=scored)
         splits[b] = out
 
+    failed_rows = sorted({i for k in ("missing_prediction", "invalid_prediction") for i in lists[k]}
+                         | ({i for k in ("missing_video", "bad_video", "gt_video_error") for i in lists[k]}
+                            if need_video else set()))
+    if exclude_missing and failed_rows:
+        notes.insert(0, f"--exclude_missing: the metrics cover only the rows that could be scored "
+                        f"(coverage: text {splits['all']['num_text']}/{len(rows)}"
+                        + (f", video {splits['all']['num_video']}/{len(rows)}" if need_video else "")
+                        + "); not comparable with a complete run.")
+
     counts_out = {"rows": len(rows), "predictions": len(found), "unmatched_prediction_dirs": len(unmatched),
-                  "csv_skipped_rows": rows.report.num_skipped}
+                  "unverified_predictions": unverified, "csv_skipped_rows": rows.report.num_skipped}
     counts_out.update(text_evaluated=counts["text_evaluated"], video_evaluated=counts["video_evaluated"])
     counts_out.update({k: len(v) for k, v in lists.items()})
     result = {
         **{m: splits["all"][m] for m in METRICS},
+        "complete": not failed_rows,
+        "coverage": splits["all"]["coverage"],
+        "scoring": "exclude_missing" if exclude_missing else "failures_count",
+        "failed_rows": failed_rows,
         "splits": splits,
         "counts": counts_out,
         "missing": {k: v for k, v in lists.items()},
@@ -647,7 +765,7 @@ def markdown_path(output: str) -> str:
 def markdown_table(result: dict) -> str:
     """The paper's Table 1 layout: a line per benchmark (procedural, predictive; then all rows),
     columns BLEU@1..4, ROUGE-L, FVD, CLIP-V, CLIP-T; n/a for null metrics; notes below."""
-    head = "| Benchmark | Method | " + " | ".join(c[1] for c in _COLUMNS) + " | n (text / video) |"
+    head = "| Benchmark | Method | " + " | ".join(c[1] for c in _COLUMNS) + " | scored text / video of n |"
     lines = [f"# VNEP evaluation: {result['method']}", "", head, "|" + "---|" * (len(_COLUMNS) + 3)]
     for b in BENCHMARKS:
         s = result["splits"][b]
@@ -655,11 +773,16 @@ def markdown_table(result: dict) -> str:
             continue
         cells = ["n/a" if s[k] is None else _fmt(s[k], d) for k, _, d in _COLUMNS]
         lines.append(f"| {_BENCH_NAMES[b]} | {result['method']} | " + " | ".join(cells)
-                     + f" | {s['num_text']} / {s['num_video']} |")
-    c = result["counts"]
+                     + f" | {s['num_text']} / {s['num_video']} of {s['num_rows']} |")
+    c, cov = result["counts"], result["coverage"]
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    scoring = ("only the rows that could be scored (--exclude_missing; not comparable with a complete run)"
+               if result["scoring"] == "exclude_missing" else
+               "every row; a failed row scores 0 (empty caption) and FVD is n/a unless every row has a video")
     lines += ["", f"{c['rows']} rows, {c['predictions']} with a prediction, {c['text_evaluated']} scored on text, "
-                  f"{c['video_evaluated']} on video. Models: CLIP {result['models']['clip'] or 'none'}, "
-                  f"I3D {result['models']['i3d'] or 'none'}."]
+                  f"{c['video_evaluated']} on video (coverage: text {pct(cov['text'])}, video {pct(cov['video'])}"
+                  f"{'' if result['complete'] else '; INCOMPLETE'}). Metrics over {scoring}. "
+                  f"Models: CLIP {result['models']['clip'] or 'none'}, I3D {result['models']['i3d'] or 'none'}."]
     if result["notes"]:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
