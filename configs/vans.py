@@ -62,7 +62,8 @@ def get_config():
                      weight_decay=0.0, dropout=True, max_len=0),   # max_len > 0: fixed sequence length
         sft_vdm=dict(steps=20_000, lr=5e-5, trainable="full", grad_clip=1.0, warmup_steps=0, schedule="constant",
                      weight_decay=0.0, text_dropout=0.1,
-                     latent_cache="auto"),   # VAE latents + UMT5 embeddings cached: auto (<workdir>/latent_cache) | DIR | off
+                     latent_cache="auto",
+                     ema_decay=0.0),          # > 0: a parameter EMA, what export/ holds (e.g. 0.999)   # VAE latents + UMT5 embeddings cached: auto (<workdir>/latent_cache) | DIR | off
         grpo=dict(group_size=8, beta=0.004, clip_eps=1e-3, lr=5e-5, stage1_steps=800, stage2_steps=1000,
                   num_updates=1, aggregation="sequence_mean", anchor_rouge_threshold=0.6, anchor_max_tries=4,
                   anchor_temperature=1.0, caption_fallback="full", sde_noise_level=0.7, sde_std_form="flow_grpo",

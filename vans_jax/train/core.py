@@ -8,7 +8,7 @@ exactly the numbers an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +66,50 @@ def make_schedule(cfg) -> optax.Schedule:
     raise ValueError(f"unknown schedule {kind!r}; expected 'constant' or 'cosine'")
 
 
+class ParamEmaState(NamedTuple):
+    count: jax.Array     # int32: updates seen
+    ema: Any             # float32, laid out like the parameters
+
+
+def param_ema(decay: float) -> optax.GradientTransformation:
+    """An exponential moving average of the parameters, kept in the optimizer state (so it is
+    checkpointed, restored and sharded like the moments). Last in a chain: the updates it sees are
+    final, so it averages the parameters after each update: ``ema = d * ema + (1 - d) * (params +
+    updates)`` with ``d = min(decay, (1 + n) / (10 + n))`` at the n-th update (n = 0, 1, ...; the
+    usual warm-up, so early weights do not dominate). The updates pass through unchanged; a skipped
+    (non-finite) step leaves it untouched (``apply_gradients`` keeps the whole optimizer state)."""
+    decay = float(decay)
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+
+    def init(params):
+        return ParamEmaState(jnp.zeros([], jnp.int32), jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("param_ema needs the parameters (optax's update(updates, state, params))")
+        n = state.count.astype(jnp.float32)
+        d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+        ema = jax.tree.map(lambda e, p, u: d * e + (1.0 - d) * (p.astype(jnp.float32) + u.astype(jnp.float32)),
+                           state.ema, params, updates)
+        return updates, ParamEmaState(state.count + 1, ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def ema_params(state: TrainState):
+    """The parameter EMA of ``state`` (``param_ema`` in its optimizer), cast to the parameters'
+    dtypes; None without one."""
+    found = [x for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, ParamEmaState))
+             if isinstance(x, ParamEmaState)]
+    if not found:
+        return None
+    return jax.tree.map(lambda e, p: e.astype(p.dtype), found[0].ema, state.params)
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
-    """AdamW (the paper's; betas, eps, weight decay from config) behind global-norm clipping."""
+    """AdamW (the paper's; betas, eps, weight decay from config) behind global-norm clipping; with
+    ``ema_decay`` > 0 a parameter EMA after it (``param_ema``)."""
     parts = []
     clip = cfg.get("grad_clip", None)
     if clip:
@@ -81,6 +123,8 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
         parts.append(optax.sgd(sched))
     else:
         raise ValueError(f"unknown optimizer {name!r}; expected 'adamw' or 'sgd'")
+    if float(cfg.get("ema_decay", 0.0) or 0.0) > 0.0:
+        parts.append(param_ema(float(cfg.ema_decay)))
     return optax.chain(*parts)
 
 

@@ -36,7 +36,7 @@ from ..rl.stages import (GRPO_MODES, GRPOSettings, finite_rewards, reward_config
                          stage2_grads)
 from ..sampling import wan as wp
 from ..sampling.text import SamplingSettings
-from .core import (TrainState, apply_gradients, init_state, jit_sharded, make_optimizer, make_update_step, place,
+from .core import (TrainState, apply_gradients, ema_params, init_state, jit_sharded, make_optimizer, make_update_step, place,
                    replicated, split_model)
 
 RenderSettings = ro.RenderSettings
@@ -48,6 +48,7 @@ RenderSettings = ro.RenderSettings
 def optim_key(optim_cfg) -> str:
     """A hashable description of optimizer settings (the compiled-step caches key on it)."""
     d = optim_cfg.to_dict() if hasattr(optim_cfg, "to_dict") else dict(optim_cfg)
+    d.pop("latent_cache", None)      # where SFT-VDM caches its inputs: not an optimizer setting
     return json.dumps(d, sort_keys=True, default=str)
 
 
@@ -84,6 +85,12 @@ class Part:
 
     def model(self, params=None) -> nnx.Module:
         return nnx.merge(self.graphdef, self.state.params if params is None else params, self.frozen)
+
+    def export_model(self) -> nnx.Module:
+        """The model to sample with and export: the parameter EMA when the optimizer keeps one
+        (``ema_decay`` > 0, ``core.param_ema``), else the trained parameters."""
+        ema = ema_params(self.state)
+        return self.model(ema if ema is not None else None)
 
     def ckpt_items(self) -> dict:
         return {"state": self.state}

@@ -203,9 +203,9 @@ def trained_models(runner, used: LoadedModels, given: LoadedModels | None = None
     out = LoadedModels(**{f.name: getattr(used, f.name) if getattr(used, f.name) is not None else getattr(given, f.name)
                           for f in dataclasses.fields(LoadedModels)})
     if "vlm" in runner.parts:
-        out.vlm = merged_vlm(runner.parts["vlm"].model())
+        out.vlm = merged_vlm(runner.parts["vlm"].export_model())
     if "dit" in runner.parts:
-        out.vdm = dataclasses.replace(out.vdm, dit=runner.parts["dit"].model())
+        out.vdm = dataclasses.replace(out.vdm, dit=runner.parts["dit"].export_model())
     return out
 
 
@@ -434,7 +434,7 @@ def _copy_tokenizer(src: str, dst: str):
 def host_model(part):
     """The part's model with every array whole on this host (with several processes its
     parameters are sharded across hosts: gathered, a collective)."""
-    model = part.model()
+    model = part.export_model()      # the parameter EMA when there is one
     if jax.process_count() == 1:
         return model
     from flax import nnx
