@@ -60,8 +60,8 @@ def _demo(args, overrides):
             return 0
         result = world_demo.run(cfg, out_dir, quick=args.quick)
         if args.output:
-            with open(args.output, "w") as f:
-                json.dump({k: result[k] for k in ("before", "after", "settings", "timings")}, f, indent=2)
+            from vans_jax._files import write_json
+            write_json(args.output, {k: result[k] for k in ("before", "after", "settings", "timings")})
             print(f"wrote {args.output}")
         return 0
     cfg = load_config(args.config or "tiny", overrides)
