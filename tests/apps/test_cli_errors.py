@@ -56,3 +56,14 @@ def test_predict_size_checked_against_the_vdm_config_before_loading(capsys, tmp_
     assert cli.main(["predict", "--height", "60", "--output_dir", str(tmp_path / "o")]) == 2
     assert "height and width must be positive multiples of 16; got height=60, width=64" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_train_missing_csv_is_one_line_before_loading(tmp_path, capsys):
+    missing = tmp_path / "train.csv"
+    assert cli.main(["train", "--config", "tiny", f"--config.data.train_csv={missing}",
+                     f"--config.train.workdir={tmp_path / 'w'}", "--config.vlm.path=/nonexistent/vlm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["vans-jax train: vlm.path /nonexistent/vlm: the directory does not exist"], err
+    assert cli.main(["train", "--config", "tiny", f"--config.data.train_csv={missing}",
+                     f"--config.train.workdir={tmp_path / 'w'}"]) == 2
+    assert capsys.readouterr().err.strip() == f"vans-jax train: data CSV {missing} does not exist"
