@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # package (or module) -> layer; a module may import its own package and lower layers only
 LAYERS = {
-    "vans_jax._lazy": 0, "vans_jax.parallel": 0,
+    "vans_jax._lazy": 0, "vans_jax._files": 0, "vans_jax.parallel": 0,
     "vans_jax.models": 1,
     "vans_jax.convert": 2,
     "vans_jax.data": 3,

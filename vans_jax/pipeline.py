@@ -323,6 +323,10 @@ class VANSPipeline:
 
         dtype = _default_dtype() if dtype in (None, "auto") else dtype
         vlm_dir, vdm_dir = os.fspath(vlm_dir), os.fspath(vdm_dir)
+        for what, d in (("VLM", vlm_dir), ("VDM", vdm_dir)):
+            if not os.path.isdir(d):
+                raise FileNotFoundError(f"the {what} directory {d} does not exist" if not os.path.exists(d) else
+                                        f"the {what} path {d} is a file, not a model directory")
         tok_dir = os.fspath(tokenizer_dir) if tokenizer_dir is not None else vlm_dir
         try:
             tokenizer = tok_lib.load_tokenizer(tok_dir)

@@ -30,6 +30,25 @@ def _split_overrides(argv):
     return rest, overrides
 
 
+def check_output_paths(args) -> None:
+    """``--output_dir`` / ``--output`` that cannot be written are errors now, before any model loads
+    (not a traceback after all the work): an output directory that is an existing file, an output file
+    that is an existing directory, or either under a path that is a file."""
+    for flag, path, want_dir in (("--output_dir", getattr(args, "output_dir", None), True),
+                                 ("--output", getattr(args, "output", None), False)):
+        if not path:
+            continue
+        if want_dir and os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is an existing file, not a directory")
+        if not want_dir and os.path.isdir(path):
+            raise ValueError(f"{flag} {path} is an existing directory; give a file name")
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ValueError(f"{flag} {path}: {parent} is a file, so nothing can be written below it")
+
+
 def _demo(args, overrides):
     from vans_jax.apps import demo as world_demo
     from vans_jax.apps.configlib import load_config
@@ -42,8 +61,8 @@ def _demo(args, overrides):
             return 0
         result = world_demo.run(cfg, out_dir, quick=args.quick)
         if args.output:
-            with open(args.output, "w") as f:
-                json.dump({k: result[k] for k in ("before", "after", "settings", "timings")}, f, indent=2)
+            from vans_jax._files import write_json
+            write_json(args.output, {k: result[k] for k in ("before", "after", "settings", "timings")})
             print(f"wrote {args.output}")
         return 0
     cfg = load_config(args.config or "tiny", overrides)
@@ -182,10 +201,13 @@ def main(argv=None):
                     help="compile for fake CPU devices (any mesh) or the default backend's own devices")
     mp.add_argument("--output", required=True, help="FILE.json (the .md table goes next to it) or FILE.md")
     args = parser.parse_args(rest)
+    # transformers (used here for tokenizers only) would print "PyTorch was not found ..." on import
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if args.command in ("demo", "predict"):
         from .compile_cache import enable
         enable()
     try:
+        check_output_paths(args)
         if args.command == "predict":
             from vans_jax.apps import predict
             return predict.run_cli(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import os
 
@@ -51,8 +52,32 @@ def _parse_value(text: str, current):
     return value
 
 
+class UnknownConfigKey(KeyError):
+    """An override names a field the config does not have (the message suggests the nearest one)."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    out = []
+    for k in node.keys():
+        out.append(prefix + k)
+        if isinstance(node[k], ml_collections.ConfigDict):
+            out += _dotted_keys(node[k], prefix + k + ".")
+    return out
+
+
+def _unknown(cfg, key: str, missing: str) -> UnknownConfigKey:
+    near = difflib.get_close_matches(key, _dotted_keys(cfg), n=1, cutoff=0.6)
+    hint = f"; did you mean --config.{near[0]}?" if near else ""
+    return UnknownConfigKey(f"config has no field {key!r}{f' (no {missing!r})' if missing != key else ''}{hint}")
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
-    """Applies ``--config.a.b=value`` (or ``a.b=value``) strings. Unknown keys are errors."""
+    """Applies ``--config.a.b=value`` (or ``a.b=value``) strings. An unknown key is an
+    ``UnknownConfigKey`` (a ``KeyError``) suggesting the nearest known one; a value that does not fit
+    the field's type a one-line ``ValueError`` naming the key, the value and the type expected."""
     for item in overrides:
         item = item[len("--config."):] if item.startswith("--config.") else item
         if "=" not in item:
@@ -61,12 +86,17 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> ml_collections
         node = cfg
         parts = key.split(".")
         for p in parts[:-1]:
-            if p not in node:
-                raise KeyError(f"config has no field {key!r} (no {p!r})")
+            if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+                raise _unknown(cfg, key, p)
             node = node[p]
-        if parts[-1] not in node:
-            raise KeyError(f"config has no field {key!r}")
+        if not isinstance(node, ml_collections.ConfigDict) or parts[-1] not in node:
+            raise _unknown(cfg, key, key)
         current = node[parts[-1]]
-        with cfg.unlocked():
-            node[parts[-1]] = _parse_value(text, current)
+        value = _parse_value(text, current)
+        try:
+            with cfg.unlocked():
+                node[parts[-1]] = value
+        except TypeError:
+            raise ValueError(f"--config.{key}={text}: expected {type(current).__name__} (the field holds "
+                             f"{current!r}), got {value!r} ({type(value).__name__})") from None
     return cfg

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from vans_jax import parallel
+from vans_jax._files import write_json
 from vans_jax.data import synthetic
 from vans_jax.data.csv_format import read_vnep_csv
 from vans_jax.data.video_io import read_video, target_clip
@@ -274,8 +275,7 @@ def run(cfg, output_dir: str, *, quick: bool = False, progress: bool = True) -> 
                                                                                              "grpo_stage2")]},
               "samples": [{"before": b, "after": a} for b, a in zip(before["per_sample"], after["per_sample"])][:8],
               "device": jax.devices()[0].platform}
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(os.path.join(output_dir, "metrics.json"), result)
     with open(os.path.join(output_dir, "metrics.md"), "w") as f:
         f.write(markdown(before["metrics"], after["metrics"]))
     say(markdown(before["metrics"], after["metrics"]))
@@ -332,9 +332,7 @@ def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bo
                                   prompts_per_step=int(cfg.train.batch_size), eval_samples=int(d["eval_samples"]),
                                   quick=bool(quick))
         result["wall_s"] = round(time.perf_counter() - t_start, 1)
-        with open(result_path + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(result_path + ".tmp", result_path)
+        write_json(result_path, result)
         with open(os.path.join(output_dir, "compare.md"), "w") as f:
             f.write(compare_markdown(result))
 

@@ -38,10 +38,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
+import warnings
 
 import numpy as np
+
+from vans_jax._files import atomic_path, remove_stale_tmp, write_json
 
 __all__ = ["SETTING_ARGS", "add_arguments", "run_cli", "resolve_models", "write_prediction", "strip_image",
            "prepare_input", "predict_one", "predict_csv", "is_finished"]
@@ -108,9 +110,14 @@ def resolve_models(vlm=None, vdm=None):
     if vlm is None and vdm is None:
         defaults = load_defaults()
         paths = tiny_world_paths()
-        return paths["vlm"], paths["vdm"], VANSSettings.from_dict(defaults), True
+        settings = {k: v for k, v in defaults.items() if k != "world"}     # "world": the data's layout
+        return paths["vlm"], paths["vdm"], VANSSettings.from_dict(settings), True
     if vlm is None or vdm is None:
         raise ValueError("give both --vlm and --vdm, or neither (the shipped tiny synthetic-world models)")
+    for flag, d in (("--vlm", vlm), ("--vdm", vdm)):
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"{flag} {d}: the directory does not exist" if not os.path.exists(d) else
+                                    f"{flag} {d} is a file; give the model directory")
     return vlm, vdm, VANSSettings(), False
 
 
@@ -140,29 +147,11 @@ def strip_image(input_frames: np.ndarray, answer_frames: np.ndarray, num: int = 
     return np.concatenate(left + [white] + right, axis=1)
 
 
-def _atomic_json(path: str, data: dict) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _atomic_png(path: str, image: np.ndarray) -> None:
     from PIL import Image
 
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_prediction(out_dir: str, answer, record: dict, fps: float, input_frames: np.ndarray | None = None,
@@ -178,7 +167,7 @@ def write_prediction(out_dir: str, answer, record: dict, fps: float, input_frame
     data = answer.to_json() | {"video_frames": int(answer.video.shape[0]),
                                "video_size": [int(answer.video.shape[1]), int(answer.video.shape[2])],
                                "video_fps": float(fps)} | record
-    _atomic_json(os.path.join(out_dir, ANSWER_JSON), data)
+    write_json(os.path.join(out_dir, ANSWER_JSON), data)
     stale = os.path.join(out_dir, ERROR_JSON)
     if os.path.exists(stale):
         os.remove(stale)
@@ -250,11 +239,13 @@ def predict_one(pipe, clip, question: str, output_dir: str, *, seed: int = 0, st
                 extra: dict | None = None, log=print) -> dict:
     """One clip (a ``pipeline.Clip`` or anything ``load_clip`` takes) -> ``output_dir/answer.json`` +
     ``answer.mp4`` (+ strip). Returns the JSON dict."""
-    from vans_jax.pipeline import load_clip
+    from vans_jax.pipeline import InvalidResponseWarning, load_clip
 
     s = pipe.settings
     clip = load_clip(clip, image_fps=s.fps)
-    out = pipe(clip, question, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InvalidResponseWarning)     # reported once, by ``log`` below
+        out = pipe(clip, question, seed=seed)
     a = out[0]
     record = {"input_video": clip.source, "input_frames": int(clip.frames.shape[0]), "input_fps": float(clip.fps),
               "settings": s.to_dict(), "timings": out.timings, "models": _models_record(pipe), **(extra or {})}
@@ -313,7 +304,7 @@ def predict_csv(pipe, csv_path: str, video_root: str, output_dir: str, *, seed: 
     def fail(row, reason: str, detail: str, text: str | None = None):
         d = os.path.join(output_dir, str(row.index))
         os.makedirs(d, exist_ok=True)
-        _atomic_json(os.path.join(d, ERROR_JSON), {"index": row.index, "reason": reason, "detail": detail,
+        write_json(os.path.join(d, ERROR_JSON), {"index": row.index, "reason": reason, "detail": detail,
                                                    "input_video_path": row.input_video_path, "text": text})
         failed[row.index] = f"{reason}: {detail}"
 
@@ -371,7 +362,7 @@ def predict_csv(pipe, csv_path: str, video_root: str, output_dir: str, *, seed: 
                "fallback_rows": fallbacks, "settings": s.to_dict(), "models": _models_record(pipe),
                "csv": os.path.abspath(csv_path), "video_root": os.path.abspath(video_root),
                "csv_report": report.to_dict()}
-    _atomic_json(os.path.join(output_dir, "predict_summary.json"), summary)
+    write_json(os.path.join(output_dir, "predict_summary.json"), summary)
     return summary
 
 
@@ -379,13 +370,20 @@ def run_cli(args) -> int:
     """The ``predict`` subcommand (``args`` from ``add_arguments``)."""
     from vans_jax.data.video_io import VideoError
     from vans_jax.pipeline import InvalidResponseError, VANSPipeline
+    from vans_jax.sampling.wan import check_generation_size_of_dir
 
     if args.csv is not None and args.video_root is None:
         raise ValueError("--csv needs --video_root")
+    if args.csv is not None and not os.path.isfile(args.csv):
+        raise FileNotFoundError(f"--csv {args.csv}: the file does not exist")
+    for flag, path in (("--dit", args.dit), ("--lora", args.lora)):
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {path} does not exist")
     if args.csv is not None and (args.video is not None or args.question is not None):
         raise ValueError("give either --csv (a dataset) or --video/--question (one clip), not both")
     vlm_dir, vdm_dir, base, tiny = resolve_models(args.vlm, args.vdm)
     settings = base.replace(**{k: getattr(args, k) for k in SETTING_ARGS}).validate()
+    check_generation_size_of_dir(vdm_dir, settings.height, settings.width, settings.num_frames, dit_path=args.dit)
     single = None
     if args.csv is None:     # bad input fails before minutes of model loading
         try:
@@ -394,6 +392,8 @@ def run_cli(args) -> int:
         except VideoError as e:
             print(f"vans-jax predict: error: {e}", file=sys.stderr)
             return 2
+    # what a killed run left half-written (its rows are redone: their answer.json is missing)
+    remove_stale_tmp(args.output_dir, depth=1)
     t0 = time.perf_counter()
     pipe = VANSPipeline.from_pretrained(vlm_dir, vdm_dir, vans_dit=args.dit, lora=args.lora, dtype=args.dtype,
                                         settings=settings)

@@ -52,6 +52,25 @@ class SafetensorsFile:
         self.path = path
         self.header, self.offset = _read_header(path)
         self._mm = None
+        self._check_sizes()
+
+    def _check_sizes(self):
+        """Every tensor's byte range fits its shape and dtype and lies inside the file (a truncated
+        download is named here, not by a reshape error later)."""
+        present = os.path.getsize(self.path)
+        expected = self.offset + max((int(i["data_offsets"][1]) for i in self.header.values()), default=0)
+        for key, info in sorted(self.header.items(), key=lambda kv: int(kv[1]["data_offsets"][1])):
+            start, end = (int(x) for x in info["data_offsets"])
+            if info["dtype"] in _DTYPES:
+                need = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_DTYPES[info["dtype"]]).itemsize
+                if end - start != need:
+                    raise CheckpointError(f"{self.path}: tensor {key!r} ({info['dtype']} {list(info['shape'])}) "
+                                          f"needs {need} bytes but its header gives it {end - start}: corrupt file")
+            if self.offset + end > present:
+                raise CheckpointError(
+                    f"{self.path} is truncated: tensor {key!r} ({info['dtype']} {list(info['shape'])}) ends at byte "
+                    f"{self.offset + end}, the file has {present} bytes ({expected} expected, "
+                    f"{expected - present} missing)")
 
     def keys(self):
         return list(self.header)

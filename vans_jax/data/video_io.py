@@ -36,12 +36,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from fractions import Fraction
 from typing import Literal
 
 import numpy as np
 from PIL import Image
+
+from .._files import temp_path
 
 __all__ = [
     "VideoError",
@@ -276,8 +277,7 @@ def write_video(path, frames, fps: float = DEFAULT_OUT_FPS, *, codec: str | None
     fmt = _FORMAT_BY_EXT.get(ext)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext or ".mp4", dir=d)
-    os.close(fd)
+    tmp = temp_path(path)           # the umask's permissions; a killed run's leftover is cleaned later
     try:
         container = av.open(tmp, "w", format=fmt or "mp4")
         try:
@@ -304,7 +304,6 @@ def write_video(path, frames, fps: float = DEFAULT_OUT_FPS, *, codec: str | None
                 container.mux(pkt)
         finally:
             container.close()
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except VideoError:
         raise

@@ -34,7 +34,7 @@ def _strip_chat_end(text: str) -> str:
 
 def extract_answer(text: str, *, fallback: str = "full") -> str:
     """The caption of a response, whatever its shape: the text between the first ``[Ans]`` and the
-    next ``[/Ans]`` (to the end when the closing tag is missing), stripped.
+    next ``[/Ans]`` (to the end when the closing tag is missing), stripped, with no tags left in it.
 
     Without ``[Ans]``: ``fallback="full"`` returns the text after the last ``[/Think]`` if there is
     one, else the whole text (stripped, tags and chat end tokens removed); ``fallback="empty"``
@@ -48,11 +48,18 @@ def extract_answer(text: str, *, fallback: str = "full") -> str:
     if i >= 0:
         rest = s[i + len(ANS_OPEN):]
         j = rest.find(ANS_CLOSE)
-        return (rest if j < 0 else rest[:j]).strip()
+        return _without_tags(rest if j < 0 else rest[:j])
     if fallback == "empty":
         return ""
     j = s.rfind(THINK_CLOSE)
-    s = s[j + len(THINK_CLOSE):] if j >= 0 else s
+    return _without_tags(s[j + len(THINK_CLOSE):] if j >= 0 else s)
+
+
+def _without_tags(s: str) -> str:
+    """``s`` stripped; any format tag or chat end token left in it (a malformed response:
+    ``[Ans]a[/Think][Ans]b``) removed, whitespace then collapsed: a caption never carries them."""
+    if not any(t in s for t in TAGS + CHAT_END_TOKENS):
+        return s.strip()
     for tag in TAGS + CHAT_END_TOKENS:
         s = s.replace(tag, " ")
     return " ".join(s.split())

@@ -34,6 +34,7 @@ from . import flow
 
 __all__ = ["SchedulerSettings", "WanModels", "from_pretrained", "ref_frame_indices", "encode_video",
            "reference_latents", "encode_text", "decode_latents", "generate", "check_generation_size",
+           "check_generation_size_of_dir",
            "DEFAULT_NUM_REF", "DEFAULT_HEIGHT", "DEFAULT_WIDTH", "DEFAULT_NUM_FRAMES"]
 
 DEFAULT_NUM_REF = 6
@@ -311,12 +312,33 @@ def decode_latents(models: WanModels, latents, output_type: str = "uint8", *, to
 def check_generation_size(models: WanModels, height: int, width: int, num_frames: int):
     """Raises ValueError unless height and width are multiples of 16 (VAE x patch) and
     num_frames is 4k+1. Returns the latent shape (T_lat, h, w)."""
-    m = models.size_multiple
-    if height <= 0 or width <= 0 or height % m or width % m:
-        raise ValueError(f"height and width must be positive multiples of {m}; got height={height}, width={width}")
-    check_vae_frames(num_frames, "generate: num_frames", models.temporal_factor)
+    _check_size(height, width, num_frames, models.size_multiple, models.temporal_factor)
     s = models.spatial_factor
     return (num_frames - 1) // models.temporal_factor + 1, height // s, width // s
+
+
+def _check_size(height: int, width: int, num_frames: int, multiple: int, temporal: int):
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(f"height and width must be positive multiples of {multiple}; got height={height}, "
+                         f"width={width}")
+    check_vae_frames(num_frames, "generate: num_frames", temporal)
+
+
+def check_generation_size_of_dir(path, height: int, width: int, num_frames: int, *, dit_path=None):
+    """``check_generation_size`` against a diffusers Wan directory's config files alone (VAE factors,
+    DiT patch), before any weight is loaded. A directory without them passes (loading names it)."""
+    from ..models.wan.dit import WanConfig
+    from ..models.wan.vae import WanVAEConfig
+
+    vae_cfg = os.path.join(os.fspath(path), "vae", "config.json")
+    if not os.path.isfile(vae_cfg):
+        return
+    vae = WanVAEConfig.from_diffusers_config(vae_cfg)
+    dirs = ([os.fspath(dit_path)] if dit_path is not None and os.path.isdir(dit_path) else []) + \
+        [os.path.join(os.fspath(path), "transformer")]
+    cfgs = [os.path.join(d, "config.json") for d in dirs if os.path.isfile(os.path.join(d, "config.json"))]
+    _, ph, pw = WanConfig.from_diffusers_config(cfgs[0]).patch_size if cfgs else WanConfig.patch_size
+    _check_size(height, width, num_frames, vae.spatial_compression * int(np.lcm(ph, pw)), vae.temporal_compression)
 
 
 def generate(models: WanModels, captions: Sequence[str] | str, *, ref_latents=None, seed: int = 0, noise=None,

@@ -42,6 +42,11 @@ class Checkpointer:
             parts=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         return out["parts"], out["data"], out["meta"]
 
+    def read_meta(self, step: int) -> dict:
+        """The JSON record of the run saved with ``step`` (mode, step), read without the trained parts:
+        what a restart checks before it loads any model."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def wait(self):
         self.manager.wait_until_finished()
 

@@ -13,9 +13,12 @@ isolated then cascaded" = a grpo_vlm run and a grpo_vdm run from the same SFT mo
 together; "Stage 1 only" = a grpo_stage1 run evaluated with the SFT DiT.
 
 The work directory holds ``checkpoints/`` (orbax; the same command resumes), ``tb/`` (TensorBoard
-via clu), ``metrics.jsonl`` (one line per step), ``final_metrics.json`` and ``export/`` (the
-trained models in their real checkpoint layouts: ``export/vlm`` a Hugging Face Qwen2.5-VL
-directory with the LoRA merged, ``export/vdm`` a diffusers Wan directory).
+via clu), ``metrics.jsonl`` (one line per step; after a resume the rows of the replayed steps are
+not repeated), ``final_metrics.json`` and ``export/`` (the trained models in their real checkpoint
+layouts: ``export/vlm`` a Hugging Face Qwen2.5-VL directory with the LoRA merged, ``export/vdm`` a
+diffusers Wan directory). Running a finished run's command again changes nothing and says so.
+Everything a run can check without its models (work directory, model directories, video size, data
+files, the mode of the run in the work directory) is checked before any model loads (``preflight``).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import parallel
+from .._files import remove_stale_tmp, write_atomic, write_json
 from ..data.loader import PipelineConfig, VNEPSource, make_dataset, skip_stats
 from ..rl.rollouts import RenderSettings, reference_latents
 from ..rl.stages import GRPO_MODES, GRPOSettings
@@ -358,6 +362,8 @@ def data_source(cfg, mode) -> VNEPSource:
                          f"CSV (--config.data.train_csv=FILE --config.data.video_root=DIR)")
     if not os.path.isfile(csv):
         raise FileNotFoundError(f"data CSV {csv} does not exist")
+    if d.video_root and not os.path.isdir(d.video_root):
+        raise FileNotFoundError(f"data.video_root {d.video_root} is not a directory")
     pc = PipelineConfig.from_experiment(cfg)
     return VNEPSource(csv, d.video_root, pc)
 
@@ -537,6 +543,73 @@ def check_batching(cfg, mode, mesh) -> tuple[int, int]:
     return bs, int(cfg.data.get("num_shards", 0)) or pc
 
 
+FINAL_METRICS = "final_metrics.json"
+
+
+def _read_json(path: str):
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _trim_metrics_jsonl(path: str, upto: int) -> list[dict]:
+    """Keeps the rows of ``metrics.jsonl`` up to step ``upto`` (one per step, the last written; a line
+    cut short by a kill dropped), rewriting the file atomically when anything goes; returns them."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    rows = {}
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= upto:
+            rows[row["step"]] = row
+    kept = [rows[k] for k in sorted(rows)]
+    if len(kept) != len(lines):
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _no_file_on_the_way(path: str, what: str) -> None:
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise ValueError(f"{what} {path}: {p} is a file, not a directory")
+
+
+def preflight(cfg, mode, models: LoadedModels | None = None) -> VNEPSource:
+    """What a run checks before it loads any model: the work directory, the model directories it will
+    load, the video size against the VDM's config files, the data (CSV, video root). Returns the data
+    source."""
+    _no_file_on_the_way(str(cfg.train.workdir), "train.workdir")
+    given = models if models is not None else LoadedModels()
+    use = _mode_uses(cfg, mode)
+    for name, needed in (("vlm", use["vlm"] and given.vlm is None), ("vdm", use["vdm"] and given.vdm is None),
+                         ("clip", use["clip"] and given.clip is None)):
+        path = cfg[name].path
+        if needed and path and not os.path.isdir(path):
+            raise FileNotFoundError(f"{name}.path {path}: the directory does not exist" if not os.path.exists(path)
+                                    else f"{name}.path {path} is a file, not a model directory")
+    if use["vdm"]:
+        from ..sampling.wan import check_generation_size_of_dir
+        v = cfg.video
+        if given.vdm is not None:
+            from ..sampling.wan import check_generation_size
+            check_generation_size(given.vdm, int(v.height), int(v.width), int(v.num_frames))
+        elif cfg.vdm.path:
+            check_generation_size_of_dir(cfg.vdm.path, int(v.height), int(v.width), int(v.num_frames),
+                                         dit_path=cfg.vdm.dit_path or None)
+    return data_source(cfg, mode)
+
+
 def train(cfg, *, progress: bool = True, stop_after: int | None = None,
           models: LoadedModels | None = None) -> dict:
     """Runs (or resumes) the configured training; returns the final metrics.
@@ -568,19 +641,39 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None,
     bs, num_shards = check_batching(cfg, mode, mesh)
     primary = jax.process_index() == 0
     progress = progress and primary
+    source = preflight(cfg, mode, models)
     os.makedirs(workdir, exist_ok=True)
-    used = prepare_models(cfg, mode, mesh, models)
-    runner = build_runner(cfg, mode, mesh, used)
-    data = HostBatches(data_source(cfg, mode), batch_size=bs, num_shards=num_shards, seed=int(cfg.seed),
-                       num_workers=int(cfg.data.num_workers))
+    if primary:
+        remove_stale_tmp(workdir)
+    final_path = os.path.join(workdir, FINAL_METRICS)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=int(cfg.train.checkpoint_every),
                         keep=int(cfg.train.keep_checkpoints), use_async=bool(cfg.train.async_checkpoint))
-    start = 0
     latest = ckpt.latest_step()
+    if latest is not None:               # checked before any model loads
+        meta = ckpt.read_meta(latest)
+        if meta.get("mode") != mode:
+            ckpt.close()
+            raise ValueError(f"{workdir} holds a {meta.get('mode')} run; this command is {mode}: use another workdir")
+        if latest > total:
+            ckpt.close()
+            raise ValueError(f"{workdir} holds a {mode} run at step {latest}, past this command's {total} steps: "
+                             f"raise the steps (train.steps) or use another workdir")
+    # a finished run (its last checkpoint and final_metrics.json written) is kept as it is: its results
+    # are returned, nothing is trained, exported or rewritten
+    saved = parallel.process_allgather_objects(_read_json(final_path) if latest == total and primary else None)[0]
+    if saved is not None and models is None:
+        ckpt.close()
+        if progress:
+            print(f"{mode} in {workdir} already finished ({total} steps): nothing to do; its results stay as they "
+                  f"are ({final_path})", flush=True)
+        return saved
+    used = prepare_models(cfg, mode, mesh, models)
+    runner = build_runner(cfg, mode, mesh, used)
+    data = HostBatches(source, batch_size=bs, num_shards=num_shards, seed=int(cfg.seed),
+                       num_workers=int(cfg.data.num_workers))
+    start = 0
     if latest is not None:
         parts, data_state, meta = ckpt.restore(latest, {k: p.ckpt_items() for k, p in runner.parts.items()})
-        if meta.get("mode") != mode:
-            raise ValueError(f"{workdir} holds a {meta.get('mode')} run; this command is {mode}: use another workdir")
         for k, p in runner.parts.items():
             p.restore_items(parts[k])
         data.set_state(data_state)
@@ -590,7 +683,10 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None,
 
     from .metrics import create_writer
     writer = create_writer(os.path.join(workdir, "tb"), primary=primary)
-    jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if primary else None
+    jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    # the rows of steps after the checkpoint (logged before a kill) are replayed now: dropped, not duplicated
+    logged = _trim_metrics_jsonl(jsonl_path, start) if primary else []
+    jsonl = open(jsonl_path, "a") if primary else None
 
     def close():
         ckpt.close()
@@ -671,14 +767,18 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None,
             close()
             return _scalars(last)
     close()
-    final = _scalars(last)
-    final["step"] = total
-    if cfg.train.export:
-        final["exports"] = export_parts(cfg, runner, os.path.join(workdir, "export"),
-                                        link=bool(cfg.train.export_link))
-    if primary:
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump(final, f, indent=2)
+    if saved is not None:                # finished before: its results as they are (the models restored)
+        final = dict(saved)
+    else:
+        if not last:                     # killed after the last checkpoint, before final_metrics.json
+            last = next((r for r in reversed(logged) if r.get("step") == total), {})
+        final = _scalars(last)
+        final["step"] = total
+        if cfg.train.export:
+            final["exports"] = export_parts(cfg, runner, os.path.join(workdir, "export"),
+                                            link=bool(cfg.train.export_link))
+        if primary:
+            write_json(final_path, final)
     if models is not None:
         final["models"] = trained_models(runner, used, models)
     return final
@@ -695,5 +795,5 @@ def main_train(cfg) -> int:
     return 0
 
 
-__all__ = ["MODES", "LoadedModels", "train", "export_parts", "build_runner", "prepare_models", "trained_models",
+__all__ = ["MODES", "LoadedModels", "train", "preflight", "export_parts", "build_runner", "prepare_models", "trained_models",
            "add_lora", "merged_vlm", "copy_module", "main_train", "HostBatches", "check_batching"]

@@ -154,12 +154,28 @@ def load_tokenizer(path: str | os.PathLike):
         raise FileNotFoundError(
             f"no tokenizer files (tokenizer.json / vocab.json / tokenizer_config.json) in {path!r}"
         )
+    import logging
+
     from transformers import AutoTokenizer
 
+    # AutoTokenizer reads the model's config.json only to pick a tokenizer class; transformers then
+    # warns about special-token ids its defaults put outside a small vocabulary (the tiny models'
+    # bos_token_id), which concerns the model config, not the tokenizer: not shown here
+    config_log = logging.getLogger("transformers.configuration_utils")
+    drop = _DropConfigTokenIdWarning()
+    config_log.addFilter(drop)
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # pragma: no cover - message wrapping only
         raise OSError(f"could not load tokenizer from local directory {path!r}: {e}") from e
+    finally:
+        config_log.removeFilter(drop)
+
+
+class _DropConfigTokenIdWarning:
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Model config: ") and "_token_id must be `None` or an integer" in msg)
 
 
 def _token_id(tokenizer, tok: str) -> int:
