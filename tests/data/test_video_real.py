@@ -15,6 +15,7 @@ from vans_jax.data.video_io import (
     VideoDamageWarning,
     VideoError,
     clip_indices,
+    probe_video,
     read_video,
     reference_clip,
     sample_video,
@@ -154,6 +155,8 @@ def test_display_matrix_rotation_comes_out_upright(tmp_path):
     s = sample_video(p, {"v": ("vlm", 2, 1.0)})
     assert s.frames["v"].shape == (2, 48, 32, 3) and s.report.rotation == -90
     assert np.array_equal(s.frames["v"][0], up[0])
+    assert (probe_video(p).height, probe_video(p).width) == (48, 32)
+    assert (probe_video(p, full_decode=True).height, probe_video(p, full_decode=True).width) == (48, 32)
     p180 = _encode(tmp_path / "r180.mp4", frames, rotation=180)
     assert read_video(p180)[0][0, -5:, -5:].min() > 200                     # marker bottom-right
 
@@ -255,3 +258,60 @@ def test_variable_frame_rate_is_sampled_by_timestamps(tmp_path):
     assert s.valid["tgt"] == 9 and s.report.warning is None
     idx, fps = vlm_indices(tl, 6, 1.0)
     assert list(idx) == want_vlm and fps == 1.0
+
+
+# ----------------------------------------------------------------------------- answer.json's "input"
+
+class _FakePipe:
+    """Stands in for VANSPipeline in predict_one: records the clip it got, answers a fixed video."""
+
+    def __init__(self, settings):
+        self.settings, self.sources, self.clips = settings, {"vlm": "fake", "vdm": "fake"}, []
+
+    def __call__(self, clip, question, seed=0):
+        from vans_jax.pipeline import VANSAnswer, VANSOutput
+
+        s = self.settings
+        self.clips.append(clip)
+        self.vlm = clip.vlm_input(s)
+        self.ref = clip.reference_input(s)
+        video = np.zeros((s.num_frames, s.height, s.width, 3), np.uint8)
+        a = VANSAnswer(question, "[Think]t[/Think][Ans]c[/Ans]", "t", "c", True, seed, clip.source, 3, video)
+        return VANSOutput([a], video[None], s, {"vlm_s": 0.0, "vdm_s": 0.0})
+
+
+def test_answer_json_records_how_the_input_read(noisy_mp4, tmp_path):
+    import json
+
+    from vans_jax.apps.predict import predict_one, prepare_input
+    from vans_jax.pipeline import VANSSettings
+
+    s = VANSSettings(height=32, width=48, num_frames=5, reference_frames=9, fps=5.0, vlm_num_frames=4)
+    data = open(noisy_mp4, "rb").read()
+    cut = tmp_path / "tail.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.9)])
+    with pytest.warns(VideoDamageWarning):
+        clip, q, extra = prepare_input(str(cut), "what next?", str(tmp_path / "out"), settings=s)
+    assert clip.frames is None and clip.sampled is not None      # not decoded whole
+    pipe, logs = _FakePipe(s), []
+    rec = predict_one(pipe, clip, q, str(tmp_path / "out"), extra=extra, log=logs.append)
+    inp = rec["input"]
+    assert inp["expected_frames"] == 60 and 45 <= inp["decoded_frames"] < 58
+    assert inp["decoded_frames"] == rec["input_frames"] and inp["expected_duration_s"] == pytest.approx(6.0)
+    assert f"{inp['decoded_frames']} of 60 frames" in inp["warning"] and "tail.mp4" in inp["warning"]
+    assert any("damaged video" in m for m in logs)
+    assert json.load(open(tmp_path / "out" / "answer.json"))["input"] == inp
+    assert pipe.vlm[0].shape == (4, 48, 64, 3) and pipe.ref.shape == (9, 32, 48, 3)
+    assert os.path.exists(tmp_path / "out" / "answer_strip.png")
+    # other settings than the clip was loaded with: it reads the file again for them
+    frames6, _ = clip.vlm_input(s.replace(vlm_num_frames=6))
+    assert frames6.shape[0] == 6 and clip.sample_key[0] == 6
+    # a clean file: no warning, the numbers agree; the settings-driven sampling is the one used
+    rec = predict_one(_FakePipe(s), prepare_input(noisy_mp4, "q", str(tmp_path / "o2"), settings=s)[0], "q",
+                      str(tmp_path / "o2"), log=logs.append)
+    assert rec["input"]["warning"] is None and rec["input"]["decoded_frames"] == rec["input"]["expected_frames"] == 60
+    # too damaged: prepare_input fails before any model would load
+    half = tmp_path / "half.mp4"
+    half.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VideoError, match="half.mp4"):
+        prepare_input(str(half), "q", str(tmp_path / "o3"), settings=s)

@@ -3,12 +3,27 @@
 Conventions
 -----------
 * Frames are ``uint8`` arrays of shape ``(T, H, W, 3)`` in RGB order.
-* ``read_video`` decodes every frame of the first video stream and returns the
+* ``sample_video`` is the reader for real clips (the pipeline's and the loader's): one demux
+  pass gives every frame's presentation timestamp (``scan_video``, no decoding); the sampling
+  rules pick frames by time (``vlm_indices``, ``clip_indices``: the rules below, on ``pts *
+  time_base`` instead of ``i / fps``, the same frames for a constant-rate clip); only those are
+  decoded, seeking to the keyframe before each stretch, converted to RGB (scaled down to
+  ``max_pixels`` by swscale) and turned upright as they come out. Memory is the requested frames,
+  not the clip. It compares what decodes with what the container announces (``ReadReport``):
+  below ``MIN_DECODED_FRACTION`` (75 %) of the frames or the duration is ``VideoError``
+  ``damaged`` naming the file and both numbers; any shortfall (more than one frame), decode error
+  or frame replaced by its decodable neighbour is a ``VideoDamageWarning`` and ``report.warning``.
+  Frames outside the decoded stretches are counted from the container, not decoded.
+* Rotation: a display matrix (phone clips; PyAV ``frame.rotation``, counter-clockwise degrees)
+  is undone on every frame by every reader here, so frames are upright (a portrait phone clip
+  reads as portrait). ``probe_video`` reports the upright size.
+* ``read_video`` decodes every frame of the first video stream (all of it in memory: for
+  short clips and tests; use ``sample_video`` for inputs of any length) and returns the
   stream's nominal frame rate (``average_rate``, falling back to
   ``guessed_rate`` / ``base_rate`` and finally to the rate implied by the
   timestamps).  All failures raise :class:`VideoError` carrying the file name
   and a short machine-readable ``reason`` (``missing``, ``corrupt``,
-  ``no_video_stream``, ``empty``) which the pipeline uses as skip counters.
+  ``no_video_stream``, ``empty``, ``damaged``) which the pipeline uses as skip counters.
 * ``write_video`` encodes H.264 (libx264, ``yuv420p``, CRF 12 by default,
   single-threaded so the bytes are reproducible) and falls back to MPEG-4 Part
   2 if libx264 is unavailable.  ``yuv420p`` needs even sizes: odd heights /
@@ -89,7 +104,7 @@ class VideoError(RuntimeError):
     """A video could not be read (or written).
 
     Attributes: ``path`` (the file), ``reason`` (one of ``missing``,
-    ``corrupt``, ``no_video_stream``, ``empty``, ``too_short``, ``write``),
+    ``corrupt``, ``no_video_stream``, ``empty``, ``damaged``, ``too_short``, ``write``),
     ``detail`` (free text).
     """
 
@@ -205,9 +220,36 @@ def probe_video(path, *, full_decode: bool = False) -> VideoInfo:
     else ``duration * fps``).
     """
     path = os.fspath(path)
-    if full_decode:
-        frames, fps = read_video(path)
-        return VideoInfo(path, int(frames.shape[0]), fps, int(frames.shape[1]), int(frames.shape[2]), True)
+    if full_decode:   # streamed: counts frames (until the first decode error, as read_video), holds one
+        container = _open(path)
+        n, first, times, last_time = 0, None, [], None
+        try:
+            stream = container.streams.video[0]
+            fps = _stream_fps(stream)
+            try:
+                for frame in container.decode(stream):
+                    if first is None:
+                        first = frame.width, frame.height, getattr(frame, "rotation", 0)
+                    if frame.time is not None and len(times) < 2:
+                        times.append(float(frame.time))
+                    last_time = frame.time
+                    n += 1
+            except Exception as e:
+                if not n:
+                    raise VideoError(path, "corrupt", f"decode failed: {type(e).__name__}: {e}") from None
+        finally:
+            container.close()
+        if not n:
+            raise VideoError(path, "empty", "no decodable frames")
+        if fps is None:
+            if n >= 2 and last_time is not None and times and float(last_time) > times[0]:
+                fps = (n - 1) / (float(last_time) - times[0])
+            else:
+                raise VideoError(path, "corrupt", "cannot determine frame rate")
+        w, h, rot = first
+        if int(round(float(rot or 0) / 90.0)) % 2:   # displayed size (turned upright)
+            h, w = w, h
+        return VideoInfo(path, n, float(fps), int(h), int(w), True)
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -228,6 +270,8 @@ def probe_video(path, *, full_decode: bool = False) -> VideoInfo:
         except Exception as e:
             raise VideoError(path, "corrupt", f"decode failed: {type(e).__name__}: {e}") from None
         h, w = first.height, first.width
+        if int(round(float(getattr(first, "rotation", 0) or 0) / 90.0)) % 2:   # displayed size
+            h, w = w, h
     finally:
         container.close()
     if fps is None:
