@@ -29,7 +29,10 @@ The flow (SPEC section 1), each stage batched over the samples and jit-compiled 
    ``shift``, the clean references in front on the time axis; VAE decode to ``num_frames`` frames
    of ``height x width`` (multiples of 16; frames 4k+1 -- both checked before anything runs).
 
-Inputs: a video path (anything PyAV reads), an image path (``.png``, ``.jpg``, ...: a static clip),
+Inputs: a video path (anything PyAV reads; only the frames the settings sample are decoded, picked
+by presentation timestamp, scaled down and turned upright as decoded -- ``data.video_io.sample_video``;
+a file of which too little decodes is ``VideoError`` ``damaged``, a partly damaged one warns and
+``Clip.input_record()`` says so), an image path (``.png``, ``.jpg``, ...: a static clip, EXIF-upright),
 a uint8 array ``(T, H, W, 3)`` with ``video_fps=``, a ``(frames, fps)`` pair, an ``(H, W, 3)``
 array or a PIL image (a static clip), or a ``Clip``. Several questions on one clip give several
 futures in one batch (the paper's multi-future use); several clips with one question, or equal-length

@@ -6,7 +6,8 @@ One clip::
         --video clip.mp4 --question "What will happen next?" --output_dir out/
 
 writes ``out/answer.json`` (full text, think, caption, valid_format, settings, seed, timings,
-models), ``out/answer.mp4`` (the generated video at ``--fps``, 11 by default) and
+models, ``input``: how the input read -- decoded vs expected frames and seconds, rotation, decode
+errors, a damage ``warning``), ``out/answer.mp4`` (the generated video at ``--fps``, 11 by default) and
 ``out/answer_strip.png`` (input frames, a white gap, answer frames, side by side).
 
 A dataset (VANS-Data CSV layout, SPEC section 7)::

@@ -819,8 +819,6 @@ def _decode_at(path: str, tl: VideoTimeline, wanted: np.ndarray, max_pixels: int
                 seek_to = None
                 if st["overshoot"]:   # the seek landed after the target: decode from the start once
                     st["overshoot"], st["fresh_target"] = False, None
-                    if restarted:
-                        raise VideoError(path, "corrupt", f"seeking to timestamp {target} keeps landing after it")
                     restarted, seek_to = True, int(tl.pts[0]) - 1
                     sent.clear()
                     got.clear()
@@ -831,7 +829,8 @@ def _decode_at(path: str, tl: VideoTimeline, wanted: np.ndarray, max_pixels: int
                     container.seek(seek_to, stream=stream, backward=True, any_frame=False)
                     stream.codec_context.flush_buffers()
                     packets = container.demux(stream)
-                    st["prev"], pos, st["fresh_target"] = None, max(seek_to, pos), target
+                    # after a restart from the start a late first frame is damage, not a bad seek
+                    st["prev"], pos, st["fresh_target"] = None, max(seek_to, pos), None if restarted else target
             here = st["i"]
             while st["i"] == here and not st["overshoot"]:
                 try:
