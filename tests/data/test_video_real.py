@@ -198,6 +198,9 @@ def test_half_truncated_video_is_an_error_naming_both_numbers(noisy_mp4, tmp_pat
     assert e.reason == "damaged" and "cut.mp4" in str(e) and "of 60 frames" in str(e) and "6.00 s" in str(e)
     decoded = int(str(e).split("(")[1].split(" of")[0])
     assert 20 <= decoded <= 35
+    with pytest.raises(VideoError, match="damaged: .*cut.mp4.* of 60 frames decoded"):   # validate-data's check
+        probe_video(cut, full_decode=True)
+    assert probe_video(noisy_mp4, full_decode=True).num_frames == 60
 
 
 def test_slightly_truncated_video_warns_and_reports(noisy_mp4, tmp_path):

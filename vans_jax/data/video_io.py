@@ -214,31 +214,49 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[np.ndarray, floa
 def probe_video(path, *, full_decode: bool = False) -> VideoInfo:
     """Open a video and return :class:`VideoInfo`.
 
-    With ``full_decode`` every frame is decoded (exact count, catches damage
-    anywhere).  Otherwise only the first frame is decoded (proves the stream is
+    With ``full_decode`` every frame is decoded, streamed (exact count of the frames that decode,
+    catches damage anywhere; fewer than ``MIN_DECODED_FRACTION`` of the frames the header
+    announces is ``VideoError`` ``damaged``).  Otherwise only the first frame is decoded (proves the stream is
     decodable) and the frame count comes from the header (``stream.frames``,
     else ``duration * fps``).
     """
     path = os.fspath(path)
-    if full_decode:   # streamed: counts frames (until the first decode error, as read_video), holds one
+    if full_decode:   # streamed: decodes every packet (on past damaged ones), counts, holds one frame
         container = _open(path)
-        n, first, times, last_time = 0, None, [], None
+        n, errors, first, times, last_time, err = 0, 0, None, [], None, ""
         try:
             stream = container.streams.video[0]
+            stream.thread_type = "SLICE"   # frame threads drop damaged frames without an error
             fps = _stream_fps(stream)
-            try:
-                for frame in container.decode(stream):
+            expected = int(stream.frames or 0)
+
+            def count(frames):
+                nonlocal n, first, last_time
+                for frame in frames:
+                    if getattr(frame, "is_corrupt", False):
+                        continue
                     if first is None:
                         first = frame.width, frame.height, getattr(frame, "rotation", 0)
                     if frame.time is not None and len(times) < 2:
                         times.append(float(frame.time))
                     last_time = frame.time
                     n += 1
-            except Exception as e:
-                if not n:
-                    raise VideoError(path, "corrupt", f"decode failed: {type(e).__name__}: {e}") from None
+
+            try:
+                for pkt in container.demux(stream):
+                    try:
+                        count(stream.decode(pkt) if pkt.size else stream.codec_context.decode(None))
+                    except Exception as e:
+                        errors, err = errors + 1, f"{type(e).__name__}: {e}"
+            except Exception as e:  # unreadable tail
+                errors, err = errors + 1, f"{type(e).__name__}: {e}"
         finally:
             container.close()
+        if not n and errors:
+            raise VideoError(path, "corrupt", f"decode failed: {err}")
+        if expected and n < MIN_DECODED_FRACTION * expected:
+            raise VideoError(path, "damaged", f"{n} of {expected} frames decoded ({errors} decode errors): "
+                                              f"below the {MIN_DECODED_FRACTION:.0%} threshold")
         if not n:
             raise VideoError(path, "empty", "no decodable frames")
         if fps is None:
