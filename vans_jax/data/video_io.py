@@ -634,8 +634,8 @@ def scan_video(path) -> VideoTimeline:
         exp_dur = None
         if stream.duration is not None and tb is not None and stream.duration > 0:
             exp_dur = float(stream.duration * tb)
-        elif container.duration is not None and container.duration > 0:
-            exp_dur = container.duration / 1_000_000
+        elif container.duration is not None and container.duration > 0 and len(container.streams) == 1:
+            exp_dur = container.duration / 1_000_000   # the container's: only when the video is all it holds
         try:
             for pkt in container.demux(stream):
                 if pkt.size == 0 or getattr(pkt, "is_discard", False):
