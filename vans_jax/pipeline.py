@@ -29,7 +29,10 @@ The flow (SPEC section 1), each stage batched over the samples and jit-compiled 
    ``shift``, the clean references in front on the time axis; VAE decode to ``num_frames`` frames
    of ``height x width`` (multiples of 16; frames 4k+1 -- both checked before anything runs).
 
-Inputs: a video path (anything PyAV reads), an image path (``.png``, ``.jpg``, ...: a static clip),
+Inputs: a video path (anything PyAV reads; only the frames the settings sample are decoded, picked
+by presentation timestamp, scaled down and turned upright as decoded -- ``data.video_io.sample_video``;
+a file of which too little decodes is ``VideoError`` ``damaged``, a partly damaged one warns and
+``Clip.input_record()`` says so), an image path (``.png``, ``.jpg``, ...: a static clip, EXIF-upright),
 a uint8 array ``(T, H, W, 3)`` with ``video_fps=``, a ``(frames, fps)`` pair, an ``(H, W, 3)``
 array or a PIL image (a static clip), or a ``Clip``. Several questions on one clip give several
 futures in one batch (the paper's multi-future use); several clips with one question, or equal-length
@@ -51,9 +54,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from .data.video_io import VideoError, check_vae_frames, read_video, reference_clip
+from .data.video_io import (ReadReport, SampledVideo, VideoDamageWarning, VideoError, check_vae_frames,
+                            reference_clip, resize_center_crop, sample_video)
 from .models import qwen2_5_vl as qwen
 from .models.qwen2_5_vl import processor
 from .models.qwen2_5_vl import tokenizer as tok_lib
@@ -167,26 +171,103 @@ class VANSSettings:
 # ----------------------------------------------------------------------------- inputs
 
 
+def _decode_max_pixels(s: VANSSettings) -> int:
+    """Frames are scaled down to this many pixels as they are decoded: twice the VLM's largest
+    frame and four times the generated one, so neither stage upsamples."""
+    return int(max(2 * s.video_max_pixels, 4 * s.height * s.width))
+
+
+def _sample_key(s: VANSSettings) -> tuple:
+    return (s.vlm_num_frames, float(s.vlm_sample_fps), s.reference_frames, float(s.fps), _decode_max_pixels(s))
+
+
+def _sample_file(path: str, s: VANSSettings) -> SampledVideo:
+    """Decode only the frames the settings use (VLM, reference, a 6-frame preview), by timestamp."""
+    return sample_video(path, {"vlm": ("vlm", s.vlm_num_frames, s.vlm_sample_fps),
+                               "reference": ("clip", s.reference_frames, s.fps, "last"),
+                               "preview": ("spread", 6)}, max_pixels=_decode_max_pixels(s))
+
+
 @dataclasses.dataclass
 class Clip:
-    """An input clip: uint8 frames (T, H, W, 3), their rate, where they came from."""
-    frames: np.ndarray
+    """An input clip: uint8 frames (T, H, W, 3), their rate, where they came from.
+
+    A video file is not held whole: ``load_clip`` decodes only the frames the settings use
+    (``sampled``, ``data.video_io.sample_video``; ``frames`` is None) and keeps how the file read
+    (``report``: decoded against announced frames, rotation, damage warning)."""
+    frames: np.ndarray | None
     fps: float
     source: str = "<array>"
     is_image: bool = False
+    sampled: SampledVideo | None = None
+    sample_key: tuple | None = None
+
+    @property
+    def report(self) -> ReadReport | None:
+        return None if self.sampled is None else self.sampled.report
+
+    @property
+    def num_frames(self) -> int:
+        return self.report.decoded_frames if self.frames is None else int(self.frames.shape[0])
+
+    def _sampled_for(self, s: VANSSettings) -> SampledVideo:
+        if self.sample_key != _sample_key(s):   # other settings than it was loaded with: read the file again
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", VideoDamageWarning)   # warned when it was loaded
+                self.sampled, self.sample_key = _sample_file(self.source, s), _sample_key(s)
+        return self.sampled
+
+    def vlm_input(self, s: VANSSettings) -> tuple[np.ndarray, float]:
+        """The VLM's frames and their rate (``processor.sample_frames_for_vlm``'s rule; on timestamps for a file)."""
+        if self.frames is not None:
+            return processor.sample_frames_for_vlm(self.frames, self.fps, num_frames=s.vlm_num_frames,
+                                                   sample_fps=s.vlm_sample_fps)
+        sv = self._sampled_for(s)
+        return sv.frames["vlm"], sv.rates["vlm"]
+
+    def reference_input(self, s: VANSSettings) -> np.ndarray:
+        """The reference clip: the last ``reference_frames`` at ``fps``, ``height x width``."""
+        if self.frames is not None:
+            return reference_clip(self.frames, self.fps, s.reference_frames, s.height, s.width, s.fps, mode="last")
+        return resize_center_crop(self._sampled_for(s).frames["reference"], s.height, s.width)
+
+    def preview(self) -> np.ndarray:
+        """Frames spread over the clip (for pictures of it)."""
+        return self.frames if self.frames is not None else self.sampled.frames["preview"]
+
+    def input_record(self) -> dict:
+        """``answer.json``'s ``input``: the source, decoded vs expected frames and seconds, the
+        frame rate, the rotation undone, decode errors and the damage warning (None when clean)."""
+        if self.report is not None:
+            r = self.report.to_dict()
+            return {"source": self.source, "is_image": False, "decoded_frames": r["decoded_frames"],
+                    "expected_frames": r["expected_frames"], "decoded_duration_s": r["decoded_duration"],
+                    "expected_duration_s": r["expected_duration"], "fps": r["fps"], "rotation": r["rotation"],
+                    "decode_errors": r["decode_errors"], "substituted_frames": r["substituted"],
+                    "warning": r["warning"]}
+        n = int(self.frames.shape[0])
+        return {"source": self.source, "is_image": bool(self.is_image), "decoded_frames": n, "expected_frames": n,
+                "decoded_duration_s": round(n / float(self.fps), 4), "expected_duration_s": round(n / float(self.fps), 4),
+                "fps": float(self.fps), "rotation": 0, "decode_errors": 0, "substituted_frames": 0, "warning": None}
 
 
 def _image_array(img, source: str) -> np.ndarray:
-    a = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img)
+    if isinstance(img, Image.Image):
+        img = ImageOps.exif_transpose(img).convert("RGB")   # EXIF orientation: upright
+    a = np.asarray(img)
     if a.ndim != 3 or a.shape[-1] != 3 or a.dtype != np.uint8:
         raise ValueError(f"{source}: an image must be uint8 (H, W, 3), got {a.dtype} {a.shape}")
     return a
 
 
-def load_clip(video, video_fps: float | None = None, image_fps: float = 11.0) -> Clip:
+def load_clip(video, video_fps: float | None = None, image_fps: float = 11.0, *,
+              settings: VANSSettings | None = None) -> Clip:
     """One input (see the module docstring) -> ``Clip``. Files that cannot be read raise
-    ``VideoError`` (``missing``, ``corrupt``, ...) naming the file; a still image becomes a
-    one-frame clip at ``image_fps`` (every sampled frame is that image)."""
+    ``VideoError`` (``missing``, ``corrupt``, ``damaged`` ...) naming the file; a still image becomes
+    a one-frame clip at ``image_fps`` (every sampled frame is that image), turned upright by its EXIF
+    orientation. A video file is decoded only where ``settings`` (default: VANS') sample it, by
+    presentation timestamp, upright (display matrix); a partly damaged one warns
+    (``VideoDamageWarning``) and says so in ``clip.input_record()``."""
     if isinstance(video, Clip):
         return video
     if isinstance(video, (str, os.PathLike)):
@@ -200,8 +281,9 @@ def load_clip(video, video_fps: float | None = None, image_fps: float = 11.0) ->
             except (OSError, SyntaxError) as e:
                 raise VideoError(path, "corrupt", f"not a readable image: {e}") from None
             return Clip(frame[None], float(image_fps), path, True)
-        frames, fps = read_video(path)
-        return Clip(frames, fps, path)
+        s = settings or VANSSettings()
+        sampled = _sample_file(path, s)
+        return Clip(None, sampled.timeline.fps, path, False, sampled, _sample_key(s))
     if isinstance(video, Image.Image):
         return Clip(_image_array(video, "<image>")[None], float(image_fps), "<image>", True)
     if isinstance(video, tuple) and len(video) == 2 and isinstance(video[0], np.ndarray) and np.isscalar(video[1]):
@@ -351,7 +433,7 @@ class VANSPipeline:
         wan.check_generation_size(self.vdm, s.height, s.width, s.num_frames)
         return s
 
-    def _pairs(self, video, texts, video_fps, image_fps, what: str = "question"):
+    def _pairs(self, video, texts, video_fps, image_fps, what: str = "question", settings=None):
         videos = _as_list(video, (str, os.PathLike, np.ndarray, Image.Image, Clip))
         texts = _as_list(texts, (str,))
         if not videos:
@@ -372,7 +454,7 @@ class VANSPipeline:
         else:
             raise ValueError(f"{len(videos)} videos and {len(texts)} {what}s: give one video, one {what}, "
                              f"or as many of each")
-        clips = [load_clip(v, video_fps, image_fps) for v in videos]
+        clips = [load_clip(v, video_fps, image_fps, settings=settings) for v in videos]
         return clips, clip_index, [q.strip() for q in texts]
 
     @staticmethod
@@ -390,8 +472,7 @@ class VANSPipeline:
         vcfg = self.vlm.config.vision
         per_clip = {}
         for c in sorted(set(clip_index)):
-            frames, fps = processor.sample_frames_for_vlm(clips[c].frames, clips[c].fps, num_frames=s.vlm_num_frames,
-                                                          sample_fps=s.vlm_sample_fps)
+            frames, fps = clips[c].vlm_input(s)
             per_clip[c] = processor.preprocess_videos(
                 [frames], fps, min_pixels=s.video_min_pixels, max_pixels=s.video_max_pixels,
                 patch_size=vcfg.patch_size, temporal_patch_size=vcfg.temporal_patch_size,
@@ -438,8 +519,7 @@ class VANSPipeline:
         ref = None
         if s.n_ref > 0:
             used = sorted(set(sample_clip))
-            ref_clips = np.stack([reference_clip(clips[c].frames, clips[c].fps, s.reference_frames, s.height, s.width,
-                                                 s.fps, mode="last") for c in used])
+            ref_clips = np.stack([clips[c].reference_input(s) for c in used])
             ref_unique = wan.reference_latents(self.vdm, ref_clips, n_ref=s.n_ref, height=None, width=None)
             ref = ref_unique[jnp.asarray([used.index(c) for c in sample_clip])]
             ref = jax.block_until_ready(ref)
@@ -461,7 +541,7 @@ class VANSPipeline:
         s = self.resolve_settings(**overrides)
         if num_futures < 1:
             raise ValueError(f"num_futures must be >= 1, got {num_futures}")
-        clips, clip_index, questions = self._pairs(video, question, video_fps, s.fps)
+        clips, clip_index, questions = self._pairs(video, question, video_fps, s.fps, settings=s)
         seeds = self._seeds(seed, len(questions) * num_futures)
         t0 = time.perf_counter()
         answers = self._vlm_stage(clips, clip_index, questions, s, seeds, int(num_futures))
@@ -470,7 +550,7 @@ class VANSPipeline:
     def render(self, video, caption, *, seed=0, video_fps: float | None = None, **overrides) -> np.ndarray:
         """The VDM stage alone: captions + their input clips -> uint8 videos (N, F, H, W, 3)."""
         s = self.resolve_settings(**overrides)
-        clips, clip_index, captions = self._pairs(video, caption, video_fps, s.fps, what="caption")
+        clips, clip_index, captions = self._pairs(video, caption, video_fps, s.fps, what="caption", settings=s)
         videos, _ = self._vdm_stage(clips, clip_index, captions, s, self._seeds(seed, len(captions)))
         return videos
 
@@ -486,7 +566,7 @@ class VANSPipeline:
         if num_futures < 1:
             raise ValueError(f"num_futures must be >= 1, got {num_futures}")
         t_start = time.perf_counter()
-        clips, clip_index, questions = self._pairs(video, question, video_fps, s.fps)
+        clips, clip_index, questions = self._pairs(video, question, video_fps, s.fps, settings=s)
         seeds = self._seeds(seed, len(questions) * num_futures)
         t0 = time.perf_counter()
         answers = self._vlm_stage(clips, clip_index, questions, s, seeds, int(num_futures))

@@ -6,7 +6,8 @@ One clip::
         --video clip.mp4 --question "What will happen next?" --output_dir out/
 
 writes ``out/answer.json`` (full text, think, caption, valid_format, settings, seed, timings,
-models), ``out/answer.mp4`` (the generated video at ``--fps``, 11 by default) and
+models, ``input``: how the input read -- decoded vs expected frames and seconds, rotation, decode
+errors, a damage ``warning``), ``out/answer.mp4`` (the generated video at ``--fps``, 11 by default) and
 ``out/answer_strip.png`` (input frames, a white gap, answer frames, side by side).
 
 A dataset (VANS-Data CSV layout, SPEC section 7)::
@@ -208,7 +209,7 @@ def _models_record(pipe) -> dict:
 
 
 def prepare_input(video, question: str | None, output_dir: str, *, seed: int = 0, fps: float = 11.0,
-                  synthetic: bool = False):
+                  synthetic: bool = False, settings=None):
     """The single-clip input, checked before any model is loaded: ``(Clip, question, extra record)``.
     ``video`` None: an eval-split synthetic scene (only with ``synthetic``), written as
     ``output_dir/input.mp4``, its question the default and its ground truth in the record."""
@@ -227,7 +228,7 @@ def prepare_input(video, question: str | None, output_dir: str, *, seed: int = 0
         question = q if question is None else question
         extra["ground_truth"] = {"question": q, "think": think, "caption": cap}
     else:
-        clip = load_clip(video, image_fps=fps)
+        clip = load_clip(video, image_fps=fps, settings=settings)   # only the frames the settings use
     if question is None:
         raise ValueError("--question is required")
     if not question.strip():
@@ -247,9 +248,12 @@ def predict_one(pipe, clip, question: str, output_dir: str, *, seed: int = 0, st
         warnings.simplefilter("ignore", InvalidResponseWarning)     # reported once, by ``log`` below
         out = pipe(clip, question, seed=seed)
     a = out[0]
-    record = {"input_video": clip.source, "input_frames": int(clip.frames.shape[0]), "input_fps": float(clip.fps),
-              "settings": s.to_dict(), "timings": out.timings, "models": _models_record(pipe), **(extra or {})}
-    write_prediction(output_dir, a, record, s.fps, clip.frames, strip)
+    record = {"input_video": clip.source, "input_frames": clip.num_frames, "input_fps": float(clip.fps),
+              "input": clip.input_record(), "settings": s.to_dict(), "timings": out.timings,
+              "models": _models_record(pipe), **(extra or {})}
+    write_prediction(output_dir, a, record, s.fps, clip.preview(), strip)
+    if record["input"]["warning"]:
+        log(f"warning: {record['input']['warning']} (recorded in answer.json 'input')")
     if not a.valid_format:
         log(f"warning: the response has no valid [Think]..[/Think][Ans]..[/Ans] block; caption from "
             f"fallback='{s.fallback}': {a.caption[:200]!r}")
@@ -313,7 +317,7 @@ def predict_csv(pipe, csv_path: str, video_root: str, output_dir: str, *, seed: 
         clips, ok_rows = [], []
         for row in batch:
             try:
-                clips.append(load_clip(os.path.join(video_root, row.input_video_path), image_fps=s.fps))
+                clips.append(load_clip(os.path.join(video_root, row.input_video_path), image_fps=s.fps, settings=s))
                 ok_rows.append(row)
             except (VideoError, ValueError) as e:
                 fail(row, "input_video", str(e))
@@ -346,10 +350,10 @@ def predict_csv(pipe, csv_path: str, video_root: str, output_dir: str, *, seed: 
                 fallbacks.append(row.index)
             a.video = videos[keep.index(i)]
             record = {"index": row.index, "input_video_path": row.input_video_path, "kind": row.kind,
-                      "input_video": clips[i].source, "input_frames": int(clips[i].frames.shape[0]),
-                      "input_fps": float(clips[i].fps), "settings": s.to_dict(), "timings": timings,
-                      "models": _models_record(pipe)}
-            write_prediction(os.path.join(output_dir, str(row.index)), a, record, s.fps, clips[i].frames, strip)
+                      "input_video": clips[i].source, "input_frames": clips[i].num_frames,
+                      "input_fps": float(clips[i].fps), "input": clips[i].input_record(), "settings": s.to_dict(),
+                      "timings": timings, "models": _models_record(pipe)}
+            write_prediction(os.path.join(output_dir, str(row.index)), a, record, s.fps, clips[i].preview(), strip)
             computed += 1
 
     for start in range(0, len(todo), batch_size):
@@ -388,7 +392,7 @@ def run_cli(args) -> int:
     if args.csv is None:     # bad input fails before minutes of model loading
         try:
             single = prepare_input(args.video, args.question, args.output_dir, seed=args.seed, fps=settings.fps,
-                                   synthetic=tiny)
+                                   synthetic=tiny, settings=settings)
         except VideoError as e:
             print(f"vans-jax predict: error: {e}", file=sys.stderr)
             return 2

@@ -22,7 +22,11 @@ Each element of ``VNEPSource`` is a dict::
     target           uint8 (target_frames, th, tw, 3)      VAE target (output video)
     target_valid     int    real (non-padded) frames in `target`
 
-A sample whose video is missing / corrupt / too short is not raised: the
+Videos are not decoded whole: only the frames a sample uses, picked by presentation timestamp
+(``video_io.sample_video``; variable frame rates are timed right, rotated phone clips come out
+upright). A video of which less than ``video_io.MIN_DECODED_FRACTION`` decodes is ``*_damaged``.
+
+A sample whose video is missing / corrupt / damaged / too short is not raised: the
 source returns a small marker ``{"index": i, "error": reason, "detail": msg}``
 and the top ``SkipAndBatch`` iterator drops it and counts it by reason
 (``skip_stats(iterator)``).  Counting happens in the main process, so the
@@ -50,17 +54,14 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from ..models.qwen2_5_vl.processor import sample_frames_for_vlm
 from .csv_format import CSVReport, VNEPFormatError, VNEPRow, read_vnep_csv
 from .video_io import (
     VideoError,
     check_vae_frames,
     probe_video,
-    read_video,
-    reference_clip,
     resample_indices,
     resize_center_crop,
-    target_clip,
+    sample_video,
 )
 
 __all__ = [
@@ -156,26 +157,27 @@ class VNEPSource:
     def path(self, rel: str) -> str:
         return os.path.join(self.video_root, rel)
 
-    def _read(self, rel: str, which: str, min_frames: int):
+    def _sample(self, rel: str, which: str, min_frames: int, requests: dict):
+        """Decode only the requested frames of one video (``video_io.sample_video``: by timestamp,
+        upright); a damaged file below the threshold is ``<which>_damaged``, one above it is used."""
         try:
-            frames, fps = read_video(self.path(rel))
+            sv = sample_video(self.path(rel), requests, warn=False)
         except VideoError as e:
             raise VideoError(e.path, f"{which}_{e.reason}", e.detail) from None
-        if frames.shape[0] < min_frames:
-            raise VideoError(self.path(rel), f"{which}_too_short", f"{frames.shape[0]} frames < {min_frames}")
-        return frames, fps
+        if sv.report.decoded_frames < min_frames:
+            raise VideoError(self.path(rel), f"{which}_too_short", f"{sv.report.decoded_frames} frames < {min_frames}")
+        return sv
 
     def load(self, i: int) -> dict:
         row = self.rows[i]
         c = self.config
-        frames, fps = self._read(row.input_video_path, "input", c.min_input_frames)
-        vlm, vlm_fps = sample_frames_for_vlm(frames, fps, num_frames=c.num_vlm_frames, sample_fps=c.vlm_sample_fps)
+        sv = self._sample(row.input_video_path, "input", c.min_input_frames, {
+            "vlm": ("vlm", c.num_vlm_frames, c.vlm_sample_fps),
+            "reference": ("clip", c.reference_frames, c.reference_fps, c.reference_mode)})
+        vlm, vlm_fps = sv.frames["vlm"], sv.rates["vlm"]
         if c.vlm_height is not None:
             vlm = resize_center_crop(vlm, c.vlm_height, c.vlm_width, resample=c.resample)
-        ref, ref_valid = reference_clip(
-            frames, fps, c.reference_frames, c.reference_height, c.reference_width, c.reference_fps,
-            mode=c.reference_mode, resample=c.resample, return_valid=True,
-        )
+        ref = resize_center_crop(sv.frames["reference"], c.reference_height, c.reference_width, resample=c.resample)
         out = {
             "index": int(row.index),
             "question": row.question,
@@ -184,18 +186,16 @@ class VNEPSource:
             "kind": row.kind,
             "vlm_frames": np.ascontiguousarray(vlm),
             "vlm_fps": float(vlm_fps),
-            "input_fps": float(fps),
+            "input_fps": float(sv.timeline.fps),
             "reference": ref,
-            "reference_valid": int(ref_valid),
+            "reference_valid": int(sv.valid["reference"]),
         }
         if c.load_target:
-            tframes, tfps = self._read(row.output_video_path, "output", c.min_output_frames)
-            tgt, valid = target_clip(
-                tframes, tfps, c.target_frames, c.target_height, c.target_width, c.target_fps,
-                resample=c.resample, return_valid=True,
-            )
-            out["target"] = tgt
-            out["target_valid"] = int(valid)
+            tv = self._sample(row.output_video_path, "output", c.min_output_frames,
+                              {"target": ("clip", c.target_frames, c.target_fps, "first")})
+            out["target"] = resize_center_crop(tv.frames["target"], c.target_height, c.target_width,
+                                               resample=c.resample)
+            out["target_valid"] = int(tv.valid["target"])
         return out
 
     def __getitem__(self, i: int) -> dict:

@@ -3,12 +3,27 @@
 Conventions
 -----------
 * Frames are ``uint8`` arrays of shape ``(T, H, W, 3)`` in RGB order.
-* ``read_video`` decodes every frame of the first video stream and returns the
+* ``sample_video`` is the reader for real clips (the pipeline's and the loader's): one demux
+  pass gives every frame's presentation timestamp (``scan_video``, no decoding); the sampling
+  rules pick frames by time (``vlm_indices``, ``clip_indices``: the rules below, on ``pts *
+  time_base`` instead of ``i / fps``, the same frames for a constant-rate clip); only those are
+  decoded, seeking to the keyframe before each stretch, converted to RGB (scaled down to
+  ``max_pixels`` by swscale) and turned upright as they come out. Memory is the requested frames,
+  not the clip. It compares what decodes with what the container announces (``ReadReport``):
+  below ``MIN_DECODED_FRACTION`` (75 %) of the frames or the duration is ``VideoError``
+  ``damaged`` naming the file and both numbers; any shortfall (more than one frame), decode error
+  or frame replaced by its decodable neighbour is a ``VideoDamageWarning`` and ``report.warning``.
+  Frames outside the decoded stretches are counted from the container, not decoded.
+* Rotation: a display matrix (phone clips; PyAV ``frame.rotation``, counter-clockwise degrees)
+  is undone on every frame by every reader here, so frames are upright (a portrait phone clip
+  reads as portrait). ``probe_video`` reports the upright size.
+* ``read_video`` decodes every frame of the first video stream (all of it in memory: for
+  short clips and tests; use ``sample_video`` for inputs of any length) and returns the
   stream's nominal frame rate (``average_rate``, falling back to
   ``guessed_rate`` / ``base_rate`` and finally to the rate implied by the
   timestamps).  All failures raise :class:`VideoError` carrying the file name
   and a short machine-readable ``reason`` (``missing``, ``corrupt``,
-  ``no_video_stream``, ``empty``) which the pipeline uses as skip counters.
+  ``no_video_stream``, ``empty``, ``damaged``) which the pipeline uses as skip counters.
 * ``write_video`` encodes H.264 (libx264, ``yuv420p``, CRF 12 by default,
   single-threaded so the bytes are reproducible) and falls back to MPEG-4 Part
   2 if libx264 is unavailable.  ``yuv420p`` needs even sizes: odd heights /
@@ -36,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from fractions import Fraction
 from typing import Literal
 
@@ -59,6 +75,15 @@ __all__ = [
     "DEFAULT_TARGET_FRAMES",
     "DEFAULT_HEIGHT",
     "DEFAULT_WIDTH",
+    "MIN_DECODED_FRACTION",
+    "VideoDamageWarning",
+    "VideoTimeline",
+    "scan_video",
+    "vlm_indices",
+    "clip_indices",
+    "ReadReport",
+    "SampledVideo",
+    "sample_video",
 ]
 
 DEFAULT_OUT_FPS = 11.0
@@ -80,7 +105,7 @@ class VideoError(RuntimeError):
     """A video could not be read (or written).
 
     Attributes: ``path`` (the file), ``reason`` (one of ``missing``,
-    ``corrupt``, ``no_video_stream``, ``empty``, ``too_short``, ``write``),
+    ``corrupt``, ``no_video_stream``, ``empty``, ``damaged``, ``too_short``, ``write``),
     ``detail`` (free text).
     """
 
@@ -162,7 +187,7 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[np.ndarray, floa
         fps = _stream_fps(stream)
         try:
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(_frame_rgb(frame, None))
                 if frame.time is not None:
                     pts.append(float(frame.time))
                 if max_frames is not None and len(frames) >= max_frames:
@@ -190,15 +215,60 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[np.ndarray, floa
 def probe_video(path, *, full_decode: bool = False) -> VideoInfo:
     """Open a video and return :class:`VideoInfo`.
 
-    With ``full_decode`` every frame is decoded (exact count, catches damage
-    anywhere).  Otherwise only the first frame is decoded (proves the stream is
+    With ``full_decode`` every frame is decoded, streamed (exact count of the frames that decode,
+    catches damage anywhere; fewer than ``MIN_DECODED_FRACTION`` of the frames the header
+    announces is ``VideoError`` ``damaged``).  Otherwise only the first frame is decoded (proves the stream is
     decodable) and the frame count comes from the header (``stream.frames``,
     else ``duration * fps``).
     """
     path = os.fspath(path)
-    if full_decode:
-        frames, fps = read_video(path)
-        return VideoInfo(path, int(frames.shape[0]), fps, int(frames.shape[1]), int(frames.shape[2]), True)
+    if full_decode:   # streamed: decodes every packet (on past damaged ones), counts, holds one frame
+        container = _open(path)
+        n, errors, first, times, last_time, err = 0, 0, None, [], None, ""
+        try:
+            stream = container.streams.video[0]
+            stream.thread_type = "SLICE"   # frame threads drop damaged frames without an error
+            fps = _stream_fps(stream)
+            expected = int(stream.frames or 0)
+
+            def count(frames):
+                nonlocal n, first, last_time
+                for frame in frames:
+                    if getattr(frame, "is_corrupt", False):
+                        continue
+                    if first is None:
+                        first = frame.width, frame.height, getattr(frame, "rotation", 0)
+                    if frame.time is not None and len(times) < 2:
+                        times.append(float(frame.time))
+                    last_time = frame.time
+                    n += 1
+
+            try:
+                for pkt in container.demux(stream):
+                    try:
+                        count(stream.decode(pkt) if pkt.size else stream.codec_context.decode(None))
+                    except Exception as e:
+                        errors, err = errors + 1, f"{type(e).__name__}: {e}"
+            except Exception as e:  # unreadable tail
+                errors, err = errors + 1, f"{type(e).__name__}: {e}"
+        finally:
+            container.close()
+        if not n and errors:
+            raise VideoError(path, "corrupt", f"decode failed: {err}")
+        if expected and n < MIN_DECODED_FRACTION * expected:
+            raise VideoError(path, "damaged", f"{n} of {expected} frames decoded ({errors} decode errors): "
+                                              f"below the {MIN_DECODED_FRACTION:.0%} threshold")
+        if not n:
+            raise VideoError(path, "empty", "no decodable frames")
+        if fps is None:
+            if n >= 2 and last_time is not None and times and float(last_time) > times[0]:
+                fps = (n - 1) / (float(last_time) - times[0])
+            else:
+                raise VideoError(path, "corrupt", "cannot determine frame rate")
+        w, h, rot = first
+        if int(round(float(rot or 0) / 90.0)) % 2:   # displayed size (turned upright)
+            h, w = w, h
+        return VideoInfo(path, n, float(fps), int(h), int(w), True)
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -219,6 +289,8 @@ def probe_video(path, *, full_decode: bool = False) -> VideoInfo:
         except Exception as e:
             raise VideoError(path, "corrupt", f"decode failed: {type(e).__name__}: {e}") from None
         h, w = first.height, first.width
+        if int(round(float(getattr(first, "rotation", 0) or 0) / 90.0)) % 2:   # displayed size
+            h, w = w, h
     finally:
         container.close()
     if fps is None:
@@ -447,3 +519,450 @@ def reference_clip(
         raise ValueError(f"reference_clip: mode must be 'last', 'first' or 'uniform', got {mode!r}")
     out = resize_center_crop(a[idx], height, width, resample=resample)
     return (out, valid) if return_valid else out
+
+
+# --------------------------------------------------------------------------- #
+# streaming, timestamp-based sampling (what the pipeline and the loader use)
+# --------------------------------------------------------------------------- #
+MIN_DECODED_FRACTION = 0.75
+
+
+class VideoDamageWarning(UserWarning):
+    """A video decoded only partly (above ``min_decoded``): it was used, the numbers are in the report."""
+
+
+def _rotate_upright(a: np.ndarray, rotation) -> np.ndarray:
+    """Undo a display-matrix rotation: ``rotation`` is the counter-clockwise angle (degrees) the
+    player turns the stored picture by (PyAV ``frame.rotation``; a phone's ``rotate=90`` tag is -90)."""
+    k = int(round(float(rotation or 0) / 90.0)) % 4
+    return np.ascontiguousarray(np.rot90(a, k)) if k else a
+
+
+def _frame_rgb(frame, max_pixels: int | None) -> np.ndarray:
+    """One decoded frame -> upright uint8 RGB, scaled down (swscale, area) to at most ``max_pixels``."""
+    w, h = frame.width, frame.height
+    if max_pixels is not None and w * h > max_pixels:
+        s = math.sqrt(max_pixels / float(w * h))
+        a = frame.to_ndarray(format="rgb24", width=max(1, int(w * s)), height=max(1, int(h * s)),
+                             interpolation="AREA")
+    else:
+        a = frame.to_ndarray(format="rgb24")
+    return _rotate_upright(a, getattr(frame, "rotation", 0))
+
+
+def _frac(x) -> Fraction:
+    return x if isinstance(x, Fraction) else Fraction(float(x)).limit_denominator(1_000_000)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoTimeline:
+    """The frames a video's container holds, from one demux pass (no decoding).
+
+    ``pts``: presentation timestamps (int, ``time_base`` units), sorted; frame ``i`` is shown at
+    ``(pts[i] - pts[0]) * time_base`` seconds and lasts ``last_duration`` (the last one) -- so a
+    variable-frame-rate clip is timed by its timestamps, not by ``i / fps``. ``by_index``: the
+    container gives no timestamps (frames are timed ``i / fps``). ``expected_frames`` /
+    ``expected_duration``: what the header announces (``None`` when it does not say).
+    """
+    path: str
+    pts: np.ndarray
+    time_base: Fraction
+    keyframes: np.ndarray          # pts of keyframe packets, sorted
+    last_duration: int             # time_base units
+    fps: float                     # nominal rate (header; else from the timestamps)
+    expected_frames: int | None
+    expected_duration: float | None
+    by_index: bool = False
+    demux_error: str = ""
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.pts.shape[0])
+
+    @property
+    def times(self) -> np.ndarray:
+        """Seconds from the first frame, float64 (for reports; the sampling uses exact integers)."""
+        return (self.pts - self.pts[0]).astype(np.float64) * float(self.time_base)
+
+    @property
+    def duration(self) -> float:
+        """First frame to the end of the last one, in seconds."""
+        return float((int(self.pts[-1]) - int(self.pts[0]) + self.last_duration) * self.time_base)
+
+    def _ticks(self, t) -> Fraction:
+        """Seconds from the first frame -> exact timestamp."""
+        return int(self.pts[0]) + _frac(t) / self.time_base
+
+    def nearest(self, times) -> np.ndarray:
+        """Index of the frame shown nearest each time (seconds from the first frame); a tie goes to
+        the later frame (the ``floor(t * fps + 0.5)`` rule of a constant-rate clip)."""
+        p = self.pts
+        out = np.empty(len(times), np.int64)
+        for k, t in enumerate(times):
+            x = self._ticks(t)
+            j = int(np.searchsorted(p, math.ceil(x), side="left"))
+            if j >= len(p):
+                out[k] = len(p) - 1
+            elif j == 0:
+                out[k] = 0
+            else:
+                out[k] = j if (int(p[j]) - x) <= (x - int(p[j - 1])) else j - 1
+        return out
+
+    def past_end(self, t) -> bool:
+        """True when time ``t`` is nearer to the frame after the last one than to the last one."""
+        return 2 * self._ticks(t) >= 2 * int(self.pts[-1]) + self.last_duration
+
+
+def scan_video(path) -> VideoTimeline:
+    """One demux pass over the first video stream (packets are read, not decoded: cheap) ->
+    :class:`VideoTimeline`. A read error part-way (a truncated file) ends the timeline there
+    (``demux_error``); no packet at all is ``VideoError`` ``empty`` / ``corrupt``."""
+    path = os.fspath(path)
+    container = _open(path)
+    pts: list[int] = []
+    keys: list[int] = []
+    durations: list[int] = []
+    no_ts = 0
+    err = ""
+    try:
+        stream = container.streams.video[0]
+        tb = stream.time_base
+        fps = _stream_fps(stream)
+        expected = int(stream.frames or 0) or None
+        exp_dur = None
+        if stream.duration is not None and tb is not None and stream.duration > 0:
+            exp_dur = float(stream.duration * tb)
+        elif container.duration is not None and container.duration > 0 and len(container.streams) == 1:
+            exp_dur = container.duration / 1_000_000   # the container's: only when the video is all it holds
+        try:
+            for pkt in container.demux(stream):
+                if pkt.size == 0 or getattr(pkt, "is_discard", False):
+                    continue
+                t = pkt.pts if pkt.pts is not None else pkt.dts
+                if t is None:
+                    no_ts += 1
+                    t = len(pts)
+                pts.append(int(t))
+                durations.append(int(pkt.duration or 0))
+                if pkt.is_keyframe:
+                    keys.append(int(t))
+        except Exception as e:  # truncated / unreadable tail
+            err = f"{type(e).__name__}: {e}"
+    finally:
+        container.close()
+    if not pts:
+        raise VideoError(path, "corrupt" if err else "empty", err or "no video packets")
+    by_index = no_ts > 0 or tb is None
+    if by_index:
+        if fps is None:
+            raise VideoError(path, "corrupt", "no timestamps and no frame rate")
+        tb = Fraction(1) / _frac(fps)
+        p = np.arange(len(pts), dtype=np.int64)
+        keyframes, last = np.zeros(1, np.int64), 1
+    else:
+        tb = Fraction(tb.numerator, tb.denominator)
+        order = np.argsort(np.asarray(pts, np.int64), kind="stable")
+        p = np.asarray(pts, np.int64)[order]
+        if len(np.unique(p)) != len(p):  # duplicate timestamps: keep the first of each
+            p = np.unique(p)
+        keyframes = np.unique(np.asarray(keys or [int(p[0])], np.int64))
+        last = int(np.asarray(durations, np.int64)[order][-1]) if durations else 0
+        if last <= 0:
+            d = np.diff(p)
+            last = int(np.median(d)) if d.size else (int(round(1 / (fps * tb))) if fps else 1)
+        last = max(last, 1)
+        if fps is None:
+            if len(p) < 2:
+                raise VideoError(path, "corrupt", "cannot determine frame rate")
+            fps = (len(p) - 1) / float((int(p[-1]) - int(p[0])) * tb)
+    return VideoTimeline(path, p, tb, keyframes, int(last), float(fps), expected, exp_dur, by_index, err)
+
+
+# -- which frames: the sampling rules on timestamps (constant-rate clips: the index rules above) --
+
+def vlm_indices(tl: VideoTimeline, num_frames: int = 6, sample_fps: float = 1.0) -> tuple[np.ndarray, float]:
+    """``processor.sample_frames_for_vlm`` on timestamps: frame ``k`` is the one shown nearest
+    ``k / sample_fps`` s; when the last of those times is past the end of the clip the frames are
+    spread over the clip's time span instead (nearest each of ``linspace(0, t_last, num_frames)``)
+    and the returned rate is the effective one, ``(num_frames - 1) / t_last``."""
+    if num_frames < 1 or not sample_fps > 0:
+        raise ValueError(f"vlm_indices: need num_frames >= 1 and sample_fps > 0, got {num_frames}, {sample_fps}")
+    r = _frac(sample_fps)
+    times = [Fraction(k) / r for k in range(num_frames)]
+    if not tl.past_end(times[-1]):
+        return tl.nearest(times), float(sample_fps)
+    span = (int(tl.pts[-1]) - int(tl.pts[0])) * tl.time_base
+    idx = tl.nearest([span * j / max(num_frames - 1, 1) for j in range(num_frames)])
+    if tl.num_frames == 1 or num_frames == 1 or span <= 0:
+        return idx, float(sample_fps)
+    return idx, float((num_frames - 1) / span)
+
+
+def clip_indices(tl: VideoTimeline, num_frames: int, out_fps: float,
+                 mode: Literal["first", "last", "uniform"] = "first") -> tuple[np.ndarray, int]:
+    """``target_clip`` (``mode="first"``) and ``reference_clip`` (``"last"`` / ``"uniform"``) on
+    timestamps: output frame ``k`` at ``k / out_fps`` s takes the frame shown nearest that time.
+    ``first``: times past the end repeat the last frame; ``last``: the last ``num_frames`` of the
+    clip's ``floor(duration * out_fps)`` re-timed frames, padded in front by the first;
+    ``uniform``: nearest each of ``linspace(0, t_last, num_frames)``. Returns ``(indices, valid)``."""
+    if num_frames < 1 or not out_fps > 0:
+        raise ValueError(f"clip_indices: need num_frames >= 1 and out_fps > 0, got {num_frames}, {out_fps}")
+    r = _frac(out_fps)
+    if mode == "first":
+        times = [Fraction(k) / r for k in range(num_frames)]
+        return tl.nearest(times), sum(not tl.past_end(t) for t in times)
+    if mode == "last":
+        dur = (int(tl.pts[-1]) - int(tl.pts[0]) + tl.last_duration) * tl.time_base
+        n_all = max(1, math.floor(dur * r))
+        ks = range(max(0, n_all - num_frames), n_all)
+        idx = tl.nearest([Fraction(k) / r for k in ks])
+        if n_all >= num_frames:
+            return idx, num_frames
+        return np.concatenate([np.full(num_frames - n_all, idx[0]), idx]), n_all
+    if mode == "uniform":
+        span = (int(tl.pts[-1]) - int(tl.pts[0])) * tl.time_base
+        return tl.nearest([span * j / max(num_frames - 1, 1) for j in range(num_frames)]), min(num_frames, tl.num_frames)
+    raise ValueError(f"clip_indices: mode must be 'first', 'last' or 'uniform', got {mode!r}")
+
+
+# -- decoding only those frames ------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ReadReport:
+    """How a video was read: what the container announces against what decoded.
+
+    ``decoded_frames``: frames the file holds (its packets) minus the ones that failed to decode
+    where this read decoded (frames outside the decoded stretches are counted, not decoded);
+    ``decoded_duration``: first frame to the end of the last good one. ``substituted``: requested
+    frames that did not decode and were replaced by the nearest one that did. ``warning``: set when
+    less decoded than announced (then :class:`VideoDamageWarning`)."""
+    path: str
+    expected_frames: int | None
+    decoded_frames: int
+    expected_duration: float | None
+    decoded_duration: float
+    fps: float
+    rotation: int = 0
+    decode_errors: int = 0
+    substituted: int = 0
+    frames_decoded_here: int = 0   # frames this read actually decoded (cost)
+    warning: str | None = None
+
+    @property
+    def decoded_fraction(self) -> float:
+        fr = [1.0]
+        if self.expected_frames:
+            fr.append(self.decoded_frames / self.expected_frames)
+        if self.expected_duration:
+            fr.append(self.decoded_duration / self.expected_duration)
+        return float(min(fr))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["expected_duration"] = None if self.expected_duration is None else round(self.expected_duration, 4)
+        d["decoded_duration"] = round(self.decoded_duration, 4)
+        d["decoded_fraction"] = round(self.decoded_fraction, 4)
+        return d
+
+
+def _decode_at(path: str, tl: VideoTimeline, wanted: np.ndarray, max_pixels: int | None) -> dict:
+    """Decode the frames at timeline indices ``wanted``: for each stretch, seek to the keyframe
+    before it (when that is ahead of the decoder), decode forward, convert only the wanted frames.
+    A wanted frame that does not decode is replaced by the nearest one that did (``substituted``).
+    Returns a dict: ``frames`` {index: rgb}, ``bad`` (timestamps sent to the decoder that gave no
+    good frame), ``errors``, ``substituted``, ``decoded``, ``rotation``."""
+    container = _open(path)
+    pending = [int(tl.pts[i]) for i in wanted]
+    index_of = {int(tl.pts[i]): int(i) for i in wanted}
+    r = {"frames": {}, "bad": set(), "errors": 0, "substituted": 0, "decoded": 0, "rotation": 0}
+    st = {"i": 0, "prev": None, "last_out": None, "counter": 0, "fresh_target": None, "overshoot": False}
+    sent: list[int] = []
+    got: set[int] = set()
+
+    def store(frame, want):
+        r["rotation"] = int(getattr(frame, "rotation", 0) or 0)
+        r["frames"][index_of[want]] = _frame_rgb(frame, max_pixels)
+
+    def handle(frame, q):
+        while st["i"] < len(pending) and pending[st["i"]] < q:   # passed without decoding
+            p, prev = pending[st["i"]], st["prev"]
+            store(frame if prev is None or (q - p) <= (p - prev[1]) else prev[0], p)
+            r["substituted"] += 1
+            st["i"] += 1
+        if st["i"] < len(pending) and pending[st["i"]] == q:
+            store(frame, q)
+            st["i"] += 1
+        st["prev"] = (frame, q)
+
+    def take(frames):
+        for f in frames:
+            q = st["counter"] if tl.by_index else f.pts
+            st["counter"] += 1
+            if q is None:
+                continue
+            q = int(q)
+            r["decoded"] += 1
+            if st["fresh_target"] is not None:   # first frame after a seek: did it land too late?
+                if q > st["fresh_target"]:
+                    st["overshoot"] = True
+                    return
+                st["fresh_target"] = None
+            st["last_out"] = q
+            if getattr(f, "is_corrupt", False):
+                r["bad"].add(q)
+                continue
+            got.add(q)
+            handle(f, q)
+
+    def close_run(flushed: bool):
+        lo = st["last_out"]
+        r["bad"].update(p for p in sent if p not in got and (flushed or (lo is not None and p <= lo)))
+        sent.clear()
+        got.clear()
+
+    try:
+        stream = container.streams.video[0]
+        # slice threads only: frame threading drops damaged frames silently (no error, fewer frames)
+        stream.thread_type = "SLICE"
+        packets = container.demux(stream)
+        pos = int(tl.pts[0])          # where the decoder is: nothing decoded yet, at the start
+        restarted = False
+        while st["i"] < len(pending):
+            target = pending[st["i"]]
+            if st["overshoot"] or not tl.by_index:
+                ks = tl.keyframes[tl.keyframes <= target]
+                k = int(ks[-1]) if ks.size else int(tl.keyframes[0])
+                seek_to = None
+                if st["overshoot"]:   # the seek landed after the target: decode from the start once
+                    st["overshoot"], st["fresh_target"] = False, None
+                    restarted, seek_to = True, int(tl.pts[0]) - 1
+                    sent.clear()
+                    got.clear()
+                elif k > pos and k > int(tl.keyframes[0]):
+                    close_run(False)
+                    seek_to = k
+                if seek_to is not None:
+                    container.seek(seek_to, stream=stream, backward=True, any_frame=False)
+                    stream.codec_context.flush_buffers()
+                    packets = container.demux(stream)
+                    # after a restart from the start a late first frame is damage, not a bad seek
+                    st["prev"], pos, st["fresh_target"] = None, max(seek_to, pos), None if restarted else target
+            here = st["i"]
+            while st["i"] == here and not st["overshoot"]:
+                try:
+                    pkt = next(packets)
+                except Exception:       # StopIteration, or an unreadable tail
+                    pkt = None
+                if pkt is None or (pkt.size == 0 and pkt.pts is None):
+                    try:
+                        take(stream.codec_context.decode(None))
+                    except Exception:
+                        r["errors"] += 1
+                    close_run(True)
+                    # requests after the last decodable frame: the last good one
+                    while st["i"] < len(pending) and st["prev"] is not None:
+                        store(st["prev"][0], pending[st["i"]])
+                        r["substituted"] += 1
+                        st["i"] += 1
+                    if tl.by_index:
+                        r["bad"].update(range(st["counter"], tl.num_frames))
+                    return r
+                if pkt.size == 0:
+                    continue
+                if not tl.by_index and not getattr(pkt, "is_discard", False):
+                    t = pkt.pts if pkt.pts is not None else pkt.dts
+                    if t is not None:
+                        sent.append(int(t))
+                try:
+                    take(stream.decode(pkt))
+                except Exception:
+                    r["errors"] += 1
+                if st["last_out"] is not None:
+                    pos = max(pos, st["last_out"])
+        close_run(False)
+    finally:
+        container.close()
+    return r
+
+
+@dataclasses.dataclass
+class SampledVideo:
+    """What :func:`sample_video` decoded: each request's frames (uint8 RGB, upright, at most
+    ``max_pixels``), their rates / valid counts, the timeline and the :class:`ReadReport`."""
+    path: str
+    frames: dict[str, np.ndarray]
+    rates: dict[str, float]
+    valid: dict[str, int]
+    timeline: VideoTimeline
+    report: ReadReport
+
+
+def sample_video(path, requests: dict, *, max_pixels: int | None = None,
+                 min_decoded: float = MIN_DECODED_FRACTION, warn: bool = True) -> SampledVideo:
+    """Decode only the frames ``requests`` ask for, in one seek-and-stream pass.
+
+    ``requests``: name -> ``("vlm", num_frames, sample_fps)``, ``("clip", num_frames, out_fps, mode)``
+    (``mode``: ``first`` / ``last`` / ``uniform``, see :func:`clip_indices`) or ``("spread", n)`` (``n``
+    frames evenly over the clip's time span, e.g. a preview). Frames are picked by presentation
+    timestamp, decoded from the keyframe before them, scaled down to ``max_pixels`` and turned
+    upright as they are decoded; memory is the requested frames, whatever the clip's length.
+
+    Damage: the container's announced frames / duration are compared with what decodes. Less than
+    ``min_decoded`` of it is ``VideoError`` ``damaged`` naming the file and both numbers; less than
+    all of it (more than one frame short) sets ``report.warning`` (and warns when ``warn``).
+    """
+    path = os.fspath(path)
+    tl = scan_video(path)
+    plans: dict[str, tuple[np.ndarray, float, int]] = {}
+    for name, req in requests.items():
+        kind = req[0]
+        if kind == "vlm":
+            idx, rate = vlm_indices(tl, int(req[1]), float(req[2]))
+            plans[name] = (idx, rate, int(req[1]))
+        elif kind == "clip":
+            idx, valid = clip_indices(tl, int(req[1]), float(req[2]), req[3] if len(req) > 3 else "first")
+            plans[name] = (idx, float(req[2]), int(valid))
+        elif kind == "spread":
+            idx, valid = clip_indices(tl, int(req[1]), 1.0, "uniform")
+            plans[name] = (idx, tl.fps, int(valid))
+        else:
+            raise ValueError(f"sample_video: unknown request {name}={req!r}")
+    wanted = np.unique(np.concatenate([p[0] for p in plans.values()])) if plans else np.zeros(0, np.int64)
+    d = _decode_at(path, tl, wanted, max_pixels)
+    got = d["frames"]
+    if len(got) < len(wanted):
+        raise VideoError(path, "corrupt" if d["errors"] else "empty",
+                         f"{len(wanted) - len(got)} of {len(wanted)} requested frames did not decode ({d['errors']} decode errors)")
+    bad = d["bad"] & set(tl.pts.tolist())
+    good = tl.pts[~np.isin(tl.pts, np.fromiter(bad, np.int64, len(bad)))] if bad else tl.pts
+    if good.size == 0:
+        raise VideoError(path, "corrupt", f"no frame decoded ({d['errors']} decode errors)")
+    dec_dur = float((int(good[-1]) - int(tl.pts[0]) + tl.last_duration) * tl.time_base)
+    errors, substituted = d["errors"], d["substituted"]
+    rep = ReadReport(path, tl.expected_frames, int(good.size), tl.expected_duration, dec_dur, tl.fps,
+                     d["rotation"], errors, substituted, d["decoded"])
+    frac = rep.decoded_fraction
+    exp = f"{tl.expected_frames} frames" if tl.expected_frames else "?"
+    numbers = (f"{rep.decoded_frames} of {exp} ({dec_dur:.2f} s of "
+               f"{'?' if tl.expected_duration is None else f'{tl.expected_duration:.2f}'} s) decoded")
+    if frac < min_decoded:
+        raise VideoError(path, "damaged", f"{numbers}: below the {min_decoded:.0%} threshold"
+                         + (f"; {tl.demux_error}" if tl.demux_error else ""))
+    short_frames = tl.expected_frames is not None and tl.expected_frames - rep.decoded_frames > 1
+    frame_s = 1.0 / tl.fps if tl.fps else 0.0
+    short_time = tl.expected_duration is not None and dec_dur < tl.expected_duration - 2 * frame_s - 1e-6
+    if short_frames or short_time or substituted or errors or bad:
+        rep.warning = f"{path}: damaged video, {numbers}" + (f", {errors} decode error(s)" if errors else "") + (
+            f", {substituted} requested frame(s) replaced by the nearest decodable one" if substituted else "")
+        if warn:
+            warnings.warn(VideoDamageWarning(rep.warning), stacklevel=2)
+    frames, rates, valid = {}, {}, {}
+    ref_shape = got[int(wanted[0])].shape if len(wanted) else None
+    for name, (idx, rate, v) in plans.items():
+        fs = [got[int(i)] for i in idx]
+        fs = [f if f.shape == ref_shape else np.asarray(Image.fromarray(f).resize((ref_shape[1], ref_shape[0])))
+              for f in fs]
+        frames[name] = np.stack(fs)
+        rates[name], valid[name] = rate, v
+    return SampledVideo(path, frames, rates, valid, tl, rep)
