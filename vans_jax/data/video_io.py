@@ -183,7 +183,7 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[np.ndarray, floa
     pts: list[float] = []
     try:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream.thread_type = "SLICE"   # frame threads: 4x slower on small clips, and they drop damaged frames silently
         fps = _stream_fps(stream)
         try:
             for frame in container.decode(stream):
