@@ -557,10 +557,13 @@ class VANSPipeline:
     def __call__(self, video, question, *, seed=0, num_steps: int | None = None, cfg_scale: float | None = None,
                  shift: float | None = None, height: int | None = None, width: int | None = None,
                  num_frames: int | None = None, temperature: float | None = None, top_p: float | None = None,
-                 num_futures: int = 1, video_fps: float | None = None, **overrides) -> VANSOutput:
+                 num_futures: int = 1, video_fps: float | None = None, progress=None, **overrides) -> VANSOutput:
         """Video(s) + question(s) -> ``VANSOutput`` (answers with text, think, caption, video).
         Unset settings (None) come from ``self.settings``; ``overrides`` may set any other
-        ``VANSSettings`` field (``n_ref``, ``fps``, ``fallback``, ``negative_prompt``, ...)."""
+        ``VANSSettings`` field (``n_ref``, ``fps``, ``fallback``, ``negative_prompt``, ...).
+        ``progress``: called with a line of text before and after each stage (what it will do, the
+        tokens written, the seconds taken; a stage's first call at a shape includes compiling it)."""
+        say = progress or (lambda msg: None)
         s = self.resolve_settings(num_steps=num_steps, cfg_scale=cfg_scale, shift=shift, height=height, width=width,
                                   num_frames=num_frames, temperature=temperature, top_p=top_p, **overrides)
         if num_futures < 1:
@@ -569,11 +572,18 @@ class VANSPipeline:
         clips, clip_index, questions = self._pairs(video, question, video_fps, s.fps, settings=s)
         seeds = self._seeds(seed, len(questions) * num_futures)
         t0 = time.perf_counter()
+        n = len(questions) * num_futures
+        say(f"VLM: {n} answer(s), up to {s.max_new_tokens} new tokens each "
+            f"({'greedy' if s.temperature == 0 else f'temperature {s.temperature:g}'})")
         answers = self._vlm_stage(clips, clip_index, questions, s, seeds, int(num_futures))
         t1 = time.perf_counter()
+        say(f"VLM: {sum(a.num_tokens for a in answers)} tokens in {t1 - t0:.1f}s")
+        say(f"VDM: {n} video(s) of {s.num_frames} frames at {s.height}x{s.width}, {s.num_steps} denoising steps "
+            f"(CFG {s.cfg_scale:g}, {s.n_ref} reference latent frames)")
         sample_clip = [clip_index[i // num_futures] for i in range(len(answers))]
         videos, vdm_t = self._vdm_stage(clips, sample_clip, [a.caption for a in answers], s, seeds)
         t2 = time.perf_counter()
+        say(f"VDM: done in {t2 - t1:.1f}s ({(t2 - t1) / max(s.num_steps, 1):.2f}s a step, decoding included)")
         for a, v in zip(answers, videos):
             a.video = v
         timings = {"load_inputs_s": t0 - t_start, "vlm_s": t1 - t0, **vdm_t, "vdm_s": t2 - t1,

@@ -180,8 +180,10 @@ def main(argv=None):
     ev.add_argument("--fps", type=float, default=11.0)
     ev.add_argument("--batch_size", type=int, default=8, help="videos per FVD feature batch")
     ev.add_argument("--quiet", action="store_true", help="no progress lines")
+    from vans_jax.train.modes import help_text as _train_help
     tr = sub.add_parser("train", help="SFT / Joint-GRPO training (modes: sft_vlm, sft_vdm, grpo_stage1, grpo_stage2, "
-                                      "grpo_vlm, grpo_vdm, grpo_all_in_one); the same command resumes")
+                                      "grpo_vlm, grpo_vdm, grpo_all_in_one); the same command resumes",
+                        epilog=_train_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--config", required=True, help="config file or name in configs/; override with --config.a.b=v")
     pr = sub.add_parser("predict", help="VANS inference: clip + question -> answer.json + answer.mp4 (or a whole CSV, "
                                         "resumable; default: the shipped tiny models)")

@@ -242,16 +242,16 @@ def prepare_input(video, question: str | None, output_dir: str, *, seed: int = 0
 
 
 def predict_one(pipe, clip, question: str, output_dir: str, *, seed: int = 0, strip: bool = True,
-                extra: dict | None = None, log=print) -> dict:
+                extra: dict | None = None, log=print, progress=None) -> dict:
     """One clip (a ``pipeline.Clip`` or anything ``load_clip`` takes) -> ``output_dir/answer.json`` +
-    ``answer.mp4`` (+ strip). Returns the JSON dict."""
+    ``answer.mp4`` (+ strip). Returns the JSON dict. ``progress``: the pipeline's stage lines."""
     from vans_jax.pipeline import InvalidResponseWarning, load_clip
 
     s = pipe.settings
     clip = load_clip(clip, image_fps=s.fps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", InvalidResponseWarning)     # reported once, by ``log`` below
-        out = pipe(clip, question, seed=seed)
+        out = pipe(clip, question, seed=seed, **({"progress": progress} if progress is not None else {}))
     a = out[0]
     record = {"input_video": clip.source, "input_frames": clip.num_frames, "input_fps": float(clip.fps),
               "input": clip.input_record(), "settings": s.to_dict(), "timings": out.timings,
@@ -270,16 +270,20 @@ class _Progress:
     def __init__(self, total: int, enabled: bool, every_s: float = 5.0):
         self.total, self.enabled, self.every_s = total, enabled, every_s
         self.t0 = self.last = time.time()
+        self.first = None        # (time, rows computed) when the first computed rows (and compiling) ended
 
     def __call__(self, done: int, computed: int, skipped: int, failed: int):
         now = time.time()
+        if computed and self.first is None:
+            self.first = (now, computed)
         if not self.enabled or (now - self.last < self.every_s and 1 < computed and done < self.total):
             return
         self.last = now
-        el = now - self.t0
-        rate = computed / el if el > 0 else 0.0
+        # the rate (and ETA) from the end of the first batch on: the first one includes compiling
+        t1, c1 = self.first or (now, computed)
+        rate = (computed - c1) / (now - t1) if computed > c1 and now > t1 else 0.0
         left = self.total - done
-        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+        eta = f"{left / rate:.0f}s" if rate > 0 else ("?" if computed == 0 else "? (the first batch compiles)")
         print(f"[predict] {done}/{self.total} rows ({skipped} already done, {failed} failed) "
               f"{rate:.2f} rows/s eta {eta}", file=sys.stderr, flush=True)
 
@@ -423,7 +427,9 @@ def run_cli(args) -> int:
     clip, question, extra = single
     try:
         data = predict_one(pipe, clip, question, args.output_dir, seed=args.seed, strip=not args.no_strip,
-                           extra=extra, log=lambda m: print(m, file=sys.stderr))
+                           extra=extra, log=lambda m: print(m, file=sys.stderr),
+                           progress=None if args.quiet else (lambda m: print(f"[predict] {m}", file=sys.stderr,
+                                                                              flush=True)))
     except InvalidResponseError as e:
         print(f"vans-jax predict: error: {e}", file=sys.stderr)
         return 2

@@ -1,12 +1,5 @@
-"""``vans-jax train``: one loop for every mode.
-
-    sft_vlm          SFT of the VLM (LoRA by default, ``train.sft_vlm.trainable=full``)
-    sft_vdm          SFT of the DiT (full by default), reference-frame conditioning, text dropout
-    grpo_stage1      Joint-GRPO stage 1 (VLM LoRA; r_format + r_t1 + r_v1 through the frozen VDM)
-    grpo_stage2      Joint-GRPO stage 2 (DiT; anchors from the frozen stage-1 VLM; r_v2 + r_c2)
-    grpo_vlm         ablation: standard GRPO on the VLM alone (text rewards)
-    grpo_vdm         ablation: standard GRPO on the VDM alone (ground-truth captions as anchors)
-    grpo_all_in_one  ablation: one stage, both models, one joint reward
+"""``vans-jax train``: one loop for every mode (``train.modes.MODE_DOCS``: sft_vlm, sft_vdm,
+grpo_stage1, grpo_stage2 and the ablations grpo_vlm, grpo_vdm, grpo_all_in_one).
 
 Reward ablations: ``train.grpo.disabled_rewards="t1"`` (names: format, t1, v1, v2, c2). "Both
 isolated then cascaded" = a grpo_vlm run and a grpo_vdm run from the same SFT models, evaluated
@@ -697,7 +690,7 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None,
 
     base = jax.random.key(int(cfg.seed))
     log_every = max(1, int(cfg.train.log_every))
-    t_start, done_here, last = time.perf_counter(), 0, {}
+    t_first, done_here, last = time.perf_counter(), 0, {}
     skipped_total = 0
     pending: list[tuple[int, dict]] = []     # steps whose metrics are still (partly) on the device
     t_flush = time.perf_counter()
@@ -740,13 +733,13 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None,
         pending.clear()
         if progress:
             scal = _scalars(last)
-            el = time.perf_counter() - t_start
-            eta = el / done_here * (total - last_step)
+            el = time.perf_counter() - t_first
+            eta = el / (done_here - 1) * (total - last_step) if done_here > 1 else None
             keys = [k for k in ("loss", "reward/total", "vlm/loss", "dit/loss", "vlm/kl", "dit/kl",
                                 "vlm/clip_fraction", "dit/clip_fraction", "token_accuracy") if k in scal]
             body = " ".join(f"{k}={scal[k]:.4g}" for k in keys)
             print(f"[{mode}] step {last_step}/{total} {body} {scal.get('time/step_s', 0):.2f}s/step "
-                  f"ETA {_fmt_eta(eta)}", flush=True)
+                  f"ETA {_fmt_eta(eta) if eta is not None else '? (the first step compiles)'}", flush=True)
 
     last_step = start
     for step in range(start + 1, total + 1):
@@ -756,6 +749,9 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None,
         pending.append((step, m))
         done_here += 1
         last_step = step
+        if done_here == 1:               # the ETA counts from the end of the first step (compiling excluded)
+            jax.block_until_ready(m)
+            t_first = time.perf_counter()
         stopping = stop_after is not None and done_here >= stop_after
         save = ckpt.should_save(step, step == total)
         if step % log_every == 0 or step == total or save or stopping:
