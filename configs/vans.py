@@ -70,6 +70,7 @@ def get_config():
                   sde_window=(), train_sampling_steps=20, train_cfg=4.5, render_sampler="euler",
                   advantage_clip=5.0, grad_clip=1.0, weight_decay=0.0, warmup_steps=0, schedule="constant",
                   vlm_trainable="lora", dit_trainable="full", disabled_rewards="",
+                  rewards="",   # "": the mode's paper rewards; else e.g. "v2,c2=0.5,world,my.module:fn,path/r.py:fn"
                   vlm_lr=None, dit_lr=None),   # per-part learning rates (None: lr)
     ))
     return c

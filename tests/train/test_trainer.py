@@ -230,6 +230,31 @@ def _train_cmd(world, workdir, steps):
     return [sys.executable, "-m", "vans_jax.apps.cli", "train", "--config", os.path.join(ROOT, "configs", "tiny.py")] + cfg_args
 
 
+@pytest.mark.parametrize("mode", ["grpo_stage1", "grpo_stage2"])
+def test_user_and_world_rewards_in_a_step(stage_runners, tmp_path, mode):
+    """train.grpo.rewards: a user function (a file) sees the rollouts (RewardInputs) and the world's
+    exact reward scores them; both are logged and drive the update."""
+    seen = tmp_path / "seen.json"
+    user = tmp_path / "user_reward.py"
+    user.write_text(
+        "import json, numpy as np\n"
+        "def redness(inputs):\n"
+        f"    json.dump({{'frames': list(inputs.frames.shape), 'gt': list(inputs.gt_frames.shape),\n"
+        f"               'captions': len(inputs.captions), 'texts': inputs.texts is not None,\n"
+        f"               'g': inputs.group_size}}, open({str(seen)!r}, 'w'))\n"
+        "    f = inputs.frames.astype(np.float32)\n"
+        "    return (f[..., 0] - f[..., 1:].mean(-1)).mean(axis=(1, 2, 3)) / 255.0\n")
+    cfg, runner = stage_runners[mode]
+    runner.rewards = reward_config(mode, (), f"world=0.5,{user}:redness")
+    m = runner.step(_examples(cfg, mode, 2), 1, jax.random.key(5))
+    assert m["skipped_rewards"] == 0 and np.isfinite(m["reward/world"])
+    assert f"reward/{user}:redness" in m
+    got = json.loads(seen.read_text())
+    g = cfg.train.grpo.group_size
+    assert got["frames"] == got["gt"] == [2 * g, int(cfg.video.num_frames), 32, 32, 3]
+    assert got["captions"] == 2 * g and got["g"] == g and got["texts"] == (mode == "grpo_stage1")
+
+
 def test_sigkill_then_restart_matches_uninterrupted(tiny_world, tmp_path):
     steps = 5
     base = {"train.steps": steps, "train.checkpoint_every": 1, "train.export": False}

@@ -122,7 +122,7 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
     the VLM's greedy answers (exact-caption accuracy, ROUGE-L, valid format) and the DiT's renderings
     of the ground-truth captions with the input's reference latents (seed 0 noise), scored against
     the ground-truth next event by CLIP-V and by the world's exact render accuracy
-    (``eval.render_accuracy``: foreground IoU, object colour), next to a control that needs no
+    (``rl.render_accuracy``: foreground IoU, object colour), next to a control that needs no
     model: the input's last frame repeated. ``vdm_clip_v_vs_iou_spearman``: how CLIP-V ranks the
     renders against how the exact IoU does."""
     from vans_jax.data.csv_format import read_vnep_csv
@@ -134,7 +134,7 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
     from vans_jax.apps.tiny_world import load_defaults, tiny_world_paths
     from vans_jax.apps.demo import _pipeline, eval_config
     from vans_jax.eval import runner as eval_runner
-    from vans_jax.eval.render_accuracy import mean_render_accuracy, render_accuracy
+    from vans_jax.rl.render_accuracy import mean_render_accuracy, render_accuracy
 
     paths = tiny_world_paths(world_dir)
     defaults = load_defaults(world_dir)

@@ -18,7 +18,7 @@ ground truth), ``clip_v`` (CLIP frame-by-frame similarity to the ground-truth vi
 (CLIPScore of the generated video against the ground-truth caption), ``total_reward`` = their sum
 (the four rewards Joint-GRPO optimizes, each in [0, 1]-ish units), scored by the evaluation's own
 core (``eval.runner.score_predictions``) on the videos the pipeline just decoded; and two exact
-diagnostics that need no learned model (``eval.render_accuracy``): ``render_iou`` (foreground IoU
+diagnostics that need no learned model (``rl.render_accuracy``): ``render_iou`` (foreground IoU
 of the generated frames with the true next event's) and ``render_color`` (the fraction of objects
 rendered in their colour, pooled over frames and samples).
 
@@ -46,10 +46,10 @@ from vans_jax.data import synthetic
 from vans_jax.data.csv_format import read_vnep_csv
 from vans_jax.data.video_io import read_video, target_clip
 from vans_jax.eval import runner as eval_runner
-from vans_jax.eval.render_accuracy import render_accuracy
+from vans_jax.rl.render_accuracy import render_accuracy
 
 REWARDS = ("format", "rouge_l", "clip_v", "clip_t")
-# the four rewards, their sum, and two exact diagnostics of the world (eval.render_accuracy: the
+# the four rewards, their sum, and two exact diagnostics of the world (rl.render_accuracy: the
 # foreground IoU and the object-colour accuracy of the generated video against the true next event;
 # not in total_reward)
 METRICS = REWARDS + ("total_reward", "render_iou", "render_color")

@@ -8,6 +8,10 @@ Components (names used everywhere: configs, logs, ablations):
   the ground-truth video (stage 1, trains the VLM).
 * ``v2``: the same similarity for the VDM's sample (stage 2, trains the VDM).
 * ``c2``: CLIPScore of the VDM's video vs the anchored caption (stage 2).
+* ``world`` (not the paper's): the synthetic world's exact foreground IoU of the rendered video vs
+  the ground truth (``rl.render_accuracy``).
+* user functions ``package.module:function`` / ``path/to/file.py:function`` taking a
+  ``RewardInputs`` (``parse_rewards``; ``train.grpo.rewards``).
 
 All reward functions are pure and batched: they take a batch and return one float32 value per
 sample. Advantages are computed per group of ``group_size`` consecutive samples (rows
@@ -200,7 +204,111 @@ register_reward("c2", ("gen_video_feats", "caption_feats"),
                 lambda gen_video_feats, caption_feats: clip_score(gen_video_feats, caption_feats),
                 "CLIPScore of the VDM sample vs the anchored caption")
 
+def _world_reward(frames, gt_frames):
+    from .render_accuracy import render_accuracy
+    return np.asarray([render_accuracy(np.asarray(g), np.asarray(t))["render_iou"] for g, t in zip(frames, gt_frames)],
+                      np.float32)
+
+
+register_reward("world", ("frames", "gt_frames"), _world_reward,
+                "the synthetic world's exact foreground IoU of the rendered video vs the ground truth "
+                "(rl.render_accuracy; not a paper reward)")
+
 STAGE_COMPONENTS = {1: ("format", "t1", "v1"), 2: ("v2", "c2")}
+
+
+# --------------------------------------------------------------------------------------------
+# user rewards (train.grpo.rewards)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardInputs:
+    """What a user reward function sees, for the whole batch of N = prompts x G rollouts (rows
+    ``[g * G, (g + 1) * G)`` are the rollouts of prompt ``g``).
+
+    frames:      uint8 (N, F, H, W, 3), the rendered videos (None in a mode that renders none)
+    gt_frames:   uint8 (N, F, H, W, 3), each rollout's ground-truth next event (None likewise)
+    captions:    the N captions that were rendered (the VLM's, or the stage-2 anchors)
+    gt_captions: the N ground-truth captions
+    texts:       the N full VLM outputs (None when the VLM does not sample: grpo_stage2, grpo_vdm)
+    group_size:  G
+    """
+    frames: np.ndarray | None
+    gt_frames: np.ndarray | None
+    captions: list
+    gt_captions: list
+    texts: list | None
+    group_size: int
+
+
+def _load_function(ref: str) -> Callable:
+    """``package.module:function`` or ``path/to/file.py:function`` -> the function."""
+    import importlib
+    import importlib.util
+    import os
+
+    mod_name, sep, fn_name = ref.rpartition(":")
+    if not sep or not mod_name or not fn_name:
+        raise ValueError(f"reward {ref!r}: expected a built-in name ({', '.join(sorted(REWARD_REGISTRY))}) or "
+                         "'package.module:function' or 'path/to/file.py:function'")
+    if mod_name.endswith(".py"):
+        if not os.path.isfile(mod_name):
+            raise FileNotFoundError(f"reward {ref!r}: file {mod_name} does not exist")
+        spec = importlib.util.spec_from_file_location(f"_vans_reward_{abs(hash(os.path.abspath(mod_name)))}", mod_name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ImportError(f"reward {ref!r}: cannot import module {mod_name!r}: {e}") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise AttributeError(f"reward {ref!r}: {mod_name} has no function {fn_name!r}")
+    return fn
+
+
+def _user_component(ref: str) -> RewardComponent:
+    fn = _load_function(ref)
+
+    def call(reward_inputs: RewardInputs):
+        n = len(reward_inputs.gt_captions)
+        out = fn(reward_inputs)
+        try:
+            a = np.asarray(jax.device_get(out), np.float32)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"reward {ref!r} returned {type(out).__name__}, not N={n} numbers: {e}") from None
+        if a.shape != (n,):
+            raise ValueError(f"reward {ref!r} returned shape {a.shape}; expected ({n},): one value per rollout")
+        return a
+
+    return RewardComponent(ref, ("reward_inputs",), call, f"user reward {ref}")
+
+
+def parse_rewards(spec: str) -> dict[str, float]:
+    """``train.grpo.rewards`` -> {component name: weight}: a comma-separated list of built-in names
+    (``format``, ``t1``, ``v1``, ``v2``, ``c2``, ``world``) and user functions
+    (``package.module:function``, ``path/to/file.py:function``), each optionally ``=weight``.
+    User functions are loaded and registered under their reference; empty -> {}."""
+    out: dict[str, float] = {}
+    for entry in (e.strip() for e in str(spec or "").split(",")):
+        if not entry:
+            continue
+        name, eq, w = entry.partition("=")
+        name = name.strip()
+        try:
+            weight = float(w) if eq else 1.0
+        except ValueError:
+            raise ValueError(f"reward {entry!r}: the weight {w!r} is not a number") from None
+        if name not in REWARD_REGISTRY:
+            if ":" not in name:
+                raise KeyError(f"unknown reward {name!r}; built-in: {sorted(REWARD_REGISTRY)} (or "
+                               "'package.module:function', 'path/to/file.py:function')")
+            REWARD_REGISTRY[name] = _user_component(name)
+        if name in out:
+            raise ValueError(f"reward {name!r} is listed twice in {spec!r}")
+        out[name] = weight
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from flax import nnx
 from ..sampling import flow
 from ..sampling.text import completion_logprobs
 from .grpo import vdm_grpo_loss, vlm_grpo_loss
-from .rewards import RewardConfig
+from .rewards import REWARD_REGISTRY, RewardConfig, parse_rewards
 
 # which reward components each mode uses (all weights 1, the paper's B.1 normalize-then-sum rule)
 MODE_REWARDS = {
@@ -38,12 +38,37 @@ MODE_REWARDS = {
 GRPO_MODES = tuple(MODE_REWARDS)
 
 
-def reward_config(mode: str, disabled: Sequence[str] = (), **kw) -> RewardConfig:
-    names = MODE_REWARDS[mode]
+# what each mode's rollouts provide to rewards
+_TEXT_INPUTS = ("texts",)
+_VIDEO_INPUTS = ("frames", "gt_frames", "gen_video_feats", "gt_video_feats", "caption_feats")
+
+
+def mode_inputs(mode: str) -> set:
+    """The reward inputs a mode's rollouts have (``texts`` only where the VLM samples, video inputs
+    only where videos are rendered)."""
+    have = {"gt_captions", "reward_inputs"}
+    if mode in ("grpo_stage1", "grpo_vlm", "grpo_all_in_one"):
+        have |= set(_TEXT_INPUTS)
+    if mode != "grpo_vlm":
+        have |= set(_VIDEO_INPUTS)
+    return have
+
+
+def reward_config(mode: str, disabled: Sequence[str] = (), rewards: str = "", **kw) -> RewardConfig:
+    """The mode's rewards: its paper default (``MODE_REWARDS``, weights 1) or ``rewards``, a
+    ``train.grpo.rewards`` list (``rewards.parse_rewards``); ``disabled`` switches components off."""
+    weights = parse_rewards(rewards) or {k: 1.0 for k in MODE_REWARDS[mode]}
+    names = tuple(weights)
     bad = [d for d in disabled if d not in names]
     if bad:
         raise ValueError(f"cannot disable reward(s) {bad} in mode {mode}: it uses {list(names)}")
-    return RewardConfig(weights={k: 1.0 for k in names}, **kw).without(*disabled)
+    cfg = RewardConfig(weights=weights, **kw).without(*disabled)
+    lacking = {k: [i for i in REWARD_REGISTRY[k].inputs if i not in mode_inputs(mode)] for k in cfg.active}
+    lacking = {k: v for k, v in lacking.items() if v}
+    if lacking:
+        raise ValueError(f"mode {mode} cannot compute reward(s) {sorted(lacking)}: its rollouts have no "
+                         f"{sorted({i for v in lacking.values() for i in v})}")
+    return cfg
 
 
 @dataclasses.dataclass
@@ -65,6 +90,7 @@ class GRPOSettings:
     caption_fallback: str = "full"
     disabled_rewards: tuple[str, ...] = ()
     pad_multiple: int = 64
+    rewards: str = ""                 # train.grpo.rewards ("": the mode's paper default)
 
 
 def stage1_loss(params, graphdef, frozen, batch, rng, *, beta, clip_eps, temperature, aggregation):

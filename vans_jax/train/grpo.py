@@ -31,7 +31,7 @@ from flax import nnx
 from .. import parallel
 from ..models.lora import without_lora
 from ..rl import rollouts as ro
-from ..rl.rewards import compute_rewards, stage_advantages
+from ..rl.rewards import RewardInputs, compute_rewards, stage_advantages
 from ..rl.stages import (GRPO_MODES, GRPOSettings, finite_rewards, reward_config, reward_metrics, stage1_loss,
                          stage2_grads)
 from ..sampling import wan as wp
@@ -173,7 +173,7 @@ class JointGRPO:
         if s.mode not in GRPO_MODES:
             raise ValueError(f"unknown Joint-GRPO mode {s.mode!r}; expected one of {GRPO_MODES}")
         self.s, self.r = s, render
-        self.rewards = reward_config(s.mode, s.disabled_rewards)
+        self.rewards = reward_config(s.mode, s.disabled_rewards, s.rewards)
         self.tokenizer, self.vcfg, self.vdm = vlm_tokenizer, vlm_vcfg, vdm
         self.train_vlm = s.mode in ("grpo_stage1", "grpo_vlm", "grpo_all_in_one")
         self.train_dit = s.mode in ("grpo_stage2", "grpo_vdm", "grpo_all_in_one")
@@ -289,6 +289,15 @@ class JointGRPO:
             if "c2" in self.rewards.active:
                 batch_in["caption_feats"] = env.caption_feats(caps)
         t_video = time.perf_counter()
+        need = set(self.rewards.required_inputs())
+        if need & {"frames", "gt_frames", "reward_inputs"}:
+            if frames is not None:
+                batch_in["frames"] = ro.host_values(frames)
+                batch_in["gt_frames"] = np.repeat(target if jax.process_count() == 1
+                                                  else ro.host_values(env.rows(target)), g, axis=0)
+            batch_in["reward_inputs"] = RewardInputs(
+                frames=batch_in.get("frames"), gt_frames=batch_in.get("gt_frames"), captions=list(caps),
+                gt_captions=[c for c in gt_caps for _ in range(g)], texts=batch_in.get("texts"), group_size=g)
         rewards = compute_rewards(self.rewards, **batch_in)
         if not finite_rewards(rewards):
             return dict(metrics, skipped_rewards=1.0, step_time_s=time.perf_counter() - t0)

@@ -224,7 +224,8 @@ def grpo_settings(cfg, mode) -> GRPOSettings:
                         top_p=float(gen.top_p), top_k=int(gen.top_k), max_new_tokens=int(gen.max_new_tokens),
                         anchor_rouge_threshold=float(g.anchor_rouge_threshold), anchor_max_tries=int(g.anchor_max_tries),
                         anchor_temperature=float(g.anchor_temperature), caption_fallback=str(g.caption_fallback),
-                        disabled_rewards=disabled, pad_multiple=int(cfg.train.pad_multiple))
+                        disabled_rewards=disabled, pad_multiple=int(cfg.train.pad_multiple),
+                        rewards=str(g.get("rewards", "") or ""))
 
 
 # ----------------------------------------------------------------------------- SFT runners

@@ -3,7 +3,7 @@ import pytest
 
 from vans_jax.data import synthetic as S
 from vans_jax.data.video_io import read_video, write_video
-from vans_jax.eval.render_accuracy import foreground_mask, mean_render_accuracy, render_accuracy
+from vans_jax.rl.render_accuracy import foreground_mask, mean_render_accuracy, render_accuracy
 
 CFG = S.WorldConfig()
 

@@ -19,7 +19,8 @@ of one size):
   object at all (``render_color_groups`` says how many pairs were counted).
 
 This is a diagnostic for the embedded world (reported next to CLIP-V by the world build and
-``vans-jax demo``), not a paper metric and not a reward: on real videos it means nothing.
+``vans-jax demo``) and the ``world`` reward (``rl.rewards``; a choice, not the paper's); on real videos it
+means nothing.
 """
 from __future__ import annotations
 
