@@ -71,6 +71,7 @@ def get_config():
                   advantage_clip=5.0, grad_clip=1.0, weight_decay=0.0, warmup_steps=0, schedule="constant",
                   vlm_trainable="lora", dit_trainable="full", disabled_rewards="",
                   rewards="",   # "": the mode's paper rewards; else e.g. "v2,c2=0.5,world,my.module:fn,path/r.py:fn"
+                  shuffle_advantages=False,   # the control: advantages permuted within each group
                   vlm_lr=None, dit_lr=None),   # per-part learning rates (None: lr)
     ))
     return c

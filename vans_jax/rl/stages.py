@@ -91,6 +91,7 @@ class GRPOSettings:
     disabled_rewards: tuple[str, ...] = ()
     pad_multiple: int = 64
     rewards: str = ""                 # train.grpo.rewards ("": the mode's paper default)
+    shuffle_advantages: bool = False  # the control run: advantages permuted within each group
 
 
 def stage1_loss(params, graphdef, frozen, batch, rng, *, beta, clip_eps, temperature, aggregation):

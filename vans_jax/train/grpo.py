@@ -108,6 +108,13 @@ class FrozenPart:
             jax.random.key(0)), skipped=jnp.int32(0))
 
 
+def shuffle_within_groups(adv: np.ndarray, group_size: int, rng: np.random.Generator) -> np.ndarray:
+    """The shuffled-advantage control: each group's advantages permuted among its rollouts (every
+    group statistic kept, the link between a rollout and its reward cut)."""
+    a = np.asarray(adv).reshape(-1, group_size)
+    return np.stack([row[rng.permutation(group_size)] for row in a]).reshape(np.shape(adv))
+
+
 _STEPS: dict = {}
 
 
@@ -172,7 +179,7 @@ class JointGRPO:
                  vlm_trainable="lora", dit_trainable="full", optim_cfg=None, seed: int = 0, mesh=None):
         if s.mode not in GRPO_MODES:
             raise ValueError(f"unknown Joint-GRPO mode {s.mode!r}; expected one of {GRPO_MODES}")
-        self.s, self.r = s, render
+        self.s, self.r, self.seed = s, render, int(seed)
         self.rewards = reward_config(s.mode, s.disabled_rewards, s.rewards)
         self.tokenizer, self.vcfg, self.vdm = vlm_tokenizer, vlm_vcfg, vdm
         self.train_vlm = s.mode in ("grpo_stage1", "grpo_vlm", "grpo_all_in_one")
@@ -302,6 +309,8 @@ class JointGRPO:
         if not finite_rewards(rewards):
             return dict(metrics, skipped_rewards=1.0, step_time_s=time.perf_counter() - t0)
         adv = np.asarray(stage_advantages(self.rewards, rewards, g))
+        if s.shuffle_advantages:          # the control: rewards no longer tied to their rollouts
+            adv = shuffle_within_groups(adv, g, np.random.default_rng([self.seed, int(step_index)]))
         metrics.update(reward_metrics(rewards, adv))
         metrics["skipped_rewards"] = 0.0
 

@@ -225,7 +225,8 @@ def grpo_settings(cfg, mode) -> GRPOSettings:
                         anchor_rouge_threshold=float(g.anchor_rouge_threshold), anchor_max_tries=int(g.anchor_max_tries),
                         anchor_temperature=float(g.anchor_temperature), caption_fallback=str(g.caption_fallback),
                         disabled_rewards=disabled, pad_multiple=int(cfg.train.pad_multiple),
-                        rewards=str(g.get("rewards", "") or ""))
+                        rewards=str(g.get("rewards", "") or ""),
+                        shuffle_advantages=bool(g.get("shuffle_advantages", False)))
 
 
 # ----------------------------------------------------------------------------- SFT runners
