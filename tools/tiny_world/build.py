@@ -134,7 +134,7 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
     from vans_jax.apps.tiny_world import load_defaults, tiny_world_paths
     from vans_jax.apps.demo import _pipeline, eval_config
     from vans_jax.eval import runner as eval_runner
-    from vans_jax.rl.render_accuracy import mean_render_accuracy, render_accuracy
+    from vans_jax.rl.render_accuracy import mean_render_accuracy
 
     paths = tiny_world_paths(world_dir)
     defaults = load_defaults(world_dir)
@@ -170,7 +170,6 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
         pairs_last += list(zip(last, gt))
     gts = [r.caption for r in rows]
     ra, ra_last = mean_render_accuracy(pairs), mean_render_accuracy(pairs_last)
-    ious = [render_accuracy(g, t)["render_iou"] for g, t in pairs]
     return {"num_samples": len(rows),
             "vlm_exact_caption": float(np.mean([c == g for c, g in zip(caps, gts)])),
             "vlm_rouge_l": float(np.mean(rouge_l_reward(caps, gts, extract=False))),
@@ -178,7 +177,7 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
             "vdm_clip_v_gt_caption": float(np.mean(sims)),
             "vdm_render_iou_gt_caption": ra["render_iou"],
             "vdm_render_color_gt_caption": ra["render_color"],
-            "vdm_clip_v_vs_iou_spearman": _spearman(sims, ious),
+            "vdm_clip_v_vs_iou_spearman": _spearman(sims, ra["render_iou_per_clip"]),
             "last_frame_clip_v": float(np.mean(sims_last)),
             "last_frame_render_iou": ra_last["render_iou"],
             "last_frame_render_color": ra_last["render_color"]}

@@ -46,7 +46,7 @@ from vans_jax.data import synthetic
 from vans_jax.data.csv_format import read_vnep_csv
 from vans_jax.data.video_io import read_video, target_clip
 from vans_jax.eval import runner as eval_runner
-from vans_jax.rl.render_accuracy import render_accuracy
+from vans_jax.rl.render_accuracy import pool_render_accuracy, render_accuracy
 
 REWARDS = ("format", "rouge_l", "clip_v", "clip_t")
 # the four rewards, their sum, and two exact diagnostics of the world (rl.render_accuracy: the
@@ -101,8 +101,7 @@ def predict_and_score(pipe, eval_models: eval_runner.Models, csv_path: str, vide
                        text=a.text, **{k: sc[k] for k in REWARDS})
             rec["total_reward"] = rec["format"] + rec["rouge_l"] + rec["clip_v"] + rec["clip_t"]
             ra = render_accuracy(eval_runner.to_eval_geometry(np.asarray(a.video), config), gts[i])
-            rec.update(render_iou=ra["render_iou"], render_color=ra["render_color"],
-                       render_color_groups=ra["render_color_groups"])
+            rec.update({k: ra[k] for k in ("render_iou", "render_color", "render_color_groups", "render_color_right")})
             per.append(rec)
             videos[int(r.index)] = a.video
             if out_dir is not None:
@@ -113,9 +112,7 @@ def predict_and_score(pipe, eval_models: eval_runner.Models, csv_path: str, vide
             print(f"  evaluated {min(b + batch_size, len(rows))}/{len(rows)} ({time.perf_counter() - t0:.0f}s)",
                   flush=True)
     metrics = {k: float(np.mean([p[k] for p in per])) for k in METRICS if k != "render_color"}
-    groups = sum(p["render_color_groups"] for p in per)    # pooled over every (frame, object colour)
-    metrics["render_color"] = (float(sum(p["render_color"] * p["render_color_groups"] for p in per if p["render_color_groups"])
-                                     / groups) if groups else float("nan"))
+    metrics["render_color"] = pool_render_accuracy(per)["render_color"]   # pooled over (frame, object colour)
     metrics["num_samples"] = len(per)
     return {"metrics": metrics, "per_sample": per, "videos": videos}
 

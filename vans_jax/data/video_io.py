@@ -310,7 +310,9 @@ def _encoder_name(preferred: str | None) -> str:
     raise VideoError("<encoder>", "write", f"none of the encoders {candidates} is available in this PyAV build")
 
 
-def _as_frames(frames, fn: str) -> np.ndarray:
+def as_frames(frames, fn: str) -> np.ndarray:
+    """``frames`` as uint8 ``(T, H, W, 3)`` (one ``(H, W, 3)`` frame becomes ``T = 1``; integer arrays
+    are clipped to 0..255); other shapes, zero frames or float arrays raise ValueError naming ``fn``."""
     a = np.asarray(frames)
     if a.ndim == 3 and a.shape[-1] == 3:
         a = a[None]
@@ -335,7 +337,7 @@ def write_video(path, frames, fps: float = DEFAULT_OUT_FPS, *, codec: str | None
     """
     av = _av()
     path = os.fspath(path)
-    frames = _as_frames(frames, "write_video")
+    frames = as_frames(frames, "write_video")
     fps = float(fps)
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"write_video: fps must be positive, got {fps}")
@@ -397,7 +399,7 @@ def resize_center_crop(frames, height: int, width: int, *, resample: str = "bicu
     returned unchanged (copied).
     """
     single = np.asarray(frames).ndim == 3
-    a = _as_frames(frames, "resize_center_crop")
+    a = as_frames(frames, "resize_center_crop")
     height, width = int(height), int(width)
     if height <= 0 or width <= 0:
         raise ValueError(f"resize_center_crop: target size must be positive, got {height}x{width}")
@@ -468,7 +470,7 @@ def target_clip(
     of real (non-padded) frames when ``return_valid``.
     """
     check_vae_frames(num_frames, "target_clip")
-    a = _as_frames(frames, "target_clip")
+    a = as_frames(frames, "target_clip")
     idx, valid = resample_indices(a.shape[0], fps, out_fps, num_frames)
     out = resize_center_crop(a[idx], height, width, resample=resample)
     return (out, valid) if return_valid else out
@@ -498,7 +500,7 @@ def reference_clip(
     ``num_frames`` must be 4k+1.  Output ``uint8 (num_frames, height, width, 3)``.
     """
     check_vae_frames(num_frames, "reference_clip")
-    a = _as_frames(frames, "reference_clip")
+    a = as_frames(frames, "reference_clip")
     n_src = a.shape[0]
     if mode == "first":
         idx, valid = resample_indices(n_src, fps, out_fps, num_frames)

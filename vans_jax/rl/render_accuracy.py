@@ -27,27 +27,17 @@ from __future__ import annotations
 import numpy as np
 
 from vans_jax.data.synthetic import BG_RGB, COLORS, WALL_RGB
+from vans_jax.data.video_io import as_frames
 
 COLOR_NAMES = tuple(COLORS)
 _PALETTE = np.asarray([COLORS[c] for c in COLOR_NAMES], np.float32)   # (5, 3)
-
-
-def _frames(x, what: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.ndim == 3 and a.shape[-1] == 3:
-        a = a[None]
-    if a.ndim != 4 or a.shape[-1] != 3:
-        raise ValueError(f"render_accuracy: {what} must be frames of shape (T, H, W, 3), got {a.shape}")
-    if a.dtype != np.uint8:
-        raise ValueError(f"render_accuracy: {what} must be uint8 RGB frames, got {a.dtype}")
-    return a
 
 
 def foreground_mask(frames, *, bg_margin: int = 60, wall_margin: int = 40) -> np.ndarray:
     """``bool (T, H, W)``: pixels farther than ``bg_margin`` from black and farther than
     ``wall_margin`` from the wall grey (max over channels). The world's colours are at least 170 from
     black and 82 from the grey in their largest channel."""
-    f = _frames(frames, "frames").astype(np.int16)
+    f = as_frames(frames, "render_accuracy (frames)").astype(np.int16)
     d_bg = np.abs(f - np.asarray(BG_RGB, np.int16)).max(-1)
     d_wall = np.abs(f - np.asarray(WALL_RGB, np.int16)).max(-1)
     return (d_bg > bg_margin) & (d_wall > wall_margin)
@@ -63,7 +53,7 @@ def nearest_color(rgb) -> np.ndarray:
 def render_accuracy(generated, truth, *, bg_margin: int = 60, wall_margin: int = 40) -> dict:
     """``{"render_iou", "render_color", "render_color_groups", "render_iou_per_frame"}`` of one
     generated clip against its ground truth (see the module docstring)."""
-    g, t = _frames(generated, "generated"), _frames(truth, "truth")
+    g, t = as_frames(generated, "render_accuracy (generated)"), as_frames(truth, "render_accuracy (truth)")
     if g.shape != t.shape:
         raise ValueError(f"render_accuracy: generated frames {g.shape} and ground-truth frames {t.shape} "
                          "differ in shape (bring both to the evaluation geometry first)")
@@ -89,23 +79,25 @@ def render_accuracy(generated, truth, *, bg_margin: int = 60, wall_margin: int =
             right += int(nearest_color(mean) == c)
     return {"render_iou": float(iou.mean()),
             "render_color": float(right / groups) if groups else float("nan"),
-            "render_color_groups": int(groups),
+            "render_color_groups": int(groups), "render_color_right": int(right),
             "render_iou_per_frame": [float(v) for v in iou]}
 
 
-def mean_render_accuracy(pairs) -> dict:
-    """Mean ``render_iou`` and ``render_color`` over ``(generated, truth)`` pairs: the IoU averaged
-    over clips, the colour accuracy pooled over every (frame, group) of every clip."""
-    ious, right, groups = [], 0.0, 0
-    for g, t in pairs:
-        r = render_accuracy(g, t)
-        ious.append(r["render_iou"])
-        if r["render_color_groups"]:
-            right += r["render_color"] * r["render_color_groups"]
-            groups += r["render_color_groups"]
+def pool_render_accuracy(results) -> dict:
+    """``render_accuracy`` results of several clips -> the IoU averaged over clips, the colour
+    accuracy pooled over every (frame, group) of every clip."""
+    results = list(results)
+    ious = [r["render_iou"] for r in results]
+    groups = sum(r["render_color_groups"] for r in results)
     return {"render_iou": float(np.mean(ious)) if ious else float("nan"),
-            "render_color": float(right / groups) if groups else float("nan"),
-            "num_clips": len(ious)}
+            "render_color": sum(r["render_color_right"] for r in results) / groups if groups else float("nan"),
+            "render_iou_per_clip": ious, "num_clips": len(ious)}
 
 
-__all__ = ["foreground_mask", "nearest_color", "render_accuracy", "mean_render_accuracy", "COLOR_NAMES"]
+def mean_render_accuracy(pairs) -> dict:
+    """``pool_render_accuracy`` of ``render_accuracy`` over ``(generated, truth)`` pairs."""
+    return pool_render_accuracy(render_accuracy(g, t) for g, t in pairs)
+
+
+__all__ = ["foreground_mask", "nearest_color", "render_accuracy", "pool_render_accuracy", "mean_render_accuracy",
+           "COLOR_NAMES"]

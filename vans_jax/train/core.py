@@ -107,6 +107,18 @@ def ema_params(state: TrainState):
     return jax.tree.map(lambda e, p: e.astype(p.dtype), found[0].ema, state.params)
 
 
+# every key ``make_schedule`` / ``make_optimizer`` read: what an optimizer (and a compiled update step
+# built with it) depends on, and nothing else of the mode's config section
+OPTIMIZER_KEYS = ("lr", "warmup_steps", "schedule", "steps", "final_lr_ratio", "grad_clip", "optimizer", "b1", "b2",
+                  "eps", "weight_decay", "ema_decay")
+
+
+def optimizer_settings(cfg) -> dict:
+    """The optimizer's settings in ``cfg`` (``OPTIMIZER_KEYS`` present there)."""
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return {k: d[k] for k in OPTIMIZER_KEYS if k in d}
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
     """AdamW (the paper's; betas, eps, weight decay from config) behind global-norm clipping; with
     ``ema_decay`` > 0 a parameter EMA after it (``param_ema``)."""

@@ -36,8 +36,8 @@ from ..rl.stages import (GRPO_MODES, GRPOSettings, finite_rewards, reward_config
                          stage2_grads)
 from ..sampling import wan as wp
 from ..sampling.text import SamplingSettings
-from .core import (TrainState, apply_gradients, ema_params, init_state, jit_sharded, make_optimizer, make_update_step, place,
-                   replicated, split_model)
+from .core import (TrainState, apply_gradients, ema_params, init_state, jit_sharded, make_optimizer, make_update_step,
+                   optimizer_settings, place, replicated, split_model)
 
 RenderSettings = ro.RenderSettings
 
@@ -47,9 +47,7 @@ RenderSettings = ro.RenderSettings
 
 def optim_key(optim_cfg) -> str:
     """A hashable description of optimizer settings (the compiled-step caches key on it)."""
-    d = optim_cfg.to_dict() if hasattr(optim_cfg, "to_dict") else dict(optim_cfg)
-    d.pop("latent_cache", None)      # where SFT-VDM caches its inputs: not an optimizer setting
-    return json.dumps(d, sort_keys=True, default=str)
+    return json.dumps(optimizer_settings(optim_cfg), sort_keys=True, default=str)
 
 
 class Part:
@@ -291,6 +289,7 @@ class JointGRPO:
                 frames, traj, ctx, unc = env.render_sde(self._dit_module(), caps, ref_rep, k_vid)
             else:
                 frames = env.render_ode(caps, ref_rep, k_vid)
+            frames = ro.host_values(frames)     # once, for CLIP and for the rewards that read frames
             feats = env.frame_feats(frames)
             batch_in.update(gen_video_feats=feats, gt_video_feats=np.repeat(gt_feat, g, axis=0))
             if "c2" in self.rewards.active:
@@ -299,7 +298,7 @@ class JointGRPO:
         need = set(self.rewards.required_inputs())
         if need & {"frames", "gt_frames", "reward_inputs"}:
             if frames is not None:
-                batch_in["frames"] = ro.host_values(frames)
+                batch_in["frames"] = frames
                 batch_in["gt_frames"] = np.repeat(target if jax.process_count() == 1
                                                   else ro.host_values(env.rows(target)), g, axis=0)
             batch_in["reward_inputs"] = RewardInputs(

@@ -13,8 +13,8 @@ it is deterministic):
 Keys. An entry is keyed by its content: the SHA-1 of the clip's uint8 bytes and shape (or of the
 caption's UTF-8), so a changed video or caption is a new entry and nothing goes stale when the data
 change. Entries live in a namespace keyed by the models and settings: a fingerprint of the VAE's and
-of the text encoder's weights (each leaf's path, shape, dtype, float64 sum and a strided sample of
-up to 4,096 values), the text length and the reference settings; a retrained VAE or text encoder
+of the text encoder's weights (each leaf's path, shape, dtype and a strided sample of up to
+4,096 values), the text length and the reference settings; a retrained VAE or text encoder
 writes to a new namespace and never reads an old entry.
 
 Storage: ``<dir>/<namespace>/<kind>/<key[:2]>/<key>.npy`` (written atomically: a temporary file,
@@ -32,12 +32,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import jax
 import numpy as np
 
-KINDS = ("latents", "ref", "context")
+from .._files import atomic_path, write_atomic
+
+# what each kind of entry encodes: the example field it is computed from (and keyed by)
+SOURCES = {"latents": "target", "ref": "reference", "context": "caption"}
 
 
 def content_key(x) -> str:
@@ -52,27 +54,26 @@ def content_key(x) -> str:
     return h.hexdigest()
 
 
-def _leaf_host(x) -> np.ndarray:
+def _leaf_sample(x, n: int = 4096) -> np.ndarray:
+    """At most ``n`` evenly strided values of an array, taken where it lives (a multi-GB encoder is
+    not copied to the host); of this process's first piece when its shards span processes."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = x.addressable_shards[0].data      # this process's first piece: a per-process fingerprint
-    return np.asarray(jax.device_get(x))
+        x = x.addressable_shards[0].data      # a per-process fingerprint (each process's cache its own)
+    flat = jax.numpy.ravel(x) if isinstance(x, jax.Array) else np.ravel(np.asarray(x))
+    return np.asarray(jax.device_get(flat[:: max(1, flat.size // n)][:n]))
 
 
 def weights_fingerprint(module) -> str:
-    """A fingerprint of an NNX module's weights: every leaf's path, shape, dtype, float64 sum and a
-    strided sample of at most 4,096 of its values (cheap on multi-GB encoders, and any retraining
-    changes it)."""
+    """A fingerprint of an NNX module's weights: every leaf's path, shape, dtype and a strided sample
+    of at most 4,096 of its values (cheap on multi-GB encoders; any retraining changes it)."""
     from flax import nnx
 
     h = hashlib.sha1()
     state = nnx.state(module)
     for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(state), key=lambda kv: jax.tree_util.keystr(kv[0])):
-        a = _leaf_host(leaf)
-        h.update(f"{jax.tree_util.keystr(path)}:{a.shape}:{a.dtype}:".encode())
-        flat = a.reshape(-1)
-        if flat.size:
-            h.update(np.float64(flat.astype(np.float64).sum()).tobytes())
-            h.update(np.ascontiguousarray(flat[:: max(1, flat.size // 4096)][:4096]).tobytes())
+        h.update(f"{jax.tree_util.keystr(path)}:{tuple(np.shape(leaf))}:{np.dtype(leaf.dtype)}:".encode())
+        if np.size(leaf):
+            h.update(np.ascontiguousarray(_leaf_sample(leaf)).tobytes())
     return h.hexdigest()
 
 
@@ -88,7 +89,7 @@ class LatentCache:
         os.makedirs(self.dir, exist_ok=True)
         info = os.path.join(self.dir, "settings.json")
         if not os.path.exists(info):
-            _atomic_write(info, json.dumps(self.settings, indent=2).encode())
+            write_atomic(info, json.dumps(self.settings, indent=2).encode())
         self.text_len = int(vdm.text_len)
         self.memory_bytes = int(memory_bytes)
         self._mem: dict[tuple[str, str], np.ndarray] = {}
@@ -139,7 +140,7 @@ class LatentCache:
         a = np.asarray(value)
         if kind not in self._dtypes or self._dtypes[kind] != a.dtype:
             os.makedirs(os.path.join(self.dir, kind), exist_ok=True)
-            _atomic_write(os.path.join(self.dir, kind, "dtype.txt"), str(a.dtype).encode())
+            write_atomic(os.path.join(self.dir, kind, "dtype.txt"), str(a.dtype).encode())
             self._dtypes[kind] = a.dtype
         a = a.astype(np.float32)
         if kind == "context":
@@ -148,23 +149,13 @@ class LatentCache:
         a = np.ascontiguousarray(a)
         p = self._path(kind, key)
         os.makedirs(os.path.dirname(p), exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(p), prefix=".tmp-", suffix=".npy", delete=False) as f:
+        with atomic_path(p) as tmp, open(tmp, "wb") as f:
             np.save(f, a, allow_pickle=False)
-            tmp = f.name
-        os.replace(tmp, p)
         self._remember(kind, key, a)
 
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "damaged": self.damaged,
                 "memory_mb": round(self._mem_used / 2 ** 20, 1), "dir": self.dir}
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    d = os.path.dirname(path)
-    with tempfile.NamedTemporaryFile(dir=d, prefix=".tmp-", delete=False) as f:
-        f.write(data)
-        tmp = f.name
-    os.replace(tmp, path)
 
 
 def cache_dir(setting: str, workdir: str) -> str | None:
@@ -178,4 +169,4 @@ def cache_dir(setting: str, workdir: str) -> str | None:
     return os.path.expanduser(s)
 
 
-__all__ = ["LatentCache", "content_key", "weights_fingerprint", "cache_dir", "KINDS"]
+__all__ = ["LatentCache", "content_key", "weights_fingerprint", "cache_dir", "SOURCES"]

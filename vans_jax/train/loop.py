@@ -294,9 +294,8 @@ class SFTVDM:
     def _cached(self, examples, kinds):
         """``_encode`` through the latent cache (``train.latent_cache``): every process looks up its
         rows; a kind that any process misses is encoded for the whole batch (collective) and stored."""
-        from .latent_cache import content_key
-        source = {"latents": "target", "ref": "reference", "context": "caption"}
-        keys = {k: [content_key(e[source[k]]) for e in examples] for k in kinds}
+        from .latent_cache import SOURCES, content_key
+        keys = {k: [content_key(e[SOURCES[k]]) for e in examples] for k in kinds}
         got = {k: [self.cache.get(k, key) for key in keys[k]] for k in kinds}
         missing = [k for k in kinds if any(a is None for a in got[k])]
         if jax.process_count() > 1:          # the same decision on every process (collectives follow)
