@@ -292,3 +292,44 @@ def test_grpo_resume_in_process_matches(tiny_world, tmp_path):
     resumed = loop.train(cfg, progress=False)
     for k in ("dit/loss", "dit/kl", "reward/total", "reward/v2", "reward/c2", "anchor/rouge_l"):
         assert resumed[k] == full[k], (k, resumed[k], full[k])
+
+
+def test_stage1_single_update_takes_its_own_logprobs_as_old(stage_runners, monkeypatch):
+    """One update per rollout: the loss's own forward, stop-gradient, is the old policy's log-probs
+    (same loss and gradient as with a separate scoring forward, ratio exactly 1), and the trainer
+    runs no scoring forward for them (nor for the reference when beta is 0)."""
+    import dataclasses
+    import functools
+    from vans_jax.rl import rollouts as ro
+    from vans_jax.rl.stages import stage1_loss
+    cfg, runner = stage_runners["grpo_stage1"]
+    ex = _examples(cfg, "grpo_stage1", 2)
+    s = runner.s
+    prompt = ro.build_prompt_batch(ex, runner.tokenizer, runner.vlm_cfg, runner.vcfg, s.pad_multiple, mesh=runner.mesh)
+    out = runner._generate(runner._policy_sampling)(prompt, jax.random.key(0))
+    comp, cmask = jnp.asarray(out.tokens), jnp.asarray(out.mask)
+    params = runner.vlm.state.params
+    base = dict(prompt=prompt, completions=comp, completion_mask=cmask,
+                advantages=jnp.linspace(-1.0, 1.0, comp.shape[0]),
+                ref_logp=runner._score(runner.vlm.ref_params(), prompt, comp, cmask))
+    loss = functools.partial(stage1_loss, graphdef=runner.vlm.graphdef, frozen=runner.vlm.frozen, rng=None,
+                             beta=s.beta, clip_eps=s.clip_eps, temperature=s.temperature, aggregation=s.aggregation)
+    grad = jax.value_and_grad(lambda p, b: loss(p, batch=b), has_aux=True)
+    (l_old, m_old), g_old = grad(params, dict(base, old_logp=runner._score(params, prompt, comp, cmask)))
+    (l_own, m_own), g_own = grad(params, base)
+    assert float(m_own["ratio"]) == 1.0 and float(m_own["clip_fraction"]) == 0.0
+    np.testing.assert_allclose(float(l_own), float(l_old), rtol=1e-5, atol=1e-7)
+    for a, b in zip(_leaves(g_own), _leaves(g_old)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert any(np.abs(a).max() > 0 for a in _leaves(g_own))
+    with pytest.raises(ValueError, match="ref_logp"):
+        loss(params, batch={k: v for k, v in base.items() if k != "ref_logp"})
+    # the trainer with one update: one scoring forward (the reference's, beta > 0), not two
+    assert s.beta > 0
+    calls, real = [], runner._score
+    monkeypatch.setattr(runner, "_score", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(runner, "s", dataclasses.replace(s, num_updates=1))
+    before = jax.tree.map(jnp.copy, runner.vlm.state.params)
+    m = runner.step(ex, 1, jax.random.key(4))
+    assert len(calls) == 1 and m["skipped_rewards"] == 0 and float(m["vlm/ratio"]) == 1.0
+    assert _changed(runner.vlm.state.params, before)

@@ -96,11 +96,20 @@ class GRPOSettings:
 
 def stage1_loss(params, graphdef, frozen, batch, rng, *, beta, clip_eps, temperature, aggregation):
     """Token-level GRPO loss of the VLM on stored completions (no LoRA dropout: ratio 1 at the
-    first update)."""
+    first update). ``batch["old_logp"]`` may be absent: the update is the first on these
+    completions (one update per rollout) and the sampling policy is the current one, so the old
+    log-probs are this forward's own, stop-gradient (ratio exactly 1, its gradient that of logp),
+    and the trainer skips the extra scoring forward. ``batch["ref_logp"]`` may be absent when
+    ``beta`` is 0."""
     model = nnx.merge(graphdef, params, frozen)
     logp = completion_logprobs(model, batch["prompt"], batch["completions"], batch["completion_mask"],
                                temperature)
-    t = vlm_grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["completion_mask"],
+    own = jax.lax.stop_gradient(logp)
+    old = batch.get("old_logp", own)
+    ref = batch.get("ref_logp", own)
+    if "ref_logp" not in batch and beta != 0:
+        raise ValueError("stage1_loss: beta > 0 needs batch['ref_logp'] (the reference policy's log-probs)")
+    t = vlm_grpo_loss(logp, old, ref, batch["advantages"], batch["completion_mask"],
                       beta=beta, clip_eps=clip_eps, aggregation=aggregation)
     return t.loss, {"kl": t.kl, "clip_fraction": t.clip_fraction, "ratio": t.ratio_mean,
                     "policy_objective": t.policy_objective}

@@ -257,7 +257,9 @@ class JointGRPO:
         if self.needs_video:
             ref_lat = ro.reference_latents(self.vdm, examples, self.r, to_device=env.rows)
             target = np.stack([np.asarray(e["target"]) for e in examples])
-            gt_feat = env.frame_feats(target if jax.process_count() == 1 else env.rows(target))
+            if jax.process_count() > 1:   # the whole global batch's, on every process
+                target = ro.host_values(env.rows(target))
+            gt_feat = env.gt_frame_feats(target)
         new_tokens = 0
         if self.train_vlm:
             out = self._generate(self._policy_sampling)(prompt, k_gen)
@@ -289,18 +291,18 @@ class JointGRPO:
                 frames, traj, ctx, unc = env.render_sde(self._dit_module(), caps, ref_rep, k_vid)
             else:
                 frames = env.render_ode(caps, ref_rep, k_vid)
-            frames = ro.host_values(frames)     # once, for CLIP and for the rewards that read frames
-            feats = env.frame_feats(frames)
+            feats = env.frame_feats(frames)     # on the device; the features come back
+            metrics["gt_feature_cache_hits"] = float(env.gt_cache_hits)
             batch_in.update(gen_video_feats=feats, gt_video_feats=np.repeat(gt_feat, g, axis=0))
             if "c2" in self.rewards.active:
                 batch_in["caption_feats"] = env.caption_feats(caps)
         t_video = time.perf_counter()
         need = set(self.rewards.required_inputs())
         if need & {"frames", "gt_frames", "reward_inputs"}:
-            if frames is not None:
+            if frames is not None:   # to the host only for the rewards that read frames
+                frames = ro.host_values(frames)
                 batch_in["frames"] = frames
-                batch_in["gt_frames"] = np.repeat(target if jax.process_count() == 1
-                                                  else ro.host_values(env.rows(target)), g, axis=0)
+                batch_in["gt_frames"] = np.repeat(target, g, axis=0)
             batch_in["reward_inputs"] = RewardInputs(
                 frames=batch_in.get("frames"), gt_frames=batch_in.get("gt_frames"), captions=list(caps),
                 gt_captions=[c for c in gt_caps for _ in range(g)], texts=batch_in.get("texts"), group_size=g)
@@ -317,10 +319,11 @@ class JointGRPO:
         if self.train_vlm:
             comp = jnp.asarray(out.tokens)
             cmask = jnp.asarray(out.mask)
-            old = self._score(self.vlm.state.params, prompt, comp, cmask)
-            ref = old if s.beta == 0 else self._score(self.vlm.ref_params(), prompt, comp, cmask)
-            vb = dict(prompt=prompt, completions=comp, completion_mask=cmask, old_logp=old, ref_logp=ref,
-                      advantages=env.whole(adv))
+            vb = dict(prompt=prompt, completions=comp, completion_mask=cmask, advantages=env.whole(adv))
+            if s.num_updates > 1:   # one update: the loss takes its own forward, stop-gradient, as old
+                vb["old_logp"] = self._score(self.vlm.state.params, prompt, comp, cmask)
+            if s.beta != 0:
+                vb["ref_logp"] = self._score(self.vlm.ref_params(), prompt, comp, cmask)
             for u in range(s.num_updates):
                 self.vlm.state, m = self._vlm_update(self.vlm.state, self.vlm.frozen,
                                                      dict(vb, update_index=env.const(np.int32(u))))
@@ -340,6 +343,9 @@ class JointGRPO:
                 upd.setdefault("dit", []).append(m)
         for name, ms in upd.items():
             metrics.update({f"{name}/{k}": v for k, v in _mean_updates(ms).items()})
+        # the next rollout needs the updated policy anyway: waiting here costs no overlap and makes
+        # time/update_s the updates' time (not their dispatch, with the work landing in the next step)
+        jax.block_until_ready([p.state.params for p in self.parts.values()])
         t1 = time.perf_counter()
         n_frames = 0 if frames is None else int(np.prod(frames.shape[:2]))
         metrics.update({"time/step_s": t1 - t0, "time/text_s": t_text - t0, "time/video_s": t_video - t_text,
