@@ -258,13 +258,15 @@ class RolloutEnv:
     def sde_window(self):
         return self.r.sde_window or (0, self.r.num_steps - 1)
 
-    def render_sde(self, dit, captions, ref_lat, rng):
+    def render_sde(self, dit, captions, ref_lat, rng, noise=None):
         """Rendering with ``dit`` (the policy) and the Flow-GRPO SDE sampler over the window: uint8
-        frames (a device array), the stored trajectory, the text contexts."""
+        frames (a device array), the stored trajectory, the text contexts. ``noise``: the initial
+        latents (a global array; default drawn from ``rng``)."""
         n = len(captions)
         ctx, unc = self.context(captions, n)
         k_noise, k_sde = jax.random.split(rng)
-        noise = self.normal(k_noise, latent_shape(self.vdm, n, self.r))
+        if noise is None:
+            noise = self.normal(k_noise, latent_shape(self.vdm, n, self.r))
         lat, traj = flow.sample(dit, noise, ctx, uncond_context=unc, guidance_scale=self.r.cfg_scale,
                                 ref_latents=ref_lat, num_steps=self.r.num_steps, shift=self.r.shift, mode="sde",
                                 rng=k_sde, sde_window=self.sde_window(), noise_level=self.r.noise_level,
