@@ -35,7 +35,7 @@ def get_config():
     c.video.update(dict(height=64, width=64, num_frames=9, fps=4, n_ref=3, num_steps=10, cfg_scale=3.0, shift=3.0,
                         negative_prompt=""))
     c.data.pipeline = dict(reference_frames=9)
-    c.train.update(dict(batch_size=2, log_every=5, checkpoint_every=50, steps=0, pad_multiple=64))
+    c.train.update(dict(batch_size=2, log_every=5, checkpoint_every=50, steps=0, pad_multiple=64, log_media_every=12))
     # a plain `vans-jax train` SFT run on the world; the shipped models were trained in the phases of
     # tools.tiny_world.build.SFT_PHASES (steps, batch, lr per phase), which override these three
     c.train.sft_vlm.update(dict(steps=800, lr=2e-3, trainable="full", max_len=320, warmup_steps=50,

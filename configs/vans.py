@@ -57,6 +57,9 @@ def get_config():
         batch_size=1,             # prompts per step (SFT: examples per step)
         pad_multiple=64,          # token sequences padded to a multiple of this (fewer recompilations)
         log_every=10, checkpoint_every=100, keep_checkpoints=3, async_checkpoint=True,
+        # TensorBoard media (train/media.py): GRPO rollout strips, captions, reward terms, histograms; SFT-VDM
+        # renders of media_samples fixed captions. 0: off
+        log_media_every=50, media_samples=2,
         export=True, export_link=True,
         sft_vlm=dict(steps=10_000, lr=5e-5, trainable="lora", grad_clip=1.0, warmup_steps=0, schedule="constant",
                      weight_decay=0.0, dropout=True, max_len=0),   # max_len > 0: fixed sequence length
