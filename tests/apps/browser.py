@@ -41,11 +41,17 @@ def chrome():
 
 def save_screenshot(driver, tmp_path, name: str, full_page: bool = True) -> str:
     """PNG of the page (the whole page's height when ``full_page``) under ``tmp_path`` (+ ``VANS_SCREENSHOTS``)."""
-    if full_page:
-        h = driver.execute_script("return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)")
-        driver.set_window_size(1280, min(max(int(h) + 40, 600), 4000))
     path = os.path.join(str(tmp_path), name)
-    driver.save_screenshot(path)
+    if full_page:                  # the whole page, past the window's height (Chromium's DevTools protocol)
+        import base64
+        h = driver.execute_script("return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)")
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": 1280, "height": min(int(h), 6000), "scale": 1}})
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(shot["data"]))
+    else:
+        driver.save_screenshot(path)
     stable = os.environ.get("VANS_SCREENSHOTS")
     if stable:
         os.makedirs(stable, exist_ok=True)

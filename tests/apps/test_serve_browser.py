@@ -80,11 +80,12 @@ def _ask(driver, url: str, upload: str, question: str):
 
 
 def test_upload_clip_and_watch_the_answer(server, browser, tmp_path):
-    from vans_jax.data import synthetic
+    from vans_jax.apps.predict import _synthetic_clip
     from vans_jax.data.video_io import write_video
 
-    clip = write_video(str(tmp_path / "clip.mp4"), synthetic.moving_square(12, 64, 64, seed=3), fps=4.0)
-    _ask(browser, server["url"], clip, "What will happen next?")
+    frames, fps, question, _, _ = _synthetic_clip(3)          # a scene of the world the tiny models know
+    clip = write_video(str(tmp_path / "clip.mp4"), frames, fps=fps)
+    _ask(browser, server["url"], clip, question)
     state, duration, w, h, src = _wait(browser, VIDEO_JS, 600, "the answer video to load")
     s = server["app"].settings
     assert state >= 1 and (w, h) == (s.width, s.height)
@@ -97,6 +98,8 @@ def test_upload_clip_and_watch_the_answer(server, browser, tmp_path):
     assert "Answered in" in status and f"{STEPS} steps" in status
     caption = browser.execute_script("return document.querySelector('#caption textarea').value")
     assert caption.strip()
+    assert not browser.execute_script("const g = document.querySelector('#futures_gallery'); "
+                                      "return g !== null && g.offsetParent !== null;")    # one future: no gallery
     req = sorted(os.listdir(os.path.join(server["app"].output_dir, "requests")))[-1]
     assert os.path.isfile(os.path.join(server["app"].output_dir, "requests", req, "0", "answer.json"))
     shot = save_screenshot(browser, tmp_path, "serve_answer.png")

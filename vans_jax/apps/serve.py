@@ -263,8 +263,8 @@ def build_app(app: ServeApp):
                 caption = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
                 think = gr.Textbox(label="Reasoning", elem_id="think", lines=3, interactive=False)
                 strip = gr.Image(label="Input | answer", elem_id="strip", interactive=False)
-                gallery = gr.Gallery(label="All futures", elem_id="futures_gallery", columns=4, height=220,
-                                     object_fit="contain")
+                gallery = gr.Gallery(label="All futures", elem_id="futures_gallery", columns=4, height=240,
+                                     object_fit="contain", visible=False)
                 table = gr.Markdown("", elem_id="futures_table")
 
         def run(upload_v, question_v, steps_v, cfg_v, seed_v, futures_v, temp_v, progress=gr.Progress()):
@@ -272,11 +272,13 @@ def build_app(app: ServeApp):
                 r = app.respond(upload_v, question_v, steps_v, cfg_v, seed_v, futures_v, temp_v,
                                 progress=lambda frac, text: progress(frac, desc=text))
             except ServeError as e:
-                return None, "", "", None, [], "", f"**Error:** {e}"
+                return None, "", "", None, gr.Gallery(value=[], visible=False), "", f"**Error:** {e}"
             rows = "\n".join(f"| {f['seed']} | {f['caption']} | {'yes' if f['valid_format'] else 'no'} |"
                              for f in r.futures)
-            return (r.videos[0], r.caption, r.think, r.strip, [(v, f"seed {f['seed']}") for v, f in
-                                                               zip(r.videos, r.futures)],
+            many = len(r.futures) > 1          # the gallery only when there is more than the video above
+            return (r.videos[0], r.caption, r.think, r.strip,
+                    gr.Gallery(value=[(v, f"seed {f['seed']}") for v, f in zip(r.videos, r.futures)] if many else [],
+                               visible=many),
                     "| seed | caption | valid format |\n|---|---|---|\n" + rows, r.status)
 
         submit.click(run, [upload, question, steps, cfg, seed, futures, temperature],
