@@ -41,7 +41,7 @@ def get_config():
     c.train.sft_vlm.update(dict(steps=800, lr=2e-3, trainable="full", max_len=320, warmup_steps=50,
                                 schedule="cosine", final_lr_ratio=0.05, dropout=False))
     c.train.sft_vdm.update(dict(steps=1500, lr=1e-3, trainable="full", warmup_steps=50, schedule="cosine",
-                                final_lr_ratio=0.05, text_dropout=0.1))
+                                final_lr_ratio=0.05, text_dropout=0.1, log_media_every=250))
     # stage-2 SDE noise 0.3, not the recipe's 0.7: on this world's 8-step rollouts 0.7 cost the
     # ODE-evaluated CLIP-V far more (README, demo section: 0.126 vs 0.200 over 3 seeds)
     c.train.grpo.update(dict(group_size=4, lr=1e-4, vlm_lr=1e-3, stage1_steps=48, stage2_steps=24, num_updates=2,

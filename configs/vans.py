@@ -65,6 +65,7 @@ def get_config():
                      weight_decay=0.0, dropout=True, max_len=0),   # max_len > 0: fixed sequence length
         sft_vdm=dict(steps=20_000, lr=5e-5, trainable="full", grad_clip=1.0, warmup_steps=0, schedule="constant",
                      weight_decay=0.0, text_dropout=0.1,
+                     log_media_every=500,    # renders media_samples videos each time (train/media.py)
                      latent_cache="auto",
                      ema_decay=0.0),          # > 0: a parameter EMA, what export/ holds (e.g. 0.999)   # VAE latents + UMT5 embeddings cached: auto (<workdir>/latent_cache) | DIR | off
         grpo=dict(group_size=8, beta=0.004, clip_eps=1e-3, lr=5e-5, stage1_steps=800, stage2_steps=1000,

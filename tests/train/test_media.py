@@ -98,7 +98,7 @@ def test_stage2_run_writes_media(tiny_world, tmp_path):
 @pytest.mark.parametrize("mode, tag", [("sft_vdm", "media/sft_vdm_captions")])   # stage 1's: the round trip
 def test_sft_vdm_media(tiny_world, tmp_path, mode, tag):
     cfg = make_config(tiny_world, str(tmp_path / mode), mode, **SMALL, **{"train.steps": 1,
-                                                                          "train.log_media_every": 1})
+                                                                          "train.sft_vdm.log_media_every": 1})
     loop.train(cfg, progress=False)
     acc = _read(tmp_path / mode / "tb")
     assert [s for s, _ in _text(acc, tag)] == [1]

@@ -275,7 +275,7 @@ class SFTVDM:
         from .latent_cache import LatentCache, cache_dir
         d = cache_dir(sc.get("latent_cache", "auto"), str(cfg.train.workdir or ""))
         self.cache = LatentCache(d, self.vdm, self.render) if d else None
-        self.media_every = int(cfg.train.get("log_media_every", 0) or 0)
+        self.media_every = int(sc.get("log_media_every", cfg.train.get("log_media_every", 0)) or 0)   # a render each
         self.media = media.SFTVDMMedia(int(cfg.train.get("media_samples", 2)), seed=int(cfg.seed))
 
     def _encode(self, examples, kinds):

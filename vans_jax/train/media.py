@@ -1,6 +1,7 @@
 """Training media for TensorBoard: what a person looks at besides the reward curve.
 
-Every ``train.log_media_every`` steps (0: never; the step's own logging point decides, ``due``):
+Every ``train.log_media_every`` steps (SFT-VDM: ``train.sft_vdm.log_media_every`` when set; 0: never;
+the step itself decides, ``due``):
 
 * Joint-GRPO (``grpo_media``, from ``JointGRPO.step``): for the step's first prompt, one image
   ``media/rollouts`` with a row per clip - the input (the reference frames the VDM sees), the
@@ -19,7 +20,7 @@ The collected media travel in the step's metrics under ``"media"`` (host arrays 
 ``write_media`` writes them through the run's clu metric writer (``train.metrics``: images,
 texts, histograms), so nothing here touches the device on other steps.
 
-Cost: off (the default of ``configs/vans.py``), one integer test per step. On, for Joint-GRPO:
+Cost: off, one integer test per step. On, for Joint-GRPO:
 no device work (the frames are already on the host for the rewards), a PNG of at most
 (G + 2) rows x 8 frames of at most ``THUMB`` (96) pixels high, a few KB of text and three
 histograms per media step. For SFT-VDM: one extra generation of ``media_samples`` (default 2)
