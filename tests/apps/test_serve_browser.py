@@ -122,3 +122,19 @@ def test_broken_upload_gets_a_message_and_the_server_keeps_serving(server, brows
     _ask(browser, server["url"], str(img), "What will happen next?")
     _wait(browser, VIDEO_JS, 300, "the answer video after an error")
     assert "Answered in" in browser.execute_script(STATUS_JS)
+
+
+def test_an_example_is_one_click_away(server, browser):
+    """Clicking the synthetic-world example fills the upload and the question."""
+    from selenium.webdriver.common.by import By
+
+    path, question = server["app"].examples[0]
+    browser.get(server["url"])
+    _wait(browser, "return document.querySelector('#submit') !== null", 60, "the page")
+    cell = next(e for e in browser.find_elements(By.CSS_SELECTOR, "td, button, div")
+                if e.text.strip() == os.path.basename(path))
+    cell.click()
+    _wait(browser, "const t = document.querySelector('#upload').innerText; return t.includes('example_0');", 30,
+          "the example in the upload")
+    _wait(browser, f"return document.querySelector('#question textarea').value === {question!r}", 30,
+          "the example's question")

@@ -231,6 +231,7 @@ CSS = "#status {min-height: 2.5em}"
 
 def build_app(app: ServeApp):
     """The Gradio page (``gr.Blocks``) over ``app``."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")    # no calls home (VMs and CI without network)
     import gradio as gr
 
     s = app.settings
