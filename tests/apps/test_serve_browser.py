@@ -19,7 +19,10 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    pytest.importorskip("gradio")
+    if os.environ.get("CI"):          # in the test extra: under CI a missing Gradio fails, never skips
+        import gradio  # noqa: F401
+    else:
+        pytest.importorskip("gradio")
     from vans_jax.apps import serve
     from vans_jax.apps.predict import resolve_models
     from vans_jax.pipeline import VANSPipeline
