@@ -66,8 +66,8 @@ def get_config():
         sft_vdm=dict(steps=20_000, lr=5e-5, trainable="full", grad_clip=1.0, warmup_steps=0, schedule="constant",
                      weight_decay=0.0, text_dropout=0.1,
                      log_media_every=500,    # renders media_samples videos each time (train/media.py)
-                     latent_cache="auto",
-                     ema_decay=0.0),          # > 0: a parameter EMA, what export/ holds (e.g. 0.999)   # VAE latents + UMT5 embeddings cached: auto (<workdir>/latent_cache) | DIR | off
+                     latent_cache="auto",     # VAE latents + UMT5 embeddings cached: auto (<workdir>/latent_cache) | DIR | off
+                     ema_decay=0.0),          # > 0: a parameter EMA, what export/ holds (e.g. 0.999)
         grpo=dict(group_size=8, beta=0.004, clip_eps=1e-3, lr=5e-5, stage1_steps=800, stage2_steps=1000,
                   num_updates=1, aggregation="sequence_mean", anchor_rouge_threshold=0.6, anchor_max_tries=4,
                   anchor_temperature=1.0, caption_fallback="full", sde_noise_level=0.7, sde_std_form="flow_grpo",
@@ -76,6 +76,10 @@ def get_config():
                   vlm_trainable="lora", dit_trainable="full", disabled_rewards="",
                   rewards="",   # "": the mode's paper rewards; else e.g. "v2,c2=0.5,world,my.module:fn,path/r.py:fn"
                   shuffle_advantages=False,   # the control: advantages permuted within each group
-                  vlm_lr=None, dit_lr=None),   # per-part learning rates (None: lr)
+                  # stage 2 every N steps (0: off): half-batch gradient cosine vs its shuffled control,
+                  # reward variance split (K initial noises x M SDE draws of one anchor)
+                  diagnostics_every=0, diagnostics_noises=4, diagnostics_sde_draws=4,
+                  vlm_lr=None, dit_lr=None,    # per-part learning rates (None: lr)
+                  ema_decay=0.0),              # > 0: a parameter EMA of the trained parts: what is evaluated and exported
     ))
     return c

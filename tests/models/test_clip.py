@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from vans_jax.convert.safetensors_io import Checkpoint, CheckpointError, save_file  # noqa: E402
@@ -221,3 +222,29 @@ def test_preprocess_crop_larger_than_resize_pads_like_transformers():
     frames = np.random.RandomState(5).randint(0, 256, (1, 30, 25, 3), dtype=np.uint8)
     ref = proc(images=list(frames), return_tensors="np")["pixel_values"]
     np.testing.assert_allclose(clip.preprocess_frames(frames, size=20, crop_size=32), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("hw,size,crop,resample", [((240, 320), 224, None, "bicubic"), ((97, 131), 50, None, "bicubic"),
+                                                   ((64, 64), 32, None, "bilinear"), ((30, 25), 20, 32, "bicubic"),
+                                                   ((33, 33), 33, None, "bicubic")])
+def test_preprocess_on_device_is_bit_identical_to_pil(hw, size, crop, resample):
+    """The device path (PIL's fixed-point filters emulated in int32) gives the PIL path's values
+    exactly: random and smooth frames, down- and up-scaling, identity, a padded crop."""
+    rs = np.random.RandomState(hw[0] + size)
+    frames = rs.randint(0, 256, (3,) + hw + (3,), dtype=np.uint8)
+    frames[1] = np.clip(np.cumsum(rs.randint(-3, 4, hw + (3,)), axis=1) + 128, 0, 255).astype(np.uint8)
+    frames[2] = 0
+    frames[2, hw[0] // 4:hw[0] // 2, hw[1] // 3:] = (250, 20, 30)   # a flat shape on black: the world's frames
+    ref = clip.preprocess_frames(frames, size=size, crop_size=crop, resample=resample)
+    out = clip.preprocess_frames_on_device(jnp.asarray(frames), size=size, crop_size=crop, resample=resample)
+    assert isinstance(out, jax.Array) and out.shape == ref.shape and out.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(out), ref)
+
+
+def test_preprocess_on_device_rejects_bad_frames():
+    with pytest.raises(ValueError, match=r"uint8"):
+        clip.preprocess_frames_on_device(np.zeros((1, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\).*\(8, 8, 3\)"):
+        clip.preprocess_frames_on_device(np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="lanczos"):
+        clip.preprocess_frames_on_device(np.zeros((1, 8, 8, 3), np.uint8), resample="lanczos")

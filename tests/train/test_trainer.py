@@ -2,6 +2,7 @@
 every mode and every reward ablation, what each stage trains (and what it must not touch), NaN/Inf
 skipping, several policy updates per rollout, exports that load through the real loaders, and a run
 killed with SIGKILL that resumes to the same final metrics as an uninterrupted one."""
+import functools
 import json
 import os
 import signal
@@ -75,14 +76,11 @@ def test_reward_config_per_mode():
         reward_config("grpo_stage2", ("t1",))
 
 
-def test_stage2_accumulated_gradient_equals_whole_trajectory_loss():
-    """The per-timestep gradient accumulation of the stage-2 update equals the gradient of the loss
-    averaged over the trajectory at once (and its metrics)."""
+def _tiny_stage2_batch(n=4, s=3):
+    """A tiny DiT, its reference, and a stage-2 batch of ``n`` SDE rollouts over ``s`` steps."""
     from flax import nnx
     from vans_jax.models.wan.dit import WanConfig, WanTransformer3D
-    from vans_jax.rl.grpo import vdm_grpo_loss
     from vans_jax.sampling import flow
-    from vans_jax.train.grpo import make_stage2_update
 
     cfg = WanConfig(dim=32, num_layers=1, num_heads=2, ffn_dim=32, in_channels=4, out_channels=4,
                     text_dim=8, freq_dim=16, text_len=4, patch_size=(1, 2, 2))
@@ -90,18 +88,31 @@ def test_stage2_accumulated_gradient_equals_whole_trajectory_loss():
     graphdef, params, frozen = core.split_model(dit, "full")
     ref = jax.tree.map(lambda x: x + 0.01, params)
     k = jax.random.split(jax.random.key(1), 8)
-    n, s = 4, 3
     noise = jax.random.normal(k[0], (n, 4, 2, 4, 4))
     ctx = jax.random.normal(k[1], (n, 4, 8))
     ref_lat = jax.random.normal(k[2], (n, 4, 1, 4, 4))
     lat, traj = flow.sample(nnx.merge(graphdef, params, frozen), noise, ctx, guidance_scale=1.0, ref_latents=ref_lat,
                             num_steps=s + 1, shift=3.0, mode="sde", rng=k[3], sde_window=(0, s),
                             return_trajectory=True)
-    adv = jnp.array([1.0, -0.5, 2.0, -2.5])
+    adv = jnp.array([1.0, -0.5, 2.0, -2.5])[:n]
     idx = np.arange(s)
     batch = dict(x=traj.latents[idx], x_next=traj.latents[idx + 1], old_logp=traj.log_probs[idx] - 0.003,
                  steps=jnp.asarray(idx, jnp.int32), timesteps=traj.timesteps[idx], sigmas=traj.sigmas, context=ctx,
                  cfg=jnp.float32(1.0), ref_latents=ref_lat, advantages=adv)
+    return graphdef, params, frozen, ref, batch, traj
+
+
+def test_stage2_accumulated_gradient_equals_whole_trajectory_loss():
+    """The per-timestep gradient accumulation of the stage-2 update equals the gradient of the loss
+    averaged over the trajectory at once (and its metrics, per timestep too)."""
+    from flax import nnx
+    from vans_jax.rl.grpo import vdm_grpo_loss
+    from vans_jax.sampling import flow
+    from vans_jax.train.grpo import make_stage2_update
+
+    n, s = 4, 3
+    graphdef, params, frozen, ref, batch, traj = _tiny_stage2_batch(n, s)
+    ctx, ref_lat, adv = batch["context"], batch["ref_latents"], batch["advantages"]
     opt = optax.sgd(1.0)
     kw = dict(beta=0.5, clip_eps=0.2, advantage_clip=2.0, noise_level=0.7, std_form="flow_grpo")
     update = make_stage2_update(graphdef, opt, **kw)
@@ -130,6 +141,13 @@ def test_stage2_accumulated_gradient_equals_whole_trajectory_loss():
 
     (loss, terms), grads = jax.jit(jax.value_and_grad(whole, has_aux=True))(p0)
     np.testing.assert_allclose(float(m["loss"]), float(loss), rtol=1e-5, atol=1e-7)
+    # per timestep: ratio exp(logp - old) averaged over the rollouts; its mean is the overall ratio
+    lp = jnp.stack([flow.sde_step(batch["x"][j], flow.guided_velocity(nnx.merge(graphdef, p0, frozen), batch["x"][j],
+                                                                      batch["timesteps"][j], ctx, None, 1.0, ref_lat),
+                                  traj.sigmas, j, prev_sample=batch["x_next"][j]).log_prob for j in range(s)])
+    np.testing.assert_allclose(np.asarray(m["ratio_per_step"]), np.exp(lp - batch["old_logp"]).mean(1), rtol=1e-5)
+    assert m["grad_norm_per_step"].shape == (s,) and (np.asarray(m["grad_norm_per_step"]) > 0).all()
+    np.testing.assert_allclose(float(m["ratio"]), float(np.mean(m["ratio_per_step"])), rtol=1e-6)
     np.testing.assert_allclose(float(m["kl"]), float(terms.kl), rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(float(m["clip_fraction"]), float(terms.clip_fraction), atol=1e-6)
     expect = jax.tree.map(lambda a, g: a - g, p0, grads)   # sgd(1.0)
@@ -292,3 +310,92 @@ def test_grpo_resume_in_process_matches(tiny_world, tmp_path):
     resumed = loop.train(cfg, progress=False)
     for k in ("dit/loss", "dit/kl", "reward/total", "reward/v2", "reward/c2", "anchor/rouge_l"):
         assert resumed[k] == full[k], (k, resumed[k], full[k])
+
+
+def test_stage2_half_batch_agreement_and_variance_split():
+    """The gate's cosine: identical halves agree (+1), halves with negated advantages oppose (-1)
+    (beta 0: the gradient is linear in the advantages); the control is computed on the shuffled
+    advantages. The variance split recovers a known decomposition."""
+    from vans_jax.rl.stages import reward_variance_split, stage2_half_batch_agreement
+    graphdef, params, frozen, ref, batch, _ = _tiny_stage2_batch(2, 2)
+    twice = {k: (jnp.concatenate([v, v], axis=1) if k in ("x", "x_next", "old_logp") else
+                 jnp.concatenate([v, v]) if k in ("context", "ref_latents", "advantages") else v)
+             for k, v in batch.items()}
+    kw = dict(graphdef=graphdef, beta=0.0, clip_eps=0.2, advantage_clip=5.0, noise_level=0.7, std_form="flow_grpo")
+    agree = jax.jit(functools.partial(stage2_half_batch_agreement, **kw))
+    adv = twice["advantages"]
+    same = agree(params, frozen=frozen, ref_params=ref, batch=twice, shuffled_advantages=adv[::-1])
+    np.testing.assert_allclose(float(same["grad_cos_halves"]), 1.0, atol=1e-5)
+    opposite = dict(twice, advantages=jnp.concatenate([adv[:2], -adv[:2]]))
+    neg = agree(params, frozen=frozen, ref_params=ref, batch=opposite, shuffled_advantages=adv)
+    np.testing.assert_allclose(float(neg["grad_cos_halves"]), -1.0, atol=1e-5)
+    np.testing.assert_allclose(float(neg["grad_cos_halves_shuffled"]), 1.0, atol=1e-5)   # the given control
+    assert float(same["grad_norm_half"]) > 0
+    rng = np.random.default_rng(0)
+    r = rng.normal(0, 2.0, (400, 1)) + rng.normal(0, 0.5, (400, 300))   # noise part 4, SDE part 0.25
+    split = reward_variance_split(r)
+    assert abs(split["noise"] - 4.0) < 0.6 and abs(split["sde"] - 0.25) < 0.01
+    np.testing.assert_allclose(split["sde_share"], split["sde"] / (split["noise"] + split["sde"]))
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        reward_variance_split(np.zeros(3))
+
+
+def test_stage2_diagnostics_in_a_step(stage_runners, monkeypatch):
+    """train.grpo.diagnostics_every: the step logs the gate and the variance split of each reward,
+    and the per-timestep ratio / clip fraction / gradient norm of the update."""
+    import dataclasses
+    cfg, runner = stage_runners["grpo_stage2"]
+    monkeypatch.setattr(runner, "s", dataclasses.replace(runner.s, diagnostics_every=1, diagnostics_noises=2,
+                                                         diagnostics_sde_draws=2))
+    monkeypatch.setattr(runner, "rewards", reward_config("grpo_stage2"))
+    m = runner.step(_examples(cfg, "grpo_stage2", 2), 1, jax.random.key(6))
+    for k in ("diag/grad_cos_halves", "diag/grad_cos_halves_shuffled"):
+        assert -1.0 <= float(m[k]) <= 1.0, (k, m[k])
+    for name in ("v2", "c2"):
+        assert float(m[f"diag/reward_var_noise/{name}"]) >= 0 and float(m[f"diag/reward_var_sde/{name}"]) >= 0
+    lo, hi = runner.env.sde_window()
+    for j in range(lo, hi):
+        assert np.isfinite(float(m[f"dit/ratio_step{j}"])) and float(m[f"dit/grad_norm_step{j}"]) > 0
+        assert f"dit/clip_fraction_step{j}" in m
+    assert f"dit/ratio_step{hi}" not in m
+
+
+def test_stage1_single_update_takes_its_own_logprobs_as_old(stage_runners, monkeypatch):
+    """One update per rollout: the loss's own forward, stop-gradient, is the old policy's log-probs
+    (same loss and gradient as with a separate scoring forward, ratio exactly 1), and the trainer
+    runs no scoring forward for them (nor for the reference when beta is 0)."""
+    import dataclasses
+    import functools
+    from vans_jax.rl import rollouts as ro
+    from vans_jax.rl.stages import stage1_loss
+    cfg, runner = stage_runners["grpo_stage1"]
+    ex = _examples(cfg, "grpo_stage1", 2)
+    s = runner.s
+    prompt = ro.build_prompt_batch(ex, runner.tokenizer, runner.vlm_cfg, runner.vcfg, s.pad_multiple, mesh=runner.mesh)
+    out = runner._generate(runner._policy_sampling)(prompt, jax.random.key(0))
+    comp, cmask = jnp.asarray(out.tokens), jnp.asarray(out.mask)
+    params = runner.vlm.state.params
+    base = dict(prompt=prompt, completions=comp, completion_mask=cmask,
+                advantages=jnp.linspace(-1.0, 1.0, comp.shape[0]),
+                ref_logp=runner._score(runner.vlm.ref_params(), prompt, comp, cmask))
+    loss = functools.partial(stage1_loss, graphdef=runner.vlm.graphdef, frozen=runner.vlm.frozen, rng=None,
+                             beta=s.beta, clip_eps=s.clip_eps, temperature=s.temperature, aggregation=s.aggregation)
+    grad = jax.value_and_grad(lambda p, b: loss(p, batch=b), has_aux=True)
+    (l_old, m_old), g_old = grad(params, dict(base, old_logp=runner._score(params, prompt, comp, cmask)))
+    (l_own, m_own), g_own = grad(params, base)
+    assert float(m_own["ratio"]) == 1.0 and float(m_own["clip_fraction"]) == 0.0
+    np.testing.assert_allclose(float(l_own), float(l_old), rtol=1e-5, atol=1e-7)
+    for a, b in zip(_leaves(g_own), _leaves(g_old)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert any(np.abs(a).max() > 0 for a in _leaves(g_own))
+    with pytest.raises(ValueError, match="ref_logp"):
+        loss(params, batch={k: v for k, v in base.items() if k != "ref_logp"})
+    # the trainer with one update: one scoring forward (the reference's, beta > 0), not two
+    assert s.beta > 0
+    calls, real = [], runner._score
+    monkeypatch.setattr(runner, "_score", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(runner, "s", dataclasses.replace(s, num_updates=1))
+    before = jax.tree.map(jnp.copy, runner.vlm.state.params)
+    m = runner.step(ex, 1, jax.random.key(4))
+    assert len(calls) == 1 and m["skipped_rewards"] == 0 and float(m["vlm/ratio"]) == 1.0
+    assert _changed(runner.vlm.state.params, before)

@@ -21,6 +21,7 @@ Checkpoint I/O (the Hugging Face key tables, ``from_pretrained``, ``export_state
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Sequence
@@ -378,6 +379,88 @@ def preprocess_frames(frames, size: int = 224, crop_size: int | None = None, *, 
     return out
 
 
+# PIL's resampling (Resample.c), emulated exactly on the device: the same filter weights, rounded
+# to the same fixed-point integers, the same horizontal-then-vertical passes with uint8 results
+_PIL_FILTERS = {"bicubic": (2.0, lambda x: np.where(x < 1.0, ((-0.5 + 2.0) * x - (-0.5 + 3.0)) * x * x + 1.0,
+                                                     np.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5,
+                                                              0.0))),
+                "bilinear": (1.0, lambda x: np.where(x < 1.0, 1.0 - x, 0.0))}
+_PRECISION_BITS = 32 - 8 - 2
+
+
+@functools.lru_cache(maxsize=64)
+def _pil_weights(in_size: int, out_size: int, resample: str) -> np.ndarray:
+    """(out_size, in_size) int32: PIL's fixed-point resampling coefficients (``precompute_coeffs``
+    then ``normalize_coeffs_8bpc``) as a dense matrix."""
+    support, fn = _PIL_FILTERS[resample]
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = support * filterscale
+    w = np.zeros((out_size, in_size), np.float64)
+    for o in range(out_size):
+        center = (o + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        x = np.arange(lo, hi)
+        k = fn(np.abs((x - center + 0.5) / filterscale))
+        total = k.sum()
+        w[o, lo:hi] = k / total if total != 0 else k
+    one = float(1 << _PRECISION_BITS)
+    return np.where(w < 0, np.trunc(-0.5 + w * one), np.trunc(0.5 + w * one)).astype(np.int32)
+
+
+def _pil_pass(x, weights, axis: int):
+    """One PIL pass over ``axis`` (1: rows, 2: columns) of int32 images (N, H, W, C)."""
+    spec = "nhwc,oh->nowc" if axis == 1 else "nhwc,ow->nhoc"
+    acc = jnp.einsum(spec, x, jnp.asarray(weights), preferred_element_type=jnp.int32)
+    return jnp.clip((acc + (1 << (_PRECISION_BITS - 1))) >> _PRECISION_BITS, 0, 255)
+
+
+def _resized_size(h: int, w: int, size: int) -> tuple[int, int]:
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    return (new_long, new_short) if w <= h else (new_short, new_long)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "crop", "resample"))
+def _preprocess_on_device(frames, size: int, crop: int, resample: str, table):
+    n, h, w, _ = frames.shape
+    nh, nw = _resized_size(h, w, size)
+    x = frames.astype(jnp.int32)
+    if nw != w:  # PIL: horizontal pass first, then vertical; a pass is skipped when its size is kept
+        x = _pil_pass(x, _pil_weights(w, nw, resample), 2)
+    if nh != h:
+        x = _pil_pass(x, _pil_weights(h, nh, resample), 1)
+    ph, pw = max(crop, nh), max(crop, nw)
+    if (ph, pw) != (nh, nw):  # crop larger than the image: zero padding, as transformers
+        t, l = -(-(ph - nh) // 2), -(-(pw - nw) // 2)
+        x = jnp.pad(x, ((0, 0), (t, ph - nh - t), (l, pw - nw - l), (0, 0)))
+    top, left = (ph - crop) // 2, (pw - crop) // 2
+    x = x[:, top:top + crop, left:left + crop]
+    # the normalized value of each (channel, level), computed on the host exactly as the PIL path
+    # does (a compiler may turn x / 255 into a multiply): a lookup keeps the two bit-identical
+    return jnp.stack([table[c][x[..., c]] for c in range(3)], axis=1)
+
+
+def preprocess_frames_on_device(frames, size: int = 224, crop_size: int | None = None, *, mean=OPENAI_CLIP_MEAN,
+                                std=OPENAI_CLIP_STD, resample: str = "bicubic") -> jax.Array:
+    """``preprocess_frames`` as one jitted device program on uint8 frames (N, H, W, 3) (a device
+    array or numpy): PIL's resampling emulated exactly (its fixed-point filter coefficients and
+    uint8 rounding after each pass), so the result is bit-identical to the PIL path (tested). The
+    frames need not go to the host (rewards on rendered videos)."""
+    if resample not in _PIL_FILTERS:
+        raise ValueError(f"on-device CLIP preprocessing supports {sorted(_PIL_FILTERS)}, got {resample!r}")
+    shape, dtype = tuple(frames.shape), frames.dtype
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"expected frames (N, H, W, 3), got shape {shape}")
+    if dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames, got {dtype}")
+    crop = size if crop_size is None else crop_size
+    levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    table = (levels[None] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+    return _preprocess_on_device(frames, size=size, crop=crop, resample=resample, table=table)
+
+
 def load_tokenizer(local_dir: str):
     """The CLIP tokenizer saved in ``local_dir`` (no download)."""
     from transformers import AutoTokenizer
@@ -428,18 +511,20 @@ def _text_features(model: CLIPModel, input_ids, attention_mask):
 
 def encode_frames(model: CLIPModel, frames, *, batch_size: int = 64) -> jax.Array:
     """uint8 frames (..., H, W, 3), e.g. videos (B, F, H, W, 3) -> fp32 features (..., D)
-    (unnormalized; the reward functions normalize)."""
-    arr = np.asarray(frames)
-    lead = arr.shape[:-3]
-    flat = arr.reshape((-1,) + arr.shape[-3:])
+    (unnormalized; the reward functions normalize). The preprocessing runs on the device
+    (``preprocess_frames_on_device``, bit-identical to the PIL path): device frames stay there."""
+    shape = tuple(frames.shape)
+    lead = shape[:-3]
+    flat = (frames if isinstance(frames, jax.Array) else np.asarray(frames)).reshape((-1,) + shape[-3:])
     size = model.config.vision.image_size
     feats = []
     for s in range(0, flat.shape[0], batch_size):
-        chunk = preprocess_frames(flat[s:s + batch_size], size=size)
+        chunk = flat[s:s + batch_size]
         n = chunk.shape[0]
         if n < batch_size and flat.shape[0] > batch_size:  # keep one compiled shape
-            chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-        feats.append(_image_features(model, jnp.asarray(chunk))[:n])
+            pad = ((0, batch_size - n),) + ((0, 0),) * 3
+            chunk = jnp.pad(chunk, pad) if isinstance(chunk, jax.Array) else np.pad(chunk, pad)
+        feats.append(_image_features(model, preprocess_frames_on_device(chunk, size=size))[:n])
     return jnp.concatenate(feats).reshape(lead + (-1,))
 
 

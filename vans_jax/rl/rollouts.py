@@ -18,8 +18,10 @@ computes the same rewards, advantages and anchor decisions.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import hashlib
 from typing import Sequence
 
 import jax
@@ -167,9 +169,12 @@ class RolloutEnv:
     tokenizer. The trained modules are passed in (``dit``, ``generate``)."""
 
     def __init__(self, render: RenderSettings, *, mesh, tokenizer=None, vdm: wp.WanModels | None = None,
-                 clip_model=None, clip_tokenizer=None):
+                 clip_model=None, clip_tokenizer=None, gt_cache_size: int = 4096):
         self.r, self.mesh, self.tokenizer, self.vdm = render, mesh, tokenizer, vdm
         self.clip_model, self.clip_tokenizer = clip_model, clip_tokenizer
+        self._gt_feats: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+        self.gt_cache_size = int(gt_cache_size)
+        self.gt_cache_hits = self.gt_cache_misses = 0
 
     # -- global arrays (see the module docstring)
 
@@ -196,13 +201,39 @@ class RolloutEnv:
 
     def frame_feats(self, frames) -> np.ndarray:
         """CLIP image features (N, F, D) of the whole global batch's videos (N, F, H, W, 3) uint8
-        (``frames``: numpy or a global array), as host values. With several processes the frames
-        are gathered and every process runs ``clip.encode_frames`` on all of them, exactly as one
-        process does (the same chunks, the same programs: rewards bit-identical to a 1-process run;
-        advantages normalize within groups of near-equal rewards and would magnify any last-bit
-        difference). The cost: an all-gather of the uint8 frames, and CLIP (small next to the
-        DiT) repeated on every host."""
-        return np.asarray(clip_lib.encode_frames(self.clip_model, host_values(frames)))
+        (``frames``: numpy or a global array), as host values. One process: the frames stay on the
+        device (preprocessing there too, ``clip.preprocess_frames_on_device``); only the features
+        come back. Several processes: the frames are gathered and every process runs
+        ``clip.encode_frames`` on all of them, exactly as one process does (the same chunks, the
+        same programs: rewards bit-identical to a 1-process run; advantages normalize within groups
+        of near-equal rewards and would magnify any last-bit difference). The cost: an all-gather
+        of the uint8 frames, and CLIP (small next to the DiT) repeated on every host."""
+        if isinstance(frames, jax.Array) and not frames.is_fully_addressable:
+            frames = host_values(frames)
+        return np.asarray(clip_lib.encode_frames(self.clip_model, frames))
+
+    def gt_frame_feats(self, targets: np.ndarray) -> np.ndarray:
+        """``frame_feats`` of ground-truth videos (N, F, H, W, 3) (host values of the whole global
+        batch, alike on every process), cached by content: an example seen again (the next epoch,
+        a repeated prompt) costs a hash, not a CLIP forward. The cache holds ``gt_cache_size``
+        videos' features (least recently used dropped); it lives as long as this environment,
+        whose CLIP model is frozen."""
+        targets = np.ascontiguousarray(targets)
+        keys = [hashlib.blake2b(t.tobytes(), digest_size=16,
+                                person=repr(t.shape).encode()[:16]).digest() for t in targets]
+        missing = [i for i, k in enumerate(keys) if k not in self._gt_feats]
+        self.gt_cache_hits += len(keys) - len(missing)
+        self.gt_cache_misses += len(missing)
+        if missing:
+            new = self.frame_feats(targets[missing])
+            for i, f in zip(missing, new):
+                self._gt_feats[keys[i]] = f
+        out = np.stack([self._gt_feats[k] for k in keys])
+        for k in keys:
+            self._gt_feats.move_to_end(k)
+        while len(self._gt_feats) > self.gt_cache_size:
+            self._gt_feats.popitem(last=False)
+        return out
 
     # -- pieces
 
@@ -227,13 +258,15 @@ class RolloutEnv:
     def sde_window(self):
         return self.r.sde_window or (0, self.r.num_steps - 1)
 
-    def render_sde(self, dit, captions, ref_lat, rng):
+    def render_sde(self, dit, captions, ref_lat, rng, noise=None):
         """Rendering with ``dit`` (the policy) and the Flow-GRPO SDE sampler over the window: uint8
-        frames (a device array), the stored trajectory, the text contexts."""
+        frames (a device array), the stored trajectory, the text contexts. ``noise``: the initial
+        latents (a global array; default drawn from ``rng``)."""
         n = len(captions)
         ctx, unc = self.context(captions, n)
         k_noise, k_sde = jax.random.split(rng)
-        noise = self.normal(k_noise, latent_shape(self.vdm, n, self.r))
+        if noise is None:
+            noise = self.normal(k_noise, latent_shape(self.vdm, n, self.r))
         lat, traj = flow.sample(dit, noise, ctx, uncond_context=unc, guidance_scale=self.r.cfg_scale,
                                 ref_latents=ref_lat, num_steps=self.r.num_steps, shift=self.r.shift, mode="sde",
                                 rng=k_sde, sde_window=self.sde_window(), noise_level=self.r.noise_level,

@@ -92,15 +92,27 @@ class GRPOSettings:
     pad_multiple: int = 64
     rewards: str = ""                 # train.grpo.rewards ("": the mode's paper default)
     shuffle_advantages: bool = False  # the control run: advantages permuted within each group
+    diagnostics_every: int = 0        # stage 2: half-batch gradient agreement + reward variance split
+    diagnostics_noises: int = 4       # the split: K initial noises x M SDE draws of one anchor
+    diagnostics_sde_draws: int = 4
 
 
 def stage1_loss(params, graphdef, frozen, batch, rng, *, beta, clip_eps, temperature, aggregation):
     """Token-level GRPO loss of the VLM on stored completions (no LoRA dropout: ratio 1 at the
-    first update)."""
+    first update). ``batch["old_logp"]`` may be absent: the update is the first on these
+    completions (one update per rollout) and the sampling policy is the current one, so the old
+    log-probs are this forward's own, stop-gradient (ratio exactly 1, its gradient that of logp),
+    and the trainer skips the extra scoring forward. ``batch["ref_logp"]`` may be absent when
+    ``beta`` is 0."""
     model = nnx.merge(graphdef, params, frozen)
     logp = completion_logprobs(model, batch["prompt"], batch["completions"], batch["completion_mask"],
                                temperature)
-    t = vlm_grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["completion_mask"],
+    own = jax.lax.stop_gradient(logp)
+    old = batch.get("old_logp", own)
+    ref = batch.get("ref_logp", own)
+    if "ref_logp" not in batch and beta != 0:
+        raise ValueError("stage1_loss: beta > 0 needs batch['ref_logp'] (the reference policy's log-probs)")
+    t = vlm_grpo_loss(logp, old, ref, batch["advantages"], batch["completion_mask"],
                       beta=beta, clip_eps=clip_eps, aggregation=aggregation)
     return t.loss, {"kl": t.kl, "clip_fraction": t.clip_fraction, "ratio": t.ratio_mean,
                     "policy_objective": t.policy_objective}
@@ -141,13 +153,69 @@ def stage2_grads(params, graphdef, frozen, ref_params, batch, *, beta, clip_eps,
 
         (_, terms), grads = jax.value_and_grad(lossf, has_aux=True)(params)
         m = jnp.stack([terms.loss, terms.kl, terms.clip_fraction, terms.ratio_mean, terms.policy_objective]) / s
-        return (jax.tree.map(jnp.add, gsum, grads), msum + m), None
+        per_step = jnp.stack([terms.ratio_mean, terms.clip_fraction, tree_norm(grads)])
+        return (jax.tree.map(jnp.add, gsum, grads), msum + m), per_step
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, m), _ = jax.lax.scan(one, (zeros, jnp.zeros(5, jnp.float32)),
-                                 (batch["x"], batch["x_next"], batch["old_logp"], batch["steps"],
-                                  batch["timesteps"]))
-    return grads, dict(loss=m[0], kl=m[1], clip_fraction=m[2], ratio=m[3], policy_objective=m[4])
+    (grads, m), per = jax.lax.scan(one, (zeros, jnp.zeros(5, jnp.float32)),
+                                   (batch["x"], batch["x_next"], batch["old_logp"], batch["steps"],
+                                    batch["timesteps"]))
+    # per trained timestep (S,): its ratio and clip fraction, and the norm of its gradient term
+    return grads, dict(loss=m[0], kl=m[1], clip_fraction=m[2], ratio=m[3], policy_objective=m[4],
+                       ratio_per_step=per[:, 0], clip_fraction_per_step=per[:, 1], grad_norm_per_step=per[:, 2])
+
+
+def tree_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def tree_cosine(a, b):
+    dot = sum(jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32)) for x, y in zip(jax.tree.leaves(a),
+                                                                                        jax.tree.leaves(b)))
+    return dot / jnp.maximum(tree_norm(a) * tree_norm(b), 1e-30)
+
+
+# the rows of a stage-2 batch: trajectory arrays are (S, N, ...), per-rollout ones (N, ...)
+_TRAJ_KEYS = ("x", "x_next", "old_logp")
+_ROW_KEYS = ("context", "uncond_context", "ref_latents", "advantages")
+
+
+def stage2_rows(batch: dict, rows: slice) -> dict:
+    """The stage-2 batch restricted to rollouts ``rows``."""
+    out = dict(batch)
+    for k in _TRAJ_KEYS:
+        out[k] = batch[k][:, rows]
+    for k in _ROW_KEYS:
+        if k in batch:
+            out[k] = batch[k][rows]
+    return out
+
+
+def stage2_half_batch_agreement(params, graphdef, frozen, ref_params, batch, shuffled_advantages, **settings):
+    """The signal gate of Stage 2: the cosine between the gradients of two independent halves of the
+    rollouts (first and second half of the rows), and the same with ``shuffled_advantages`` (the
+    control: the rollouts' advantages permuted within groups). A gradient that carries the
+    rewards' signal agrees across halves more than its control does; cosines near 0 in both mean
+    the batch is too small for the update to be more than noise. ``settings``: ``stage2_grads``'."""
+    n = batch["advantages"].shape[0]
+    a, b = slice(0, n // 2), slice(n // 2, 2 * (n // 2))
+    grad = lambda bt: stage2_grads(params, graphdef, frozen, ref_params, bt, **settings)[0]
+    ga, gb = grad(stage2_rows(batch, a)), grad(stage2_rows(batch, b))
+    shuf = dict(batch, advantages=shuffled_advantages)
+    sa, sb = grad(stage2_rows(shuf, a)), grad(stage2_rows(shuf, b))
+    return {"grad_cos_halves": tree_cosine(ga, gb), "grad_cos_halves_shuffled": tree_cosine(sa, sb),
+            "grad_norm_half": 0.5 * (tree_norm(ga) + tree_norm(gb))}
+
+
+def reward_variance_split(rewards: np.ndarray) -> dict:
+    """Rewards of K initial noises x M SDE draws each (K, M) -> the law of total variance:
+    ``noise`` = Var_k(E_m r) (the part the initial noise decides), ``sde`` = E_k(Var_m r) (the
+    part the SDE noise adds), and ``sde_share`` = sde / (noise + sde)."""
+    r = np.asarray(rewards, np.float64)
+    if r.ndim != 2 or r.shape[0] < 2 or r.shape[1] < 2:
+        raise ValueError(f"reward_variance_split needs rewards (K >= 2 noises, M >= 2 SDE draws), got {r.shape}")
+    noise, sde = float(r.mean(1).var()), float(r.var(1).mean())
+    return {"noise": noise, "sde": sde, "sde_share": sde / max(noise + sde, 1e-30)}
 
 
 def _summary(prefix: str, x) -> dict:

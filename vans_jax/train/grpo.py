@@ -32,8 +32,8 @@ from .. import parallel
 from ..models.lora import without_lora
 from ..rl import rollouts as ro
 from ..rl.rewards import RewardInputs, compute_rewards, stage_advantages
-from ..rl.stages import (GRPO_MODES, GRPOSettings, finite_rewards, reward_config, reward_metrics, stage1_loss,
-                         stage2_grads)
+from ..rl.stages import (GRPO_MODES, GRPOSettings, finite_rewards, reward_config, reward_metrics,
+                         reward_variance_split, stage1_loss, stage2_grads, stage2_half_batch_agreement)
 from ..sampling import wan as wp
 from ..sampling.text import SamplingSettings
 from . import media
@@ -161,9 +161,17 @@ def part_optim_cfg(optim_cfg, part: str):
     return c
 
 
-def _mean_updates(ms: list[dict]) -> dict:
-    """Per-update metrics (device arrays) -> their mean over the updates, plus the last ratio."""
-    out = {k: jnp.mean(jnp.stack([m[k] for m in ms])) for k in ms[0]}
+def _mean_updates(ms: list[dict], first_step: int = 0) -> dict:
+    """Per-update metrics (device arrays) -> their mean over the updates, plus the last ratio; a
+    per-timestep metric ``<name>_per_step`` (S,) becomes ``<name>_step<j>`` for each trained
+    timestep j (counted from ``first_step``, the SDE window's start)."""
+    out = {}
+    for k in ms[0]:
+        v = jnp.mean(jnp.stack([m[k] for m in ms]), axis=0)
+        if k.endswith("_per_step"):
+            out.update({f"{k[:-len('_per_step')]}_step{first_step + j}": v[j] for j in range(v.shape[0])})
+        else:
+            out[k] = v
     if "ratio" in ms[0]:
         out["ratio_last_update"] = ms[-1]["ratio"]
     return out
@@ -241,6 +249,56 @@ class JointGRPO:
     def _dit_module(self):
         return self.dit.model() if self.train_dit else self.vdm.dit
 
+    def _rewards(self, batch_in: dict, frames, caps, gt_caps, gt_feats, gt_frames, group_size: int) -> dict:
+        """The active rewards of rollouts: ``batch_in`` (text inputs) completed with the video
+        inputs of ``frames`` (a device array of the rendered videos, or None): CLIP features on the
+        device, frames to the host only for rewards that read them."""
+        batch_in = dict(batch_in)
+        if frames is not None:
+            batch_in.update(gen_video_feats=self.env.frame_feats(frames), gt_video_feats=gt_feats)
+            if "c2" in self.rewards.active:
+                batch_in["caption_feats"] = self.env.caption_feats(caps)
+        if set(self.rewards.required_inputs()) & {"frames", "gt_frames", "reward_inputs"}:
+            if frames is not None:
+                batch_in.update(frames=ro.host_values(frames), gt_frames=gt_frames)
+            batch_in["reward_inputs"] = RewardInputs(
+                frames=batch_in.get("frames"), gt_frames=batch_in.get("gt_frames"), captions=list(caps),
+                gt_captions=list(gt_caps), texts=batch_in.get("texts"), group_size=group_size)
+        return compute_rewards(self.rewards, **batch_in)
+
+    def _stage2_diagnostics(self, db, adv, ref_params, caps, ref_rep, gt_feat, target, rng, step_index) -> dict:
+        """``train.grpo.diagnostics_every``: (1) the half-batch gradient agreement of this rollout
+        batch against its shuffled-advantage control (``rl.stages.stage2_half_batch_agreement``),
+        at the parameters that sampled it; (2) the first anchor's reward variance split into its
+        initial-noise and SDE parts (``rl.stages.reward_variance_split``) from K initial noises x M
+        SDE draws. Costs about two gradient passes of the batch plus K x M renders."""
+        s, r, env = self.s, self.r, self.env
+        key = ("stage2_agreement", s.beta, s.clip_eps, s.advantage_clip, r.noise_level, r.std_form, s.aggregation,
+               self.dit.cache_key())
+        if key not in _STEPS:
+            _STEPS[key] = jax.jit(functools.partial(
+                stage2_half_batch_agreement, graphdef=self.dit.graphdef, beta=s.beta, clip_eps=s.clip_eps,
+                advantage_clip=s.advantage_clip, noise_level=r.noise_level, std_form=r.std_form,
+                aggregation=s.aggregation))
+        shuffled = shuffle_within_groups(adv, s.group_size, np.random.default_rng([self.seed, int(step_index), 7]))
+        out = {f"diag/{k}": v for k, v in _STEPS[key](self.dit.state.params, frozen=self.dit.frozen,
+                                                        ref_params=ref_params, batch=db,
+                                                        shuffled_advantages=env.whole(shuffled)).items()}
+        k, m = int(s.diagnostics_noises), int(s.diagnostics_sde_draws)
+        shape = ro.latent_shape(self.vdm, k * m, r)
+        base = np.asarray(jax.random.normal(rng, (k,) + shape[1:], jnp.float32))
+        noise = env.whole(np.repeat(base, m, axis=0))
+        frames, _, _, _ = env.render_sde(self._dit_module(), [caps[0]] * (k * m),
+                                         jnp.repeat(ref_rep[:1], k * m, axis=0), jax.random.fold_in(rng, 1),
+                                         noise=noise)
+        gt_caps = [caps[0]] * (k * m)
+        rewards = self._rewards({"gt_captions": gt_caps}, frames, gt_caps, gt_caps,
+                                np.repeat(gt_feat[:1], k * m, axis=0), np.repeat(target[:1], k * m, axis=0), m)
+        for name, v in rewards.items():
+            split = reward_variance_split(np.asarray(v).reshape(k, m))
+            out.update({f"diag/reward_var_{part}/{name}": val for part, val in split.items()})
+        return out
+
     # -- one step
 
     def step(self, examples: Sequence[dict], step_index: int, rng) -> dict:
@@ -258,7 +316,9 @@ class JointGRPO:
         if self.needs_video:
             ref_lat = ro.reference_latents(self.vdm, examples, self.r, to_device=env.rows)
             target = np.stack([np.asarray(e["target"]) for e in examples])
-            gt_feat = env.frame_feats(target if jax.process_count() == 1 else env.rows(target))
+            if jax.process_count() > 1:   # the whole global batch's, on every process
+                target = ro.host_values(env.rows(target))
+            gt_feat = env.gt_frame_feats(target)
         new_tokens = 0
         if self.train_vlm:
             out = self._generate(self._policy_sampling)(prompt, k_gen)
@@ -290,22 +350,14 @@ class JointGRPO:
                 frames, traj, ctx, unc = env.render_sde(self._dit_module(), caps, ref_rep, k_vid)
             else:
                 frames = env.render_ode(caps, ref_rep, k_vid)
-            frames = ro.host_values(frames)     # once, for CLIP and for the rewards that read frames
-            feats = env.frame_feats(frames)
-            batch_in.update(gen_video_feats=feats, gt_video_feats=np.repeat(gt_feat, g, axis=0))
-            if "c2" in self.rewards.active:
-                batch_in["caption_feats"] = env.caption_feats(caps)
+            jax.block_until_ready(frames)
         t_video = time.perf_counter()
-        need = set(self.rewards.required_inputs())
-        if need & {"frames", "gt_frames", "reward_inputs"}:
-            if frames is not None:
-                batch_in["frames"] = frames
-                batch_in["gt_frames"] = np.repeat(target if jax.process_count() == 1
-                                                  else ro.host_values(env.rows(target)), g, axis=0)
-            batch_in["reward_inputs"] = RewardInputs(
-                frames=batch_in.get("frames"), gt_frames=batch_in.get("gt_frames"), captions=list(caps),
-                gt_captions=[c for c in gt_caps for _ in range(g)], texts=batch_in.get("texts"), group_size=g)
-        rewards = compute_rewards(self.rewards, **batch_in)
+        rewards = self._rewards(batch_in, frames, caps, [c for c in gt_caps for _ in range(g)],
+                                None if frames is None else np.repeat(gt_feat, g, axis=0),
+                                None if frames is None else np.repeat(target, g, axis=0), g)
+        if frames is not None:
+            metrics["gt_feature_cache_hits"] = float(env.gt_cache_hits)
+        t_reward = time.perf_counter()
         if not finite_rewards(rewards):
             return dict(metrics, skipped_rewards=1.0, step_time_s=time.perf_counter() - t0)
         adv = np.asarray(stage_advantages(self.rewards, rewards, g))
@@ -318,10 +370,11 @@ class JointGRPO:
         if self.train_vlm:
             comp = jnp.asarray(out.tokens)
             cmask = jnp.asarray(out.mask)
-            old = self._score(self.vlm.state.params, prompt, comp, cmask)
-            ref = old if s.beta == 0 else self._score(self.vlm.ref_params(), prompt, comp, cmask)
-            vb = dict(prompt=prompt, completions=comp, completion_mask=cmask, old_logp=old, ref_logp=ref,
-                      advantages=env.whole(adv))
+            vb = dict(prompt=prompt, completions=comp, completion_mask=cmask, advantages=env.whole(adv))
+            if s.num_updates > 1:   # one update: the loss takes its own forward, stop-gradient, as old
+                vb["old_logp"] = self._score(self.vlm.state.params, prompt, comp, cmask)
+            if s.beta != 0:
+                vb["ref_logp"] = self._score(self.vlm.ref_params(), prompt, comp, cmask)
             for u in range(s.num_updates):
                 self.vlm.state, m = self._vlm_update(self.vlm.state, self.vlm.frozen,
                                                      dict(vb, update_index=env.const(np.int32(u))))
@@ -336,15 +389,22 @@ class JointGRPO:
             if unc is None:
                 db.pop("uncond_context")
             ref_params = self.dit.ref_params()
+            if s.diagnostics_every > 0 and (int(step_index) - 1) % s.diagnostics_every == 0:
+                metrics.update(self._stage2_diagnostics(db, adv, ref_params, caps, ref_rep, gt_feat, target,
+                                                        jax.random.fold_in(k_vid, 7), step_index))
             for u in range(s.num_updates):
                 self.dit.state, m = self._dit_update(self.dit.state, self.dit.frozen, ref_params, db)
                 upd.setdefault("dit", []).append(m)
         for name, ms in upd.items():
-            metrics.update({f"{name}/{k}": v for k, v in _mean_updates(ms).items()})
+            first = env.sde_window()[0] if name == "dit" else 0
+            metrics.update({f"{name}/{k}": v for k, v in _mean_updates(ms, first).items()})
+        # the next rollout needs the updated policy anyway: waiting here costs no overlap and makes
+        # time/update_s the updates' time (not their dispatch, with the work landing in the next step)
+        jax.block_until_ready([p.state.params for p in self.parts.values()])
         t1 = time.perf_counter()
         n_frames = 0 if frames is None else int(np.prod(frames.shape[:2]))
         metrics.update({"time/step_s": t1 - t0, "time/text_s": t_text - t0, "time/video_s": t_video - t_text,
-                        "time/update_s": t1 - t_video, "throughput/tokens_per_s": new_tokens / max(t_text - t0, 1e-9),
+                        "time/reward_s": t_reward - t_video, "time/update_s": t1 - t_reward, "throughput/tokens_per_s": new_tokens / max(t_text - t0, 1e-9),
                         "throughput/frames_per_s": n_frames / max(t_video - t_text, 1e-9)})
         if media.due(getattr(self, "media_every", 0), step_index):     # train.media: TensorBoard rollouts
             metrics["media"] = media.grpo_media(examples, caps, frames, rewards, adv, g,

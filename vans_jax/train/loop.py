@@ -227,7 +227,10 @@ def grpo_settings(cfg, mode) -> GRPOSettings:
                         anchor_temperature=float(g.anchor_temperature), caption_fallback=str(g.caption_fallback),
                         disabled_rewards=disabled, pad_multiple=int(cfg.train.pad_multiple),
                         rewards=str(g.get("rewards", "") or ""),
-                        shuffle_advantages=bool(g.get("shuffle_advantages", False)))
+                        shuffle_advantages=bool(g.get("shuffle_advantages", False)),
+                        diagnostics_every=int(g.get("diagnostics_every", 0)),
+                        diagnostics_noises=int(g.get("diagnostics_noises", 4)),
+                        diagnostics_sde_draws=int(g.get("diagnostics_sde_draws", 4)))
 
 
 # ----------------------------------------------------------------------------- SFT runners

@@ -20,6 +20,8 @@ MAIN_KEYS = (
     ("train.<mode>.lr, .trainable, .schedule, .warmup_steps, .ema_decay", "optimizer settings of SFT modes"),
     ("train.sft_vdm.latent_cache", "auto (<workdir>/latent_cache) | DIR | off"),
     ("train.grpo.group_size, .beta, .clip_eps, .num_updates, .disabled_rewards", "Joint-GRPO knobs"),
+    ("train.grpo.rewards, .shuffle_advantages", "reward list (built-ins, user functions, =weight); the control"),
+    ("train.grpo.diagnostics_every", "stage 2: half-batch gradient agreement vs control, reward variance split"),
     ("mesh.data / mesh.fsdp / mesh.tensor", "device mesh (-1: the rest of the devices)"),
     ("train.log_every / train.checkpoint_every / train.keep_checkpoints", "logging and checkpoints"),
 )
