@@ -20,7 +20,10 @@ RUNTIME = [
     "scipy",
 ]
 TFDS = ["tensorflow-datasets"]  # builder only; no TensorFlow needed (array_record format)
-TEST = TFDS + [
+APP = ["gradio>=5"]  # `vans-jax serve`, the web demo (imported only by it)
+TEST = TFDS + APP + [
+    "selenium",           # the browser tests drive Debian's chromium (+ chromium-driver, from apt: .ci/run)
+    "tensorboard",        # its event reader reads back the training media summaries
     "pytest",
     "pytest-xdist",       # pytest.ini runs the suite on two workers
     # The CPU build of torch: an unpinned torch pulls several GB of CUDA packages.
@@ -35,6 +38,6 @@ setup(
     packages=find_packages(include=["vans_jax", "vans_jax.*"]),
     python_requires=">=3.10",
     install_requires=RUNTIME,
-    extras_require={"test": TEST, "tfds": TFDS},
+    extras_require={"test": TEST, "tfds": TFDS, "app": APP},
     entry_points={"console_scripts": ["vans-jax=vans_jax.apps.cli:main"]},
 )

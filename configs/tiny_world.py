@@ -35,13 +35,13 @@ def get_config():
     c.video.update(dict(height=64, width=64, num_frames=9, fps=4, n_ref=3, num_steps=10, cfg_scale=3.0, shift=3.0,
                         negative_prompt=""))
     c.data.pipeline = dict(reference_frames=9)
-    c.train.update(dict(batch_size=2, log_every=5, checkpoint_every=50, steps=0, pad_multiple=64))
+    c.train.update(dict(batch_size=2, log_every=5, checkpoint_every=50, steps=0, pad_multiple=64, log_media_every=12))
     # a plain `vans-jax train` SFT run on the world; the shipped models were trained in the phases of
     # tools.tiny_world.build.SFT_PHASES (steps, batch, lr per phase), which override these three
     c.train.sft_vlm.update(dict(steps=800, lr=2e-3, trainable="full", max_len=320, warmup_steps=50,
                                 schedule="cosine", final_lr_ratio=0.05, dropout=False))
     c.train.sft_vdm.update(dict(steps=1500, lr=1e-3, trainable="full", warmup_steps=50, schedule="cosine",
-                                final_lr_ratio=0.05, text_dropout=0.1))
+                                final_lr_ratio=0.05, text_dropout=0.1, log_media_every=250))
     # stage-2 SDE noise 0.3, not the recipe's 0.7: on this world's 8-step rollouts 0.7 cost the
     # ODE-evaluated CLIP-V far more (README, demo section: 0.126 vs 0.200 over 3 seeds)
     c.train.grpo.update(dict(group_size=4, lr=1e-4, vlm_lr=1e-3, stage1_steps=48, stage2_steps=24, num_updates=2,

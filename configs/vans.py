@@ -57,11 +57,15 @@ def get_config():
         batch_size=1,             # prompts per step (SFT: examples per step)
         pad_multiple=64,          # token sequences padded to a multiple of this (fewer recompilations)
         log_every=10, checkpoint_every=100, keep_checkpoints=3, async_checkpoint=True,
+        # TensorBoard media (train/media.py): GRPO rollout strips, captions, reward terms, histograms; SFT-VDM
+        # renders of media_samples fixed captions. 0: off
+        log_media_every=50, media_samples=2,
         export=True, export_link=True,
         sft_vlm=dict(steps=10_000, lr=5e-5, trainable="lora", grad_clip=1.0, warmup_steps=0, schedule="constant",
                      weight_decay=0.0, dropout=True, max_len=0),   # max_len > 0: fixed sequence length
         sft_vdm=dict(steps=20_000, lr=5e-5, trainable="full", grad_clip=1.0, warmup_steps=0, schedule="constant",
                      weight_decay=0.0, text_dropout=0.1,
+                     log_media_every=500,    # renders media_samples videos each time (train/media.py)
                      latent_cache="auto",     # VAE latents + UMT5 embeddings cached: auto (<workdir>/latent_cache) | DIR | off
                      ema_decay=0.0),          # > 0: a parameter EMA, what export/ holds (e.g. 0.999)
         grpo=dict(group_size=8, beta=0.004, clip_eps=1e-3, lr=5e-5, stage1_steps=800, stage2_steps=1000,

@@ -33,6 +33,8 @@ def test_quick_demo_writes_everything(tmp_path, capsys):
         rows = [r for r in os.listdir(out / d) if (out / d / r / "answer.json").exists()]
         assert len(rows) == 4 and all((out / d / r / "answer.mp4").exists() for r in rows)
     assert (out / "contact_sheet.png").stat().st_size > 0
+    page = (out / "index.html").read_text()        # demo.write_index (tests/apps/test_demo_html.py: in Chromium)
+    assert page.count("<video ") == 4 * 4 and 'src="after/' in page and "Joint-GRPO (after)" in page
     for stage in ("grpo_stage1", "grpo_stage2"):
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "runs" / stage / "tb"))
         assert json.loads((out / "runs" / stage / "final_metrics.json").read_text())["step"] == 2

@@ -13,6 +13,7 @@
                   [--num_frames 33 --height 352 --width 640 --fps 11]
     vans-jax bench --config configs/bench_cpu.py --output FILE.json [--config.a.b=value ...]
     vans-jax memory-plan --config configs/vans.py [--meshes 1 fsdp=8 ...] [--remat none dots full] --output FILE.json
+    vans-jax serve [--vlm DIR --vdm DIR] [--dit FILE] [--lora DIR] [--mesh fsdp=8] [--host H --port P]
 
 Config overrides use the ``--config.a.b=value`` form on any subcommand that takes a config.
 """
@@ -202,10 +203,14 @@ def main(argv=None):
     mp.add_argument("--platform", default="cpu", choices=["cpu", "default"],
                     help="compile for fake CPU devices (any mesh) or the default backend's own devices")
     mp.add_argument("--output", required=True, help="FILE.json (the .md table goes next to it) or FILE.md")
+    sv = sub.add_parser("serve", help="the web demo (Gradio, the 'app' extra): upload a clip or an image, ask, watch the "
+                                      "answer video(s); default: the shipped tiny models")
+    from vans_jax.apps import serve as _serve_args
+    _serve_args.add_arguments(sv)
     args = parser.parse_args(rest)
     # transformers (used here for tokenizers only) would print "PyTorch was not found ..." on import
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    if args.command in ("demo", "predict"):
+    if args.command in ("demo", "predict", "serve"):
         from .compile_cache import enable
         enable()
     try:
@@ -213,6 +218,9 @@ def main(argv=None):
         if args.command == "predict":
             from vans_jax.apps import predict
             return predict.run_cli(args)
+        if args.command == "serve":
+            from vans_jax.apps import serve
+            return serve.run_cli(args)
         if args.command == "train":
             from vans_jax.apps.configlib import load_config
             from vans_jax.train.loop import main_train

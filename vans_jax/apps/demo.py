@@ -5,6 +5,8 @@ short Joint-GRPO (stage 1: the VLM's LoRA with r_format + r_t1 + r_v1 through th
 2: the DiT with r_v2 + r_c2 and anchors from the stage-1 VLM), evaluate again, and write to
 ``--output_dir``:
 
+    index.html                the page to look at: per eval sample input | truth | before | after videos
+                              side by side, the captions, the metrics table (videos linked, not copied)
     metrics.json              {"before": {...}, "after": {...}, "settings": ..., "timings": ...}
     metrics.md                the before/after table
     before/<i>/answer.json    predictions (the layout `vans-jax eval` reads) + answer.mp4
@@ -148,6 +150,85 @@ def contact_sheet(path: str, rows, video_root: str, before: dict, after: dict, s
     return path
 
 
+_HTML_CSS = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
+table.metrics { border-collapse: collapse; margin: 8px 0 20px; }
+table.metrics td, table.metrics th { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+table.metrics th:first-child, table.metrics td:first-child { text-align: left; }
+.sample { border-top: 1px solid #ddd; padding: 12px 0; }
+.clips { display: flex; gap: 14px; flex-wrap: wrap; }
+figure { margin: 0; }
+figure video { width: 192px; height: 192px; background: #000; image-rendering: pixelated; display: block; }
+figcaption { width: 192px; font-size: 13px; margin-top: 4px; }
+figcaption b { display: block; }
+.up { color: #087f23; } .down { color: #b00020; }
+"""
+
+
+def _esc(x) -> str:
+    import html
+    return html.escape(str(x), quote=True)
+
+
+def write_index(output_dir: str, result: dict, before: Sequence[dict], after: Sequence[dict], rows,
+                video_root: str, max_samples: int = 16) -> str:
+    """``output_dir/index.html``: a self-contained page (inline style, no scripts, no network) with
+    the before/after metrics table and, per eval sample (at most ``max_samples``), the input, the
+    ground truth, the SFT (before) and Joint-GRPO (after) videos side by side, looping, with the
+    question, the captions and each side's metrics. The videos are linked by relative paths (the
+    data's own mp4s and ``before/<i>/answer.mp4``, ``after/<i>/answer.mp4``), so the folder can be
+    copied or served as it is. ``before`` / ``after``: ``predict_and_score``'s ``per_sample``;
+    ``rows``: the eval CSV's rows (``read_vnep_csv``)."""
+    out = os.path.abspath(output_dir)
+    by_index = {int(r.index): r for r in rows}
+    after_by = {int(a["index"]): a for a in after}
+
+    def rel(path):
+        return _esc(os.path.relpath(os.path.abspath(path), out).replace(os.sep, "/"))
+
+    def video(path, label, text, metrics=None):
+        m = "" if metrics is None else "<br>" + " ".join(f"{k}={metrics[k]:.3f}" for k in
+                                                          ("total_reward", "rouge_l", "clip_v", "clip_t"))
+        return (f'<figure><video src="{rel(path)}" autoplay loop muted playsinline controls preload="auto"></video>'
+                f"<figcaption><b>{_esc(label)}</b>{_esc(text)}{m}</figcaption></figure>")
+
+    head = "".join(f"<th>{_esc(k)}</th>" for k in METRICS)
+    lines = []
+    for name, key in (("SFT (before)", "before"), ("Joint-GRPO (after)", "after")):
+        lines.append(f"<tr><td>{_esc(name)}</td>" + "".join(f"<td>{result[key][k]:.4f}</td>" for k in METRICS)
+                     + "</tr>")
+    delta = "".join(f'<td class="{"up" if result["after"][k] >= result["before"][k] else "down"}">'
+                    f'{result["after"][k] - result["before"][k]:+.4f}</td>' for k in METRICS)
+    lines.append(f"<tr><td>change</td>{delta}</tr>")
+    samples = []
+    for b in list(before)[:max_samples]:
+        i = int(b["index"])
+        a, r = after_by.get(i), by_index.get(i)
+        if a is None or r is None:
+            continue
+        samples.append(
+            f'<div class="sample" id="sample-{i}"><h3>#{i}: {_esc(r.question)}</h3><div class="clips">'
+            + video(os.path.join(video_root, r.input_video_path), "input", "")
+            + video(os.path.join(video_root, r.output_video_path), "ground truth", r.caption)
+            + video(os.path.join(out, "before", str(i), "answer.mp4"), "SFT (before)", b["caption"], b)
+            + video(os.path.join(out, "after", str(i), "answer.mp4"), "Joint-GRPO (after)", a["caption"], a)
+            + "</div></div>")
+    st = result.get("settings", {})
+    info = ", ".join(f"{k} {st[k]}" for k in ("stage1_steps", "stage2_steps", "group_size", "num_steps", "quick")
+                     if k in st)
+    page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>VANS demo: before / after Joint-GRPO"
+            f"</title><style>{_HTML_CSS}</style></head><body><h1>VANS demo: Joint-GRPO on the synthetic world</h1>"
+            f"<p>{_esc(info)}; {len(samples)} eval sample(s) shown. Means over "
+            f"{int(result['before'].get('num_samples', len(before)))} eval samples:</p>"
+            f'<table class="metrics"><tr><th></th>{head}</tr>{"".join(lines)}</table>'
+            + ('<p><a href="contact_sheet.png">contact sheet</a> &middot; TensorBoard: '
+               "<code>tensorboard --logdir runs</code></p>" if os.path.exists(os.path.join(out, "contact_sheet.png"))
+               else "")
+            + "".join(samples) + "</body></html>\n")
+    from vans_jax._files import write_atomic
+    return write_atomic(os.path.join(out, "index.html"), page)
+
+
 def markdown(before: dict, after: dict) -> str:
     lines = ["| | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for name, m in (("SFT (before)", before), ("Joint-GRPO (after)", after)):
@@ -272,12 +353,14 @@ def run(cfg, output_dir: str, *, quick: bool = False, progress: bool = True) -> 
                                                                                              "grpo_stage2")]},
               "samples": [{"before": b, "after": a} for b, a in zip(before["per_sample"], after["per_sample"])][:8],
               "device": jax.devices()[0].platform}
+    result["files"]["index"] = os.path.join(output_dir, "index.html")
     write_json(os.path.join(output_dir, "metrics.json"), result)
     with open(os.path.join(output_dir, "metrics.md"), "w") as f:
         f.write(markdown(before["metrics"], after["metrics"]))
+    write_index(output_dir, result, before["per_sample"], after["per_sample"], rows, video_root)
     say(markdown(before["metrics"], after["metrics"]))
-    say(f"[demo] wrote {output_dir}/metrics.json, contact_sheet.png, before/ after/ (predictions), runs/*/tb "
-        f"(TensorBoard) in {timings['total_s']:.0f}s")
+    say(f"[demo] wrote {output_dir}/index.html (open it in a browser), metrics.json, contact_sheet.png, before/ "
+        f"after/ (predictions), runs/*/tb (TensorBoard) in {timings['total_s']:.0f}s")
     return result
 
 
@@ -482,5 +565,5 @@ def _copy(cfg):
     return copy.deepcopy(cfg)
 
 
-__all__ = ["run", "compare", "run_vlm_only", "predict_and_score", "eval_config", "contact_sheet",
+__all__ = ["run", "compare", "run_vlm_only", "predict_and_score", "eval_config", "contact_sheet", "write_index",
            "METRICS"]

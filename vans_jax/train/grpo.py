@@ -36,6 +36,7 @@ from ..rl.stages import (GRPO_MODES, GRPOSettings, finite_rewards, reward_config
                          reward_variance_split, stage1_loss, stage2_grads, stage2_half_batch_agreement)
 from ..sampling import wan as wp
 from ..sampling.text import SamplingSettings
+from . import media
 from .core import (TrainState, apply_gradients, ema_params, init_state, jit_sharded, make_optimizer, make_update_step,
                    optimizer_settings, place, replicated, split_model)
 
@@ -405,4 +406,7 @@ class JointGRPO:
         metrics.update({"time/step_s": t1 - t0, "time/text_s": t_text - t0, "time/video_s": t_video - t_text,
                         "time/reward_s": t_reward - t_video, "time/update_s": t1 - t_reward, "throughput/tokens_per_s": new_tokens / max(t_text - t0, 1e-9),
                         "throughput/frames_per_s": n_frames / max(t_video - t_text, 1e-9)})
+        if media.due(getattr(self, "media_every", 0), step_index):     # train.media: TensorBoard rollouts
+            metrics["media"] = media.grpo_media(examples, caps, frames, rewards, adv, g,
+                                                texts if self.train_vlm else None)
         return metrics

@@ -35,6 +35,7 @@ from ..data.loader import PipelineConfig, VNEPSource, make_dataset, skip_stats
 from ..rl.rollouts import RenderSettings, reference_latents
 from ..rl.stages import GRPO_MODES, GRPOSettings
 from .checkpoint import Checkpointer
+from . import media
 from .grpo import JointGRPO, Part, cached_update_step
 from .sft import build_sft_vlm_batch, clip_to_video, sft_vdm_loss, sft_vlm_loss
 
@@ -277,6 +278,8 @@ class SFTVDM:
         from .latent_cache import LatentCache, cache_dir
         d = cache_dir(sc.get("latent_cache", "auto"), str(cfg.train.workdir or ""))
         self.cache = LatentCache(d, self.vdm, self.render) if d else None
+        self.media_every = int(sc.get("log_media_every", cfg.train.get("log_media_every", 0)) or 0)   # a render each
+        self.media = media.SFTVDMMedia(int(cfg.train.get("media_samples", 2)), seed=int(cfg.seed))
 
     def _encode(self, examples, kinds):
         """The frozen encoders on this step's examples (global arrays): ``{kind: array}``."""
@@ -331,6 +334,8 @@ class SFTVDM:
         m = dict(m, **{"time/step_s": dt, "frames_in_batch": float(enc["latents"].shape[0] * np.shape(examples[0]["target"])[0])})
         if self.cache is not None:
             m["cache/hit_rate"] = self.cache.hits / max(1, self.cache.hits + self.cache.misses)
+        if media.due(self.media_every, step_index):     # renders of fixed captions (train.media)
+            m["media"] = self.media(self.vdm, self.part.model(), self.render, examples, self.mesh)
         return m
 
 
@@ -342,10 +347,12 @@ def build_runner(cfg, mode, mesh, models: LoadedModels | None = None):
     if mode == "sft_vdm":
         return SFTVDM(cfg, mesh, m)
     g = cfg.train.grpo
-    return JointGRPO(grpo_settings(cfg, mode), render_settings(cfg), vlm=m.vlm, vlm_tokenizer=m.tokenizer,
+    runner = JointGRPO(grpo_settings(cfg, mode), render_settings(cfg), vlm=m.vlm, vlm_tokenizer=m.tokenizer,
                      vlm_vcfg=cfg.vlm, vdm=m.vdm, clip_model=m.clip, clip_tokenizer=m.clip_tokenizer,
                      vlm_trainable=str(g.vlm_trainable), dit_trainable=str(g.dit_trainable), optim_cfg=g,
                      seed=int(cfg.seed), mesh=mesh)
+    runner.media_every = int(cfg.train.get("log_media_every", 0) or 0)     # train.media
+    return runner
 
 
 # ----------------------------------------------------------------------------- data
@@ -711,6 +718,9 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None,
         n_skipped = float(sum(parallel.process_allgather_objects(data.num_skipped())))
         for (step, _), m in zip(pending, host):
             m = {k: v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v for k, v in m.items()}
+            if "media" in m and primary:
+                media.write_media(writer, step, m.pop("media"))
+            m.pop("media", None)
             if "target_tokens_in_batch" in m or "frames_in_batch" in m:
                 m["time/step_s"] = per_step
                 if "target_tokens_in_batch" in m:
