@@ -207,8 +207,9 @@ def sequence_parallel_attention(q, k, v, attn_fn, *, kind: str, scale: float | N
     keys/values on every device. q, k, v: (B, L, H, D), the same length and heads (no mask).
 
     kind "ring": each device keeps its L/n queries and passes its key/value block around the ring
-    (``ppermute``), one block at a time, merging blocks with an online softmax (fp32 statistics);
-    each ring step is recomputed in the backward pass. kind "ulysses": two all-to-alls re-shard
+    (``ppermute``), one block at a time, merging blocks with an online softmax (fp32 statistics),
+    its queries in chunks of up to ``RING_QUERY_CHUNK``, each chunk's block recomputed in the
+    backward pass (scores held: one chunk x L/n). kind "ulysses": two all-to-alls re-shard
     (tokens -> heads), every device runs ``attn_fn(q, k, v)`` (the attention dispatch: splash,
     cudnn, ...) on all tokens of H/n heads, and re-shard back; needs the heads on a device to
     divide by n. ``mesh`` defaults to the context mesh; without one, or with a sequence axis of 1,
@@ -243,28 +244,44 @@ def _ulysses_local(q, k, v, attn_fn):
     return jax.lax.all_to_all(out, "sequence", split_axis=1, concat_axis=2, tiled=True)
 
 
+RING_QUERY_CHUNK = 512   # queries per block inside a ring step (bounds the step's scores to chunk x L/n)
+
+
+def _query_chunk(lq: int, most: int) -> int:
+    """The largest divisor of ``lq`` <= ``most``; ``lq`` itself when that divisor is small (< 64)."""
+    best = max(d for d in range(1, min(lq, most) + 1) if lq % d == 0)
+    return best if best >= 64 or best == lq else lq
+
+
 def _ring_local(q, k, v, n: int, scale: float):
     import jax.numpy as jnp
     b, lq, h, d = q.shape
     perm = [(i, (i + 1) % n) for i in range(n)]
-    qs = q.astype(jnp.float32) * scale
+    c = _query_chunk(lq, RING_QUERY_CHUNK)
+    nc = lq // c
+    # queries in nc chunks of c: (nc, b, c, h, d); running max / sum / output per chunk
+    qs = (q.astype(jnp.float32) * scale).reshape(b, nc, c, h, d).transpose(1, 0, 2, 3, 4)
 
     @jax.checkpoint
-    def step(carry, _):
-        k_blk, v_blk, m, l, acc = carry
-        s = jnp.einsum("bqhd,bkhd->bhqk", qs, k_blk.astype(jnp.float32))
+    def update(qc, k_blk, v_blk, m, l, acc):
+        s = jnp.einsum("bqhd,bkhd->bhqk", qc, k_blk.astype(jnp.float32))
         m_new = jnp.maximum(m, s.max(-1))
         corr = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
-        l = l * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, v_blk.astype(jnp.float32))
-        k_blk, v_blk = jax.lax.ppermute(k_blk, "sequence", perm), jax.lax.ppermute(v_blk, "sequence", perm)
-        return (k_blk, v_blk, m_new, l, acc), None
+        return (m_new, l * corr + p.sum(-1),
+                acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, v_blk.astype(jnp.float32)))
 
-    init = (k, v, jnp.full((b, h, lq), -jnp.inf, jnp.float32), jnp.zeros((b, h, lq), jnp.float32),
-            jnp.zeros((b, h, lq, d), jnp.float32))
+    def step(carry, _):
+        k_blk, v_blk, m, l, acc = carry
+        m, l, acc = jax.lax.map(lambda t: update(t[0], k_blk, v_blk, *t[1:]), (qs, m, l, acc))
+        k_blk, v_blk = jax.lax.ppermute(k_blk, "sequence", perm), jax.lax.ppermute(v_blk, "sequence", perm)
+        return (k_blk, v_blk, m, l, acc), None
+
+    init = (k, v, jnp.full((nc, b, h, c), -jnp.inf, jnp.float32), jnp.zeros((nc, b, h, c), jnp.float32),
+            jnp.zeros((nc, b, h, c, d), jnp.float32))
     (_, _, _, l, acc), _ = jax.lax.scan(step, init, None, length=n)
-    return (acc / l[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
+    out = acc / l[..., None]                                    # (nc, b, h, c, d)
+    return out.transpose(1, 0, 3, 2, 4).reshape(b, lq, h, d).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------- multi-host

@@ -65,6 +65,15 @@ SCRIPT = textwrap.dedent("""
                 ppermute="collective_permute" in hlo, all_to_all="all_to_all" in hlo,
                 dit_out=rel(dout, dit_ref), dit_grad=max(rel(a, b) for a, b in zip(dg, dit_ref_g)),
                 dit_shard_map=djaxpr.count("shard_map"))
+    # a ring step in query chunks (RING_QUERY_CHUNK): 512 tokens, 128 a device, chunks of 64
+    parallel.RING_QUERY_CHUNK = 64
+    ql, kl, vl = (jnp.asarray(rng.standard_normal((1, 512, 2, 16)), jnp.float32) for _ in range(3))
+    f = lambda q, k, v: parallel.sequence_parallel_attention(q, k, v, attend, kind="ring")
+    with jax.set_mesh(parallel.make_mesh({"fsdp": 2, "sequence": 4})):
+        out, g = jax.jit(f)(ql, kl, vl), jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(ql, kl, vl)
+    results["chunked_ring"] = dict(
+        chunk=parallel._query_chunk(128, 64), out=rel(out, attend(ql, kl, vl)),
+        grad=max(rel(a, b) for a, b in zip(g, jax.grad(loss(attend), argnums=(0, 1, 2))(ql, kl, vl))))
     # tokens that do not divide over the sequence axis, and heads that do not divide for ulysses
     errors = {}
     with jax.set_mesh(parallel.make_mesh({"sequence": 8})):
@@ -93,6 +102,8 @@ def test_ring_and_ulysses_equal_plain_attention():
     assert "44 tokens do not divide over the mesh's sequence axis of size 8" in errors["tokens"]
     assert "4 heads per device do not divide over the sequence axis of size 8" in errors["heads"]
     assert results.pop("no_mesh") < 1e-6
+    chunked = results.pop("chunked_ring")
+    assert chunked["chunk"] == 64 and chunked["out"] < 1e-5 and chunked["grad"] < 1e-5, chunked
     assert len(results) == 4
     for name, r in results.items():
         assert r["out"] < 1e-5 and r["grad"] < 1e-5, (name, r)
