@@ -1,8 +1,9 @@
 """Sequence (context) parallel self-attention on a fake 8-device CPU mesh: ring attention (keys and
 values passed around the `sequence` axis with ppermute, online softmax) and Ulysses (all-to-all
 tokens <-> heads) equal plain attention, alone and inside the Wan DiT (seq_parallel="ring" /
-"ulysses"), forward and gradient, for sequence=8 and fsdp=2 x sequence=4. A subprocess: the test
-session's jax already has its devices."""
+"ulysses"), forward and gradient, for sequence=8 and fsdp=2 x sequence=4; and the splash kernel
+(interpret mode) under a mesh, per device in a shard_map. A subprocess: the test session's jax
+already has its devices."""
 import json
 import os
 import subprocess
@@ -74,6 +75,22 @@ SCRIPT = textwrap.dedent("""
     results["chunked_ring"] = dict(
         chunk=parallel._query_chunk(128, 64), out=rel(out, attend(ql, kl, vl)),
         grad=max(rel(a, b) for a, b in zip(g, jax.grad(loss(attend), argnums=(0, 1, 2))(ql, kl, vl))))
+    # the splash kernel (interpret mode) under a mesh runs per device in a shard_map: full attention
+    # (queries over `sequence`) and causal GQA with padding segments (queries whole)
+    qs_, ks_, vs_ = (jnp.asarray(rng.standard_normal((2, 256, h, 16)), jnp.float32) for h in (4, 2, 2))
+    valid = jnp.asarray(np.arange(256)[None, :] >= np.array([[0], [40]]), jnp.int32)     # row 2 left-padded
+    splash = {}
+    for shape, kw in (({"fsdp": 2, "sequence": 4}, {}),
+                      ({"fsdp": 2, "tensor": 2, "sequence": 2}, dict(segment_ids=(valid, valid), causal=True))):
+        sp = lambda q, k, v: layers.attention(q, k, v, impl="splash", **kw)
+        xl = lambda q, k, v: layers.attention(q, k, v, impl="xla", **kw)
+        with jax.set_mesh(parallel.make_mesh(shape)):
+            out = jax.jit(sp)(qs_, ks_, vs_)
+            g = jax.jit(jax.grad(loss(sp), argnums=(0, 1, 2)))(qs_, ks_, vs_)
+            jaxpr = str(jax.make_jaxpr(sp)(qs_, ks_, vs_))
+        splash[str(shape)] = dict(out=rel(out, xl(qs_, ks_, vs_)), shard_map="shard_map" in jaxpr, grad=max(
+            rel(a, b) for a, b in zip(g, jax.grad(loss(xl), argnums=(0, 1, 2))(qs_, ks_, vs_))))
+    results["splash_on_mesh"] = splash
     # tokens that do not divide over the sequence axis, and heads that do not divide for ulysses
     errors = {}
     with jax.set_mesh(parallel.make_mesh({"sequence": 8})):
@@ -102,6 +119,8 @@ def test_ring_and_ulysses_equal_plain_attention():
     assert "44 tokens do not divide over the mesh's sequence axis of size 8" in errors["tokens"]
     assert "4 heads per device do not divide over the sequence axis of size 8" in errors["heads"]
     assert results.pop("no_mesh") < 1e-6
+    for shape, r in results.pop("splash_on_mesh").items():
+        assert r["shard_map"] and r["out"] < 2e-5 and r["grad"] < 2e-5, (shape, r)
     chunked = results.pop("chunked_ring")
     assert chunked["chunk"] == 64 and chunked["out"] < 1e-5 and chunked["grad"] < 1e-5, chunked
     assert len(results) == 4

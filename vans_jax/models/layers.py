@@ -211,7 +211,7 @@ def attention(q, k, v, *, mask=None, bias=None, scale: float | None = None, impl
     impl = resolve_attention_impl(impl, q.dtype)
     if impl == "splash":
         if mask is None and bias is None:
-            return _splash_attention(q, k, v, scale, segment_ids, causal, block_sizes)
+            return _splash_on_mesh(q, k, v, scale, segment_ids, causal, block_sizes)
         impl = "xla"  # arbitrary masks and biases have no splash form
     smask = structural_mask(segment_ids, causal, lq, lk)
     if smask is not None:
@@ -268,6 +268,36 @@ def _splash_kernel(heads: int, lq: int, lk: int, causal: bool, bq: int, bk: int,
     make = sa.make_splash_mqa_single_device if mqa else sa.make_splash_mha_single_device
     with jax.ensure_compile_time_eval():   # concrete mask tables, cached across traces
         return make(sa.MultiHeadMask([one] * heads), block_sizes=sizes, interpret=interpret)
+
+
+def _splash_on_mesh(q, k, v, scale, segment_ids, causal, block_sizes):
+    """``_splash_attention`` per device under a context mesh (``jax.set_mesh``): a Pallas kernel
+    cannot be partitioned by XLA, so it runs in a ``shard_map``: rows over the batch axes, heads
+    over ``tensor`` (where the KV heads divide), queries over ``sequence`` when there is no causal
+    mask (keys and values whole on every device). Without a mesh, or inside a ``shard_map``
+    already, the kernel runs as is."""
+    from jax.sharding import PartitionSpec as P
+
+    from ..parallel import context_mesh, logical_to_spec
+    mesh = context_mesh()
+    run = lambda q, k, v, seg: _splash_attention(q, k, v, scale, seg, causal, block_sizes)
+    if mesh is None or mesh.manual_axes or all(n == 1 for n in mesh.shape.values()):
+        return run(q, k, v, segment_ids)
+    b, lq, hq, _ = q.shape
+    batch = logical_to_spec(("activation_batch",), mesh=mesh, shape=(b,))[0]
+    t = mesh.shape.get("tensor", 1)
+    heads = "tensor" if t > 1 and k.shape[2] % t == 0 else None
+    s = mesh.shape.get("sequence", 1)
+    length = "sequence" if s > 1 and not causal and lq % s == 0 else None
+    q_spec, kv_spec = P(batch, length, heads, None), P(batch, None, heads, None)
+    if segment_ids is None:
+        f = lambda q, k, v: run(q, k, v, None)
+        return jax.shard_map(f, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                             check_vma=False)(q, k, v)
+    seg = tuple(jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b, n)) for x, n in zip(segment_ids, (lq, k.shape[1])))
+    f = lambda q, k, v, qs, ks: run(q, k, v, (qs, ks))
+    return jax.shard_map(f, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(batch, length), P(batch, None)),
+                         out_specs=q_spec, check_vma=False)(q, k, v, *seg)
 
 
 def _splash_attention(q, k, v, scale, segment_ids, causal, block_sizes):
