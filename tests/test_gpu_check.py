@@ -4,7 +4,6 @@ sessions that have a GPU."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
