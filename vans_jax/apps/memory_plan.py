@@ -341,8 +341,8 @@ def run(cfg, output: str | None = None, *, meshes: Sequence[str] = DEFAULT_MESHE
                 if progress:
                     b = row["bytes"]
                     kind = "" if sp == "none" else f" seq-parallel {sp}"
-                    progress(f"memory-plan: {name} mesh {text} remat {remat}{kind}: params {b['params'] / GB:.2f} grads "
-                             f"{b['grads'] / GB:.2f} optimizer {b['optimizer'] / GB:.2f} activations "
+                    progress(f"memory-plan: {name} mesh {text} remat {remat}{kind}: params {b['params'] / GB:.2f} "
+                             f"grads {b['grads'] / GB:.2f} optimizer {b['optimizer'] / GB:.2f} activations "
                              f"{b['activations'] / GB:.2f} total {b['total'] / GB:.2f} GB per device "
                              f"({row['compiled']['compile_s']:.0f} s compile)")
     result = dict(
