@@ -37,7 +37,11 @@ def get_config():
         # VANS feeds the VLM 6 frames sampled at 1 fps
         num_frames=6, sample_fps=1.0, video_min_pixels=128 * 28 * 28, video_max_pixels=768 * 28 * 28,
     ))
-    c.vdm = ml_collections.ConfigDict(dict(path="", dit_path="", dtype="bfloat16", model=wan2_1_t2v_1_3b()))
+    c.vdm = ml_collections.ConfigDict(dict(path="", dit_path="", dtype="bfloat16", model=wan2_1_t2v_1_3b(),
+                                           # DiT / VAE / UMT5 attention (layers.attention: auto = splash on
+                                           # TPU, cudnn on GPU) and the DiT's self-attention over a
+                                           # `sequence` mesh axis: none | ring | ulysses
+                                           attn_impl="auto", seq_parallel="none"))
     c.generation = ml_collections.ConfigDict(dict(max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0,
                                                   num_return_sequences=1))
     c.video = ml_collections.ConfigDict(dict(height=352, width=640, num_frames=33, fps=11.0, n_ref=6,

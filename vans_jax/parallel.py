@@ -8,7 +8,8 @@ axis ``"layers"``, which is never sharded by default.
 
 Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameters, gradients
 and optimizer state sharded), ``sequence`` (the token axis of activations: long video token
-counts; attention gathers keys/values), ``tensor`` (heads / MLP width). Axes of size 1 vanish
+counts; attention gathers keys/values, or passes them around a ring: ``sequence_parallel_attention``),
+``tensor`` (heads / MLP width). Axes of size 1 vanish
 from every spec, so a mesh that does not use an axis behaves as if it did not exist.
 """
 from __future__ import annotations
@@ -181,6 +182,106 @@ def context_mesh():
     """The mesh set by ``jax.set_mesh`` (an ``AbstractMesh`` while tracing), or None."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty else mesh
+
+
+# ----------------------------------------------------------------------------- sequence parallelism
+
+SEQ_PARALLEL = ("none", "ring", "ulysses")
+# (B, L, H, D) queries / keys / values of a self-attention: tokens over `sequence`, heads over `tensor`
+SEQUENCE_HEADS = ("activation_batch", "activation_length", "activation_heads", None)
+
+
+def _sequence_specs(q, axes, rules, mesh):
+    spec = logical_to_spec(axes, rules, mesh, q.shape)
+    n = mesh.shape.get("sequence", 1)
+    if spec[1] != "sequence":
+        raise ValueError(f"sequence parallelism: {q.shape[1]} tokens do not divide over the mesh's sequence axis "
+                         f"of size {n} (queries {tuple(q.shape)}); pick a mesh whose sequence axis divides the "
+                         f"token count, or seq_parallel='none'")
+    return spec, n
+
+
+def sequence_parallel_attention(q, k, v, attn_fn, *, kind: str, scale: float | None = None, mesh=None,
+                                axes=SEQUENCE_HEADS, rules=DEFAULT_RULES):
+    """Self-attention with tokens sharded over the ``sequence`` mesh axis, without gathering all
+    keys/values on every device. q, k, v: (B, L, H, D), the same length and heads (no mask).
+
+    kind "ring": each device keeps its L/n queries and passes its key/value block around the ring
+    (``ppermute``), one block at a time, merging blocks with an online softmax (fp32 statistics),
+    its queries in chunks of up to ``RING_QUERY_CHUNK``, each chunk's block recomputed in the
+    backward pass (scores held: one chunk x L/n). kind "ulysses": two all-to-alls re-shard
+    (tokens -> heads), every device runs ``attn_fn(q, k, v)`` (the attention dispatch: splash,
+    cudnn, ...) on all tokens of H/n heads, and re-shard back; needs the heads on a device to
+    divide by n. ``mesh`` defaults to the context mesh; without one, or with a sequence axis of 1,
+    this is ``attn_fn(q, k, v)``.
+    """
+    if kind not in SEQ_PARALLEL:
+        raise ValueError(f"unknown sequence parallelism {kind!r}; expected one of {SEQ_PARALLEL}")
+    mesh = context_mesh() if mesh is None else mesh
+    if kind == "none" or mesh is None or mesh.shape.get("sequence", 1) == 1:
+        return attn_fn(q, k, v)
+    if q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(f"sequence-parallel attention needs q, k, v of one shape; got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    spec, n = _sequence_specs(q, axes, rules, mesh)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if kind == "ulysses":
+        local_heads = q.shape[2] // (mesh.shape.get(spec[2], 1) if isinstance(spec[2], str) else
+                                     int(np.prod([mesh.shape[a] for a in (spec[2] or ())])))
+        if local_heads % n:
+            raise ValueError(f"ulysses attention: {local_heads} heads per device do not divide over the sequence "
+                             f"axis of size {n}; use seq_parallel='ring'")
+        body = lambda q, k, v: _ulysses_local(q, k, v, attn_fn)
+    else:
+        body = lambda q, k, v: _ring_local(q, k, v, n, scale)
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+def _ulysses_local(q, k, v, attn_fn):
+    # (b, L/n, h, d) -> (b, L, h/n, d): split heads over the ring, gather tokens
+    fwd = lambda x: jax.lax.all_to_all(x, "sequence", split_axis=2, concat_axis=1, tiled=True)
+    out = attn_fn(fwd(q), fwd(k), fwd(v))
+    return jax.lax.all_to_all(out, "sequence", split_axis=1, concat_axis=2, tiled=True)
+
+
+RING_QUERY_CHUNK = 512   # queries per block inside a ring step (bounds the step's scores to chunk x L/n)
+
+
+def _query_chunk(lq: int, most: int) -> int:
+    """The largest divisor of ``lq`` <= ``most``; ``lq`` itself when that divisor is small (< 64)."""
+    best = max(d for d in range(1, min(lq, most) + 1) if lq % d == 0)
+    return best if best >= 64 or best == lq else lq
+
+
+def _ring_local(q, k, v, n: int, scale: float):
+    import jax.numpy as jnp
+    b, lq, h, d = q.shape
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    c = _query_chunk(lq, RING_QUERY_CHUNK)
+    nc = lq // c
+    # queries in nc chunks of c: (nc, b, c, h, d); running max / sum / output per chunk
+    qs = (q.astype(jnp.float32) * scale).reshape(b, nc, c, h, d).transpose(1, 0, 2, 3, 4)
+
+    @jax.checkpoint
+    def update(qc, k_blk, v_blk, m, l, acc):
+        s = jnp.einsum("bqhd,bkhd->bhqk", qc, k_blk.astype(jnp.float32))
+        m_new = jnp.maximum(m, s.max(-1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        return (m_new, l * corr + p.sum(-1),
+                acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, v_blk.astype(jnp.float32)))
+
+    def step(carry, _):
+        k_blk, v_blk, m, l, acc = carry
+        m, l, acc = jax.lax.map(lambda t: update(t[0], k_blk, v_blk, *t[1:]), (qs, m, l, acc))
+        k_blk, v_blk = jax.lax.ppermute(k_blk, "sequence", perm), jax.lax.ppermute(v_blk, "sequence", perm)
+        return (k_blk, v_blk, m, l, acc), None
+
+    init = (k, v, jnp.full((nc, b, h, c), -jnp.inf, jnp.float32), jnp.zeros((nc, b, h, c), jnp.float32),
+            jnp.zeros((nc, b, h, c, d), jnp.float32))
+    (_, _, _, l, acc), _ = jax.lax.scan(step, init, None, length=n)
+    out = acc / l[..., None]                                    # (nc, b, h, c, d)
+    return out.transpose(1, 0, 3, 2, 4).reshape(b, lq, h, d).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------- multi-host

@@ -420,7 +420,7 @@ class VANSPipeline:
         vlm = qwen.from_pretrained(vlm_dir, dtype=dtype, mesh=mesh, attn_impl=attn_impl)
         if lora is not None:
             merge_peft_adapter(vlm, lora)
-        vdm = wan.from_pretrained(vdm_dir, dtype=dtype, mesh=mesh, dit_path=vans_dit)
+        vdm = wan.from_pretrained(vdm_dir, dtype=dtype, mesh=mesh, dit_path=vans_dit, attn_impl=attn_impl)
         sources = {"vlm": vlm_dir, "vdm": vdm_dir, "dit": None if vans_dit is None else os.fspath(vans_dit),
                    "lora": None if lora is None else os.fspath(getattr(lora, "path", lora)), "dtype": str(dtype)}
         return cls(vlm, tokenizer, vdm, settings, sources)

@@ -68,3 +68,25 @@ def test_memory_plan_tiny(tmp_path):
     assert vlm["batch"]["rows"] == cfg.train.grpo.group_size and vlm["batch"]["completion_tokens"] == 24
     assert rows[("vlm_stage1", "fsdp=2,tensor=2", "none")]["batch"]["rows_per_device"] == cfg.train.grpo.group_size / 2
     assert "Least recomputing remat policy that fits" in table
+
+
+@pytest.mark.slow
+def test_memory_plan_sequence_parallel_rows(tmp_path):
+    """--seq-parallel adds DiT rows (only on meshes with a sequence axis) next to today's; a kind that
+    cannot run on a mesh (Ulysses with heads that do not divide) is listed as not planned, with why."""
+    out = tmp_path / "plan.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "vans_jax.apps.cli", "memory-plan", "--config", "configs/tiny.py",
+                           "--workloads", "dit_stage2", "--meshes", "fsdp=2", "sequence=4", "--remat", "full",
+                           "--seq-parallel", "none", "ring", "ulysses", "--output", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    rows = {(r["mesh_text"], r["seq_parallel"]): r for r in result["rows"]}
+    assert set(rows) == {("fsdp=2", "none"), ("sequence=4", "none"), ("sequence=4", "ring")}
+    none, ring = rows[("sequence=4", "none")]["bytes"], rows[("sequence=4", "ring")]["bytes"]
+    assert ring["params"] == none["params"] and ring["activations"] > 0
+    (sk,) = result["skipped"]
+    assert sk["seq_parallel"] == "ulysses" and "2 heads per device do not divide" in sk["reason"]
+    table = (tmp_path / "plan.md").read_text()
+    assert "| sequence=4 | 4 | 1 video | full | ring |" in table and "not planned: dit_stage2 mesh sequence=4" in table

@@ -12,7 +12,8 @@
                   [--clip DIR] [--i3d FILE] [--random_models] [--exclude_missing]
                   [--num_frames 33 --height 352 --width 640 --fps 11]
     vans-jax bench --config configs/bench_cpu.py --output FILE.json [--config.a.b=value ...]
-    vans-jax memory-plan --config configs/vans.py [--meshes 1 fsdp=8 ...] [--remat none dots full] --output FILE.json
+    vans-jax memory-plan --config configs/vans.py [--meshes 1 fsdp=8 ...] [--remat none dots full]
+        [--seq-parallel none ring ulysses] --output FILE.json
     vans-jax serve [--vlm DIR --vdm DIR] [--dit FILE] [--lora DIR] [--mesh fsdp=8] [--host H --port P]
 
 Config overrides use the ``--config.a.b=value`` form on any subcommand that takes a config.
@@ -200,6 +201,9 @@ def main(argv=None):
     mp.add_argument("--meshes", nargs="+", default=None, help="e.g. 1 fsdp=8 fsdp=4,tensor=2 (default: 5 shapes)")
     mp.add_argument("--remat", nargs="+", default=None, help="remat policies (default: none dots full)")
     mp.add_argument("--workloads", nargs="+", default=None, help="vlm_stage1 dit_stage2 (default: both)")
+    mp.add_argument("--seq-parallel", nargs="+", default=["none"], choices=["none", "ring", "ulysses"],
+                    help="DiT self-attention over a sequence mesh axis: 'none' gathers keys/values (default); "
+                         "'ring' / 'ulysses' add rows with sequence-parallel attention")
     mp.add_argument("--platform", default="cpu", choices=["cpu", "default"],
                     help="compile for fake CPU devices (any mesh) or the default backend's own devices")
     mp.add_argument("--output", required=True, help="FILE.json (the .md table goes next to it) or FILE.md")
@@ -233,7 +237,8 @@ def main(argv=None):
             kw = {k: tuple(v) for k, v in (("meshes", args.meshes), ("remats", args.remat),
                                            ("workloads", args.workloads)) if v}
             result = memory_plan.run(load_config(args.config, overrides), args.output,
-                                     settings=memory_plan.PlanSettings(platform=args.platform), **kw)
+                                     settings=memory_plan.PlanSettings(platform=args.platform,
+                                                                       seq_parallel=tuple(args.seq_parallel)), **kw)
             print(memory_plan.markdown(result) + "wrote " + " and ".join(memory_plan.output_paths(args.output)))
             return 0
         if args.command == "bench":

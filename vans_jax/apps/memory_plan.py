@@ -29,6 +29,10 @@ temp size), so for bf16 on GPU/TPU the activation figures are upper bounds; atte
 ``chunked`` implementation (query blocks, recomputed in the backward pass), standing in for flash
 attention (cuDNN / Pallas), which keeps even less; run the command on the accelerator itself
 (``--platform default``) for its own compiler's figures where the mesh fits its devices.
+
+``--seq-parallel ring ulysses`` adds DiT rows, on meshes with a ``sequence`` axis, whose
+self-attention keeps keys/values sharded over it (ring attention or all-to-all over heads) next to
+today's rows (keys/values gathered).
 """
 from __future__ import annotations
 
@@ -62,6 +66,8 @@ class PlanSettings:
     vlm_video_hw: tuple[int, int] = (720, 1280)   # source frames for the VLM (native size, bounded by max_pixels)
     prompt_text_tokens: int = 100                 # system prompt + chat template + question, around the video
     attn_impl: str = "chunked"
+    seq_parallel: tuple[str, ...] = ("none",)     # the DiT's self-attention on meshes with a sequence axis:
+                                                  # "none" (keys/values gathered), "ring", "ulysses"
     platform: str = "cpu"                         # "cpu": fake CPU devices; "default": the default backend's
 
 
@@ -114,7 +120,7 @@ def _with_shardings(tree, shardings):
 class Workload:
     name: str
     description: str
-    make_model: Callable[[str], nnx.Module]                      # remat -> model (only eval_shape'd)
+    make_model: Callable[..., nnx.Module]                        # (remat, seq_parallel) -> model (eval_shape'd)
     trainable: Any                                               # nnx filter
     make_inputs: Callable[[Any], tuple[dict, tuple]]             # mesh -> (shape info, abstract inputs)
     loss: Callable[..., jax.Array]                               # (model, *inputs) -> scalar
@@ -132,7 +138,7 @@ def vlm_stage1(cfg, settings: PlanSettings) -> Workload:
                            targets=tuple(lc.targets), include_vision=bool(lc.include_vision))
     model_dict = cfg.vlm.model.to_dict()
 
-    def make_model(remat):
+    def make_model(remat, seq_parallel="none"):
         mcfg = qwen.Qwen2_5_VLConfig.from_hf_dict(model_dict, dtype=cfg.vlm.dtype, attn_impl=settings.attn_impl,
                                                   remat=remat)
         return qwen.Qwen2_5_VLModel(mcfg, rngs=nnx.Rngs(0), lora=lora)
@@ -195,9 +201,9 @@ def dit_stage2(cfg, settings: PlanSettings) -> Workload:
     text_len = int(base.text_len)
     dtype = jnp.dtype(cfg.vdm.dtype)
 
-    def make_model(remat):
+    def make_model(remat, seq_parallel="none"):
         c = dataclasses.replace(base, dtype=cfg.vdm.dtype, param_dtype=cfg.vdm.dtype, attn_impl=settings.attn_impl,
-                                remat=remat)
+                                remat=remat, seq_parallel=seq_parallel)
         return WanTransformer3D(c, rngs=nnx.Rngs(0))
 
     def make_inputs(mesh):
@@ -255,13 +261,14 @@ def request_cpu_devices(n: int):
         pass    # backend already started: devices_for reports the shortfall
 
 
-def plan_one(w: Workload, mesh_shape: dict[str, int], remat: str, settings: PlanSettings) -> dict:
+def plan_one(w: Workload, mesh_shape: dict[str, int], remat: str, settings: PlanSettings,
+             seq_parallel: str = "none") -> dict:
     from vans_jax.train.core import make_optimizer
 
     n = mesh_devices(mesh_shape)
     mesh = parallel.make_mesh(mesh_shape or {"data": 1}, devices_for(n, settings.platform))
     t0 = time.perf_counter()
-    abstract = nnx.eval_shape(lambda: w.make_model(remat))
+    abstract = nnx.eval_shape(lambda: w.make_model(remat, seq_parallel))
     graphdef, trainable, frozen = nnx.split(abstract, w.trainable, ...)
     t_sh = parallel.state_shardings(trainable, mesh)
     f_sh = parallel.state_shardings(frozen, mesh)
@@ -288,7 +295,8 @@ def plan_one(w: Workload, mesh_shape: dict[str, int], remat: str, settings: Plan
     total = params + grads + opt + act
     mesh_text = ",".join(f"{k}={v}" for k, v in mesh_shape.items()) or "1"
     return dict(
-        workload=w.name, mesh=mesh_shape or {"devices": 1}, mesh_text=mesh_text, devices=n, remat=remat, batch=info,
+        workload=w.name, mesh=mesh_shape or {"devices": 1}, mesh_text=mesh_text, devices=n, remat=remat,
+        seq_parallel=seq_parallel, batch=info,
         trainable_parameters=int(sum(np.prod(x.shape) for x in jax.tree.leaves(trainable))),
         total_parameters=int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))),
         bytes=dict(params=params, grads=grads, optimizer=opt, activations=act, total=total),
@@ -306,21 +314,35 @@ def run(cfg, output: str | None = None, *, meshes: Sequence[str] = DEFAULT_MESHE
     unknown = [x for x in workloads if x not in WORKLOAD_BUILDERS]
     if unknown:
         raise ValueError(f"unknown workloads {unknown}; expected a subset of {WORKLOADS}")
+    bad = [k for k in settings.seq_parallel if k not in parallel.SEQ_PARALLEL]
+    if bad:
+        raise ValueError(f"unknown sequence parallelism {bad}; expected a subset of {parallel.SEQ_PARALLEL}")
     shapes = [(m, parse_mesh(m)) for m in meshes]
     if settings.platform == "cpu":
         request_cpu_devices(max(mesh_devices(s) for _, s in shapes))
-    rows = []
+    rows, skipped = [], []
     started = time.perf_counter()
     for name in workloads:
         w = WORKLOAD_BUILDERS[name](cfg, settings)
         for text, shape in shapes:
-            for remat in remats:
-                row = plan_one(w, shape, remat, settings)
+            for remat, sp in ((r, k) for r in remats for k in settings.seq_parallel):
+                if sp != "none" and (name != "dit_stage2" or shape.get("sequence", 1) == 1):
+                    continue        # only the DiT's self-attention has it, and only over a sequence axis
+                try:
+                    row = plan_one(w, shape, remat, settings, sp)
+                except ValueError as e:
+                    if sp == "none":
+                        raise
+                    skipped.append(dict(workload=name, mesh_text=text, remat=remat, seq_parallel=sp, reason=str(e)))
+                    if progress:
+                        progress(f"memory-plan: {name} mesh {text} remat {remat} seq-parallel {sp}: skipped ({e})")
+                    continue
                 rows.append(row)
                 if progress:
                     b = row["bytes"]
-                    progress(f"memory-plan: {name} mesh {text} remat {remat}: params {b['params'] / GB:.2f} grads "
-                             f"{b['grads'] / GB:.2f} optimizer {b['optimizer'] / GB:.2f} activations "
+                    kind = "" if sp == "none" else f" seq-parallel {sp}"
+                    progress(f"memory-plan: {name} mesh {text} remat {remat}{kind}: params {b['params'] / GB:.2f} "
+                             f"grads {b['grads'] / GB:.2f} optimizer {b['optimizer'] / GB:.2f} activations "
                              f"{b['activations'] / GB:.2f} total {b['total'] / GB:.2f} GB per device "
                              f"({row['compiled']['compile_s']:.0f} s compile)")
     result = dict(
@@ -341,8 +363,10 @@ def run(cfg, output: str | None = None, *, meshes: Sequence[str] = DEFAULT_MESHE
             f"attention '{settings.attn_impl}' (query blocks recomputed in the backward pass) stands in for flash "
             "attention; the plain XLA attention keeps every layer's (heads x L x L) scores",
             "LoRA dropout off; the VLM's vision tower is frozen (no activations kept for it)",
-            "the VLM has no sequence-axis activation constraints: a `sequence` mesh axis only replicates its work"],
-        total_seconds=time.perf_counter() - started, rows=rows)
+            "the VLM has no sequence-axis activation constraints: a `sequence` mesh axis only replicates its work",
+            "DiT rows with seq-parallel 'ring' / 'ulysses': the self-attention keeps keys/values sharded over "
+            "`sequence` (parallel.sequence_parallel_attention); 'none' rows gather them on every device"],
+        total_seconds=time.perf_counter() - started, rows=rows, skipped=skipped)
     if output:
         json_path, md_path = output_paths(output)
         os.makedirs(os.path.dirname(os.path.abspath(json_path)) or ".", exist_ok=True)
@@ -364,7 +388,9 @@ def recommendations(result: dict) -> dict:
     """{workload: {mesh: {accelerator: the least recomputing remat policy that fits, or None}}}."""
     out: dict = {}
     for row in result["rows"]:
-        per_mesh = out.setdefault(row["workload"], {}).setdefault(row["mesh_text"], {})
+        sp = row.get("seq_parallel", "none")
+        mesh = row["mesh_text"] + ("" if sp == "none" else f" ({sp})")
+        per_mesh = out.setdefault(row["workload"], {}).setdefault(mesh, {})
         for acc, ok in row["fits"].items():
             best = per_mesh.get(acc)
             if ok and (best is None or REMATS.index(row["remat"]) < REMATS.index(best)):
@@ -378,18 +404,22 @@ def markdown(result: dict) -> str:
     lines = [f"# Memory plan ({result['created']}, JAX {result['jax']}, compiled for {result['platform']})", ""]
     for name, desc in result["workloads"].items():
         lines += [f"## {name}: {desc}", "",
-                  "| mesh | devices | batch / device | remat | params | grads | optimizer | activations | total | "
-                  + " | ".join(accs) + " |",
-                  "|---|---|---|---|---|---|---|---|---|" + "---|" * len(accs)]
+                  "| mesh | devices | batch / device | remat | seq-parallel | params | grads | optimizer | activations "
+                  "| total | " + " | ".join(accs) + " |",
+                  "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(accs)]
         for r in (r for r in result["rows"] if r["workload"] == name):
             b = r["bytes"]
             per_dev = r["batch"].get("rows_per_device", r["batch"].get("videos_per_device"))
             unit = ("row" if "rows_per_device" in r["batch"] else "video") + ("" if per_dev == 1 else "s")
             lines.append(f"| {r['mesh_text']} | {r['devices']} | {per_dev:g} {unit} | {r['remat']} | "
+                         f"{r.get('seq_parallel', 'none')} | "
                          + " | ".join(f"{b[k] / GB:.2f}" for k in ("params", "grads", "optimizer", "activations",
                                                                    "total"))
                          + " | " + " | ".join("yes" if r["fits"][a] else "no" for a in accs) + " |")
         lines.append("")
+    for sk in result.get("skipped", []):
+        lines.append(f"- not planned: {sk['workload']} mesh {sk['mesh_text']} remat {sk['remat']} seq-parallel "
+                     f"{sk['seq_parallel']}: {sk['reason']}")
     lines += ["GB = 1e9 bytes per device. " f"Fits: {result['method']['fits']}.", "",
               "## Least recomputing remat policy that fits", "",
               "| workload | mesh | " + " | ".join(accs) + " |", "|---|---|" + "---|" * len(accs)]

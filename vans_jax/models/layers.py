@@ -5,6 +5,7 @@ Linear kernels are stored (in, out) as is usual in JAX; converters transpose tor
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -142,31 +143,89 @@ def rms_norm(x, weight, eps):
 
 NEG_INF = -1e30
 
+ATTN_IMPLS = ("xla", "cudnn", "chunked", "splash", "auto")
 
-def attention(q, k, v, *, mask=None, bias=None, scale: float | None = None, impl: str = "xla"):
+
+def resolve_attention_impl(impl: str, dtype=None) -> str:
+    """The implementation ``impl`` stands for here: "auto" becomes "splash" on a TPU, "cudnn" on
+    an NVIDIA GPU when ``dtype`` is bf16/fp16, "xla" otherwise; the others are returned as given."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {', '.join(map(repr, ATTN_IMPLS))}")
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "splash"
+    if backend == "gpu" and dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
+
+
+def structural_mask(segment_ids, causal: bool, lq: int, lk: int):
+    """The boolean (B or 1, 1, Lq, Lk) mask that ``segment_ids`` / ``causal`` stand for (None when
+    neither is given)."""
+    m = None
+    if segment_ids is not None:
+        qs, ks = (jnp.asarray(s) for s in segment_ids)
+        m = (qs[:, :, None] == ks[:, None, :])[:, None]
+    if causal:
+        c = (jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None])[None, None]
+        m = c if m is None else m & c
+    return m
+
+
+def attention(q, k, v, *, mask=None, bias=None, scale: float | None = None, impl: str = "xla",
+              segment_ids=None, causal: bool = False, block_sizes=None):
     """Multi-head attention with grouped KV heads.
 
     q: (B, Lq, Hq, D); k, v: (B, Lk, Hkv, D) with Hq a multiple of Hkv.
     mask: boolean, broadcastable to (B, 1, Lq, Lk); True = may attend.
+    segment_ids: (q_ids (B, Lq), kv_ids (B, Lk)) non-negative ints: query i may attend key j only
+    when their ids are equal (padding, packed rows, vision windows / frames); every query must
+    share its id with at least one key. causal: query i may attend keys j <= i (needs Lq == Lk).
+    mask, segment_ids and causal combine (all must allow).
     bias: additive logits bias broadcastable to (B, Hq, Lq, Lk) (e.g. T5 relative positions).
     scale: logits scale (default 1/sqrt(D); T5 uses 1.0).
-    impl: "xla" (reference einsum; fp32 logits and softmax), "cudnn" (flash attention on NVIDIA
-    GPUs), "chunked" (the xla math over blocks of ``CHUNK`` queries, each recomputed in the
-    backward pass: memory O(CHUNK x Lk) instead of O(Lq x Lk), on any backend), or "auto" (cudnn
-    when running on a GPU in bf16/fp16, else xla).
+    impl:
+      "xla"     reference einsum; fp32 logits and softmax; any mask / bias.
+      "cudnn"   flash attention on NVIDIA GPUs (``jax.nn.dot_product_attention``).
+      "chunked" the xla math over blocks of ``CHUNK`` queries, each recomputed in the backward
+                pass: memory O(CHUNK x Lk) instead of O(Lq x Lk), on any backend.
+      "splash"  the Pallas TPU splash-attention kernel (flash-style blocks, its own backward pass);
+                on a backend that is not a TPU it runs in Pallas interpret mode (slow: tests).
+                It takes the structural masks only: ``segment_ids`` and ``causal``. A call with
+                an arbitrary boolean ``mask`` or a ``bias`` (UMT5's relative-position bias) runs
+                on "xla" instead: UMT5 always does. Lengths are padded to multiples of 128 and
+                blocked by ``block_sizes`` (an int, or (block_q, block_kv); default
+                ``SPLASH_BLOCK``, reduced to a multiple of 128 that divides the padded length).
+      "auto"    splash on a TPU, cudnn on an NVIDIA GPU in bf16/fp16, xla elsewhere.
     """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] \
+            or q.shape[-1] != k.shape[-1] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention expects q (B, Lq, Hq, D) and k, v (B, Lk, Hkv, D) with Hq a multiple of "
+                         f"Hkv; got q {q.shape}, k {k.shape}, v {v.shape}")
+    lq, lk = q.shape[1], k.shape[1]
+    if causal and lq != lk:
+        raise ValueError(f"causal attention needs as many queries as keys; got Lq={lq}, Lk={lk}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if impl == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        impl = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    impl = resolve_attention_impl(impl, q.dtype)
+    if impl == "splash":
+        if mask is None and bias is None:
+            return _splash_on_mesh(q, k, v, scale, segment_ids, causal, block_sizes)
+        impl = "xla"  # arbitrary masks and biases have no splash form
+    smask = structural_mask(segment_ids, causal, lq, lk)
+    if smask is not None:
+        mask = smask if mask is None else jnp.asarray(mask) & smask
     if impl == "cudnn":
         if bias is not None:
             bias = jnp.asarray(bias).astype(q.dtype)
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
     if impl == "chunked":
         return _chunked_attention(q, k, v, mask, bias, scale)
-    if impl != "xla":
-        raise ValueError(f"unknown attention impl {impl!r}; expected 'xla', 'cudnn', 'chunked' or 'auto'")
+    return _xla_attention(q, k, v, mask, bias, scale)
+
+
+def _xla_attention(q, k, v, mask, bias, scale):
     b, lq, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
@@ -184,6 +243,98 @@ def attention(q, k, v, *, mask=None, bias=None, scale: float | None = None, impl
     return out.reshape(b, lq, hq, d).astype(q.dtype)
 
 
+SPLASH_BLOCK = 512   # default splash block (queries and keys), reduced to divide the padded length
+_LANE = 128          # splash lengths are padded to a multiple of this
+
+
+def _splash_block(length: int, block: int) -> tuple[int, int]:
+    """(block, padded length): the length padded to a multiple of 128 and the largest multiple
+    of 128 <= ``block`` that divides it."""
+    if block % _LANE or block <= 0:
+        raise ValueError(f"splash block size {block} is not a positive multiple of {_LANE}")
+    padded = -(-length // _LANE) * _LANE
+    b = min(block, padded)
+    while padded % b:
+        b -= _LANE
+    return b, padded
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, lq: int, lk: int, causal: bool, bq: int, bk: int, mqa: bool, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+    one = sa.CausalMask((lq, lk)) if causal else sa.FullMask((lq, lk))
+    sizes = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                          block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+    make = sa.make_splash_mqa_single_device if mqa else sa.make_splash_mha_single_device
+    with jax.ensure_compile_time_eval():   # concrete mask tables, cached across traces
+        return make(sa.MultiHeadMask([one] * heads), block_sizes=sizes, interpret=interpret)
+
+
+def _splash_on_mesh(q, k, v, scale, segment_ids, causal, block_sizes):
+    """``_splash_attention`` per device under a context mesh (``jax.set_mesh``): a Pallas kernel
+    cannot be partitioned by XLA, so it runs in a ``shard_map``: rows over the batch axes, heads
+    over ``tensor`` (where the KV heads divide), queries over ``sequence`` when there is no causal
+    mask (keys and values whole on every device). Without a mesh, or inside a ``shard_map``
+    already, the kernel runs as is."""
+    from jax.sharding import PartitionSpec as P
+
+    from ..parallel import context_mesh, logical_to_spec
+    mesh = context_mesh()
+    run = lambda q, k, v, seg: _splash_attention(q, k, v, scale, seg, causal, block_sizes)
+    if mesh is None or mesh.manual_axes or all(n == 1 for n in mesh.shape.values()):
+        return run(q, k, v, segment_ids)
+    b, lq, hq, _ = q.shape
+    batch = logical_to_spec(("activation_batch",), mesh=mesh, shape=(b,))[0]
+    t = mesh.shape.get("tensor", 1)
+    heads = "tensor" if t > 1 and k.shape[2] % t == 0 else None
+    s = mesh.shape.get("sequence", 1)
+    length = "sequence" if s > 1 and not causal and lq % s == 0 else None
+    q_spec, kv_spec = P(batch, length, heads, None), P(batch, None, heads, None)
+    if segment_ids is None:
+        f = lambda q, k, v: run(q, k, v, None)
+        return jax.shard_map(f, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                             check_vma=False)(q, k, v)
+    seg = tuple(jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b, n)) for x, n in zip(segment_ids, (lq, k.shape[1])))
+    f = lambda q, k, v, qs, ks: run(q, k, v, (qs, ks))
+    return jax.shard_map(f, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(batch, length), P(batch, None)),
+                         out_specs=q_spec, check_vma=False)(q, k, v, *seg)
+
+
+def _splash_attention(q, k, v, scale, segment_ids, causal, block_sizes):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    block_q, block_kv = (block_sizes, block_sizes) if isinstance(block_sizes, int) else (
+        block_sizes or (SPLASH_BLOCK, SPLASH_BLOCK))
+    bq, lq_p = _splash_block(lq, block_q)
+    bk, lk_p = _splash_block(lk, block_kv)
+    if segment_ids is None and (lq_p != lq or lk_p != lk):
+        segment_ids = (jnp.zeros((b, lq), jnp.int32), jnp.zeros((b, lk), jnp.int32))
+    seg = None
+    if segment_ids is not None:
+        qs, ks = (jnp.broadcast_to(jnp.asarray(s, jnp.int32), (b, n)) for s, n in zip(segment_ids, (lq, lk)))
+        # padded queries join key 0's segment (their output is dropped); padded keys get -1 (no query)
+        qs = jnp.concatenate([qs, jnp.broadcast_to(ks[:, :1], (b, lq_p - lq))], axis=1)
+        ks = jnp.pad(ks, ((0, 0), (0, lk_p - lk)), constant_values=-1)
+        seg = sa.SegmentIds(q=qs, kv=ks)
+    # splash does not scale the logits: scale the queries (in fp32, back to the input dtype)
+    qh = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    qh = jnp.pad(qh, ((0, 0), (0, lq_p - lq), (0, 0), (0, 0))).transpose(0, 2, 1, 3)   # (B, Hq, Lq, D)
+    kh = jnp.pad(k, ((0, 0), (0, lk_p - lk), (0, 0), (0, 0))).transpose(0, 2, 1, 3)    # (B, Hkv, Lk, D)
+    vh = jnp.pad(v, ((0, 0), (0, lk_p - lk), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    interpret = jax.default_backend() != "tpu"
+    if g == 1:
+        kernel = _splash_kernel(hq, lq_p, lk_p, bool(causal), bq, bk, False, interpret)
+        one = lambda q_, k_, v_, s_: kernel(q_, k_, v_, segment_ids=s_)
+    else:                                   # grouped heads: an MQA kernel per KV head
+        kernel = _splash_kernel(g, lq_p, lk_p, bool(causal), bq, bk, True, interpret)
+        per_kv = jax.vmap(lambda q_, k_, v_, s_: kernel(q_, k_, v_, segment_ids=s_), in_axes=(0, 0, 0, None))
+        one = lambda q_, k_, v_, s_: per_kv(q_.reshape(hkv, g, lq_p, d), k_, v_, s_).reshape(hq, lq_p, d)
+    out = jax.vmap(one, in_axes=(0, 0, 0, None if seg is None else 0))(qh, kh, vh, seg)
+    return out.transpose(0, 2, 1, 3)[:, :lq].astype(q.dtype)
+
+
 CHUNK = 512
 
 
@@ -192,7 +343,7 @@ def _chunked_attention(q, k, v, mask, bias, scale):
     ``jax.checkpoint``), so neither pass holds more than one block's scores."""
     lq = q.shape[1]
     if lq <= CHUNK:
-        return attention(q, k, v, mask=mask, bias=bias, scale=scale, impl="xla")
+        return _xla_attention(q, k, v, mask, bias, scale)
     n = -(-lq // CHUNK)
     pad = n * CHUNK - lq
 
@@ -210,8 +361,8 @@ def _chunked_attention(q, k, v, mask, bias, scale):
     def block(_, i):
         start = i * CHUNK
         take = lambda x, on: jax.lax.dynamic_slice_in_dim(x, start, CHUNK, axis=x.ndim - 2) if on else x
-        out = attention(jax.lax.dynamic_slice_in_dim(qp, start, CHUNK, axis=1), k, v, mask=take(mask, mask_q),
-                        bias=take(bias, bias_q), scale=scale, impl="xla")
+        out = _xla_attention(jax.lax.dynamic_slice_in_dim(qp, start, CHUNK, axis=1), k, v, take(mask, mask_q),
+                             take(bias, bias_q), scale)
         return None, out
 
     _, out = jax.lax.scan(block, None, jnp.arange(n))            # (n, B, CHUNK, H, D)

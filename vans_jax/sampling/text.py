@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vans_jax.models.qwen2_5_vl.modeling import Qwen2_5_VLModel, causal_mask
+from vans_jax.models.qwen2_5_vl.modeling import Qwen2_5_VLModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +202,7 @@ def completion_logprobs(model: Qwen2_5_VLModel, batch, completions, completion_m
     comp_pos = jnp.broadcast_to((next_pos[:, None] + jnp.arange(c))[None], (3, nrows, c))
     positions = jnp.concatenate([jnp.repeat(pos, g, axis=1), comp_pos], axis=2)
     full_mask = jnp.concatenate([jnp.repeat(amask, g, 0), completion_mask.astype(bool)], axis=1)
-    h, _ = model.decoder(x, positions, causal_mask(full_mask, p + c), rng=r_txt)
+    h, _ = model.decoder(x, positions, full_mask, rng=r_txt)   # causal over the valid tokens
     logits = model.logits(h[:, p - 1:p + c - 1]) / temperature
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits), completions[..., None].astype(jnp.int32), -1)[..., 0]
     return jnp.where(completion_mask.astype(bool), lp, 0.0)

@@ -137,32 +137,33 @@ class WanModels:
         return self._negative[key].get(batch_size)
 
 
-def _load_transformer(path: str, dit_path, dtype, mesh):
+def _load_transformer(path: str, dit_path, dtype, mesh, **runtime):
     from vans_jax.convert.safetensors_io import CheckpointError
     from vans_jax.convert.wan_dit import load_dit
     from vans_jax.models.wan.dit import WanConfig
 
     if dit_path is None:
-        return load_dit(os.path.join(path, "transformer"), dtype=dtype, mesh=mesh)
+        return load_dit(os.path.join(path, "transformer"), dtype=dtype, mesh=mesh, **runtime)
     dit_path = os.fspath(dit_path)
     if not os.path.exists(dit_path):
         raise FileNotFoundError(f"dit_path {dit_path} does not exist")
     own_cfg = os.path.isdir(dit_path) and os.path.isfile(os.path.join(dit_path, "config.json"))
     base_cfg = os.path.join(path, "transformer", "config.json")
     if own_cfg or not os.path.isfile(base_cfg):
-        return load_dit(dit_path, dtype=dtype, mesh=mesh)   # its own config.json, else inferred from shapes
+        return load_dit(dit_path, dtype=dtype, mesh=mesh, **runtime)   # own config.json, else from shapes
     # a bare checkpoint (e.g. VANS vdm.safetensors): a fine-tune of the base transformer, so take its
     # config (the head count cannot be read off tensor shapes); fall back to inference if it does not fit
     try:
-        return load_dit(dit_path, config=WanConfig.from_diffusers_config(base_cfg), dtype=dtype, mesh=mesh)
+        return load_dit(dit_path, config=WanConfig.from_diffusers_config(base_cfg), dtype=dtype, mesh=mesh,
+                        **runtime)
     except CheckpointError as e:
         warnings.warn(f"{dit_path} does not fit {base_cfg} ({str(e)[:200]}); inferring the DiT config from "
                       f"tensor shapes (num_heads = dim / 128)")
-        return load_dit(dit_path, dtype=dtype, mesh=mesh)
+        return load_dit(dit_path, dtype=dtype, mesh=mesh, **runtime)
 
 
 def from_pretrained(path, dtype="float32", mesh=None, *, dit_path=None, vae_dtype="float32",
-                    text_dtype=None) -> WanModels:
+                    text_dtype=None, attn_impl: str | None = None, seq_parallel: str | None = None) -> WanModels:
     """Loads a local diffusers-format Wan pipeline directory into ``WanModels``.
 
     path: directory with ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` (all required,
@@ -174,6 +175,10 @@ def from_pretrained(path, dtype="float32", mesh=None, *, dit_path=None, vae_dtyp
     dit_path: a DiT checkpoint replacing ``transformer/`` -- a diffusers model directory, or a
     safetensors file/directory in either key layout (``dit.`` prefixes stripped). A bare file takes
     its config from ``transformer/config.json`` when present.
+    attn_impl: ``layers.attention`` implementation of the DiT, the VAE and UMT5 ("xla", "cudnn",
+    "chunked", "splash", "auto"; UMT5's biased attention runs on xla under "splash"); None: "xla".
+    seq_parallel: the DiT's self-attention over a ``sequence`` mesh axis ("none", "ring",
+    "ulysses"; see ``parallel.sequence_parallel_attention``); None: "none".
     """
     from vans_jax.convert import umt5 as umt5_convert
     from vans_jax.convert.wan_vae import load_vae
@@ -190,9 +195,12 @@ def from_pretrained(path, dtype="float32", mesh=None, *, dit_path=None, vae_dtyp
             f"{', '.join(m + '/' for m in missing)}; expected transformer/, vae/, text_encoder/, tokenizer/ "
             f"and optionally scheduler/{hint}")
     scheduler = SchedulerSettings.from_dir(os.path.join(path, "scheduler"))
-    dit = _load_transformer(path, dit_path, dtype, mesh)
-    vae = load_vae(os.path.join(path, "vae"), vae_dtype or dtype, mesh)
-    text_encoder = umt5_convert.from_pretrained(os.path.join(path, "text_encoder"), text_dtype or dtype, mesh)
+    impl = {} if attn_impl is None else {"attn_impl": attn_impl}
+    dit_runtime = dict(impl, **({} if seq_parallel is None else {"seq_parallel": seq_parallel}))
+    dit = _load_transformer(path, dit_path, dtype, mesh, **dit_runtime)
+    vae = load_vae(os.path.join(path, "vae"), vae_dtype or dtype, mesh, **impl)
+    text_encoder = umt5_convert.from_pretrained(os.path.join(path, "text_encoder"), text_dtype or dtype, mesh,
+                                                **impl)
     tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
     if dit.cfg.in_channels != vae.cfg.z_dim:
         raise ValueError(f"the DiT takes {dit.cfg.in_channels} latent channels, the VAE has z_dim={vae.cfg.z_dim}")

@@ -68,7 +68,8 @@ def load_vdm(cfg, mesh):
     from ..sampling import wan as wp
     if not cfg.vdm.path:
         raise ValueError("vdm.path is empty: training needs a local diffusers Wan directory (--config.vdm.path=DIR)")
-    return wp.from_pretrained(cfg.vdm.path, dtype=cfg.vdm.dtype, mesh=mesh, dit_path=cfg.vdm.dit_path or None)
+    return wp.from_pretrained(cfg.vdm.path, dtype=cfg.vdm.dtype, mesh=mesh, dit_path=cfg.vdm.dit_path or None,
+                              attn_impl=cfg.vdm.get("attn_impl"), seq_parallel=cfg.vdm.get("seq_parallel"))
 
 
 def load_clip(cfg, mesh):

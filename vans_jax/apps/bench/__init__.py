@@ -17,6 +17,9 @@ one is a module of this package with a function decorated ``@section("name")`` r
 - ``pipeline`` (``wan_generate.py``): a full N-step CFG generation (``sampling.wan.generate``: text
   encoding, UniPC sampling, VAE decode) vs diffusers' ``WanPipeline`` from the same components and
   initial noise; plus our VANS generation with reference frames (no reference counterpart).
+- ``vlm_parity`` (``parity.py``): Qwen2.5-VL logits of one video prompt vs transformers' on the
+  same weights: max / mean relative error and argmax agreement (the ``dit`` section's forward
+  carries the DiT's error vs diffusers the same way).
 - ``vae`` (``vae.py``): Wan VAE encode / decode vs diffusers' ``AutoencoderKLWan``.
 - ``grpo`` (``grpo.py``): one Joint-GRPO Stage-1 and one Stage-2 step
   (``train.grpo.JointGRPO.step``, the trainer's code and settings from the ``grpo.recipe`` block) at
@@ -47,7 +50,7 @@ import jax
 import numpy as np
 
 # importing a section module registers its section; in this order, SECTIONS keeps the original order
-from . import matmul, vlm, dit, wan_generate, vae, grpo  # noqa: F401, I001
+from . import matmul, vlm, dit, wan_generate, vae, grpo, parity  # noqa: F401, I001
 from .common import (PEAK_BF16_TFLOPS, SECTIONS, BenchContext, dit_forward_flops, figure, jax_device_description,
                      peak_bf16_tflops, random_model, section)
 from .markdown import markdown_path, markdown_table

@@ -107,6 +107,16 @@ def median_times(fn, repeats: int, sync) -> tuple[dict, Any]:
     return dict(warmup_s=first, steady_s=statistics.median(times), times_s=times, repeats=len(times)), out
 
 
+def output_parity(ours, reference) -> dict:
+    """max |ours - ref| / max |ref| and mean |ours - ref| / mean |ref| (float64) of two outputs."""
+    a, b = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    if a.shape != b.shape:
+        raise RuntimeError(f"parity: our output has shape {a.shape}, the reference's {b.shape}")
+    d = np.abs(a - b)
+    return dict(parity_rel_err=float(d.max() / max(np.abs(b).max(), 1e-30)),
+                parity_mean_rel_err=float(d.mean() / max(np.abs(b).mean(), 1e-30)))
+
+
 def figure(name: str, section_name: str, what: str, shape: dict, dtype: str, ours: dict,
            reference: dict | None = None, reference_reason: str | None = None, **extra) -> dict:
     """One benchmark figure. ``ours`` / ``reference``: dicts with at least steady_s, warmup_s,

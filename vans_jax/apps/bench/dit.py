@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .common import BenchContext, dit_forward_flops, figure, fraction_of_peak, peak_bf16_tflops, section, wan_models
+from .common import (BenchContext, dit_forward_flops, figure, fraction_of_peak, output_parity, peak_bf16_tflops,
+                     section, wan_models)
 
 
 @section("dit")
@@ -44,12 +45,14 @@ def bench_dit(ctx: BenchContext) -> list[dict]:
     fwd = jax.jit(forward)
     step = jax.jit(jax.value_and_grad(loss))
     xs, ts, cs, tg = (jnp.asarray(a) for a in (x, tsteps, context, target))
-    ours_fwd, _ = ctx.ours(lambda: fwd(params, xs, ts, cs))
-    ours_step, _ = ctx.ours(lambda: step(params, xs, ts, cs, tg))
+    ours_fwd, ours_out = ctx.ours(lambda: fwd(params, xs, ts, cs))
+    train_step = bool(c.get("train_step", True))
+    ours_step = ctx.ours(lambda: step(params, xs, ts, cs, tg))[0] if train_step else None
 
     flops = dit_forward_flops(cfg, b, frames, h, w, text_len, n_ref)
     tokens = (frames // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     ref_fwd = ref_step = None
+    parity = dict(parity_rel_err=None, parity_mean_rel_err=None)
     if torch_parts is not None:
         t = ctx.torch
         tdit = torch_parts["transformer"]
@@ -70,22 +73,27 @@ def bench_dit(ctx: BenchContext) -> list[dict]:
             value.backward()
             return value
 
-        ref_fwd, _ = ctx.reference(ref_forward)
-        for p in tdit.parameters():
-            p.requires_grad_(True)
-        ref_step, _ = ctx.reference(ref_train)
-        for p in tdit.parameters():
-            p.requires_grad_(False)
-            p.grad = None
+        ref_fwd, ref_out = ctx.reference(ref_forward)
+        parity = output_parity(ours_out, ref_out.float().cpu().numpy())
+        if train_step:
+            for p in tdit.parameters():
+                p.requires_grad_(True)
+            ref_step, _ = ctx.reference(ref_train)
+            for p in tdit.parameters():
+                p.requires_grad_(False)
+                p.grad = None
     peak = peak_bf16_tflops(ctx.device_kind)
     shape = dict(batch=b, latent_channels=cfg.in_channels, latent_frames=[n_ref, frames - n_ref],
                  latent_hw=[h, w], pixel_hw=[int(c.height), int(c.width)], tokens=tokens, text_len=text_len,
                  dim=cfg.dim, layers=cfg.num_layers, heads=cfg.num_heads, ffn=cfg.ffn_dim)
     out = []
-    for name, what, ours, ref, mult, remat in (
-            ("dit_forward", "one DiT forward (velocity on the target frames)", ours_fwd, ref_fwd, 1, cfg.remat),
+    for name, what, ours, ref, mult, remat, extra in (
+            ("dit_forward", "one DiT forward (velocity on the target frames)", ours_fwd, ref_fwd, 1, cfg.remat,
+             dict(parity, attn_impl=cfg.attn_impl)),
             ("dit_train_step", "velocity MSE + gradient w.r.t. all DiT parameters (no optimizer update)",
-             ours_step, ref_step, 3, str(c.remat))):
+             ours_step, ref_step, 3, str(c.remat), {})):
+        if ours is None:
+            continue
         f = flops * mult
         for stats in (ours, ref):
             if stats is not None:
@@ -98,5 +106,5 @@ def bench_dit(ctx: BenchContext) -> list[dict]:
                                    + (", x3 for forward + backward)" if mult == 3 else ")")),
             peak_bf16_tflops=peak, fraction_of_peak=frac, fraction_of_peak_reason=frac_reason,
             fraction_of_measured_matmul=(ours["tflops_per_s"] / ctx.measured_matmul_tflops
-                                         if ctx.measured_matmul_tflops else None)))
+                                         if ctx.measured_matmul_tflops else None), **extra))
     return out

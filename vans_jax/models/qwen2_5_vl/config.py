@@ -65,7 +65,8 @@ class Qwen2_5_VLConfig:
     pad_token_id: int = 151643
     # Runtime options (not part of the checkpoint).
     dtype: str = "float32"
-    attn_impl: str = "xla"
+    attn_impl: str = "xla"          # layers.attention: "xla", "cudnn", "chunked", "splash" or "auto"
+    attn_block_size: int | None = None  # splash block (queries and keys); None: layers.SPLASH_BLOCK
     remat: str = "none"
     hf_config: dict[str, Any] | None = None
 

@@ -13,7 +13,8 @@ import numpy as np
 from flax import nnx
 
 from ...parallel import constrain
-from ..layers import Embed, Linear, RMSNorm, apply_rotary, attention, resolve_dtype, scan_layers, stack_layers
+from ..layers import (Embed, Linear, RMSNorm, apply_rotary, attention, resolve_attention_impl, resolve_dtype,
+                      scan_layers, stack_layers)
 from .config import Qwen2_5_VLConfig, TextConfig, VisionConfig
 
 
@@ -54,7 +55,7 @@ class VisionBlock(nnx.Module):
         self.down_proj = _maybe_lora(Linear(m, d, axes=("vision_mlp", "vision_embed"), dtype=dtype, rngs=rngs),
                                      "down_proj", lora, rngs, dtype)
 
-    def __call__(self, x, cos, sin, is_full, layout, impl, rng=None):
+    def __call__(self, x, cos, sin, is_full, layout, impl, rng=None, block_sizes=None):
         keys = [None] * 5 if rng is None else list(jax.random.split(rng, 5))
         n, d = x.shape
         h = self.norm1(x)
@@ -62,21 +63,33 @@ class VisionBlock(nnx.Module):
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q = apply_rotary(q, cos[:, None], sin[:, None])
         k = apply_rotary(k, cos[:, None], sin[:, None])
-        o = jax.lax.cond(is_full, lambda: segment_attention(q, k, v, layout, "full", impl),
-                         lambda: segment_attention(q, k, v, layout, "window", impl))
+        o = jax.lax.cond(is_full, lambda: segment_attention(q, k, v, layout, "full", impl, block_sizes),
+                         lambda: segment_attention(q, k, v, layout, "window", impl, block_sizes))
         x = x + self.proj(o.reshape(n, d), keys[1])
         h = self.norm2(x)
         h = jax.nn.silu(self.gate_proj(h, keys[2])) * self.up_proj(h, keys[3])
         return x + self.down_proj(h, keys[4])
 
 
-def segment_attention(q, k, v, layout, kind, impl):
-    """Block-diagonal attention over contiguous segments (windows, or temporal slices), computed
-    on padded blocks: q, k, v (N, H, D) -> (N, H, D)."""
+def segment_attention(q, k, v, layout, kind, impl, block_sizes=None):
+    """Block-diagonal attention over contiguous segments (windows, or temporal slices): q, k, v
+    (N, H, D) -> (N, H, D). On padded per-segment blocks; with the splash kernel over the whole
+    sequence with one segment id per segment instead."""
     gather, valid, scatter = layout[f"{kind}_gather"], layout[f"{kind}_valid"], layout[f"{kind}_scatter"]
     n, h, d = q.shape
+    if resolve_attention_impl(impl, q.dtype) == "splash":
+        seg = segment_ids_from_layout(gather, valid, n)[None]
+        return attention(q[None], k[None], v[None], segment_ids=(seg, seg), impl="splash",
+                         block_sizes=block_sizes)[0]
     o = attention(q[gather], k[gather], v[gather], mask=valid[:, None, None, :], impl=impl)
     return o.reshape(-1, h, d)[scatter]
+
+
+def segment_ids_from_layout(gather, valid, n: int):
+    """(N,) int32: the segment (row of ``gather``) each of the N tokens belongs to."""
+    rows = jnp.broadcast_to(jnp.arange(gather.shape[0], dtype=jnp.int32)[:, None], gather.shape)
+    idx = jnp.where(valid, gather, n)           # padding slots write out of bounds: dropped
+    return jnp.zeros((n,), jnp.int32).at[idx.reshape(-1)].set(rows.reshape(-1), mode="drop")
 
 
 class VisionTransformer(nnx.Module):
@@ -94,7 +107,7 @@ class VisionTransformer(nnx.Module):
         self.merger_fc2 = Linear(d * unit, cfg.out_hidden_size, axes=("vision_mlp", "embed"), dtype=dtype,
                                  rngs=rngs)
 
-    def __call__(self, patches, layout, *, impl="xla", remat="none", rng=None):
+    def __call__(self, patches, layout, *, impl="xla", remat="none", rng=None, block_sizes=None):
         """patches: (N, 1176) in the processor's order; layout: arrays from ``vision_layout``.
         Returns merged features (N / merge^2, out_hidden_size) in the original order."""
         cfg = self.cfg
@@ -112,7 +125,7 @@ class VisionTransformer(nnx.Module):
 
         def body(block, h, xs):
             flag, key = xs
-            return block(h, cos, sin, flag, layout, impl, None if rng is None else key), None
+            return block(h, cos, sin, flag, layout, impl, None if rng is None else key, block_sizes), None
 
         x, _ = scan_layers(self.blocks, body, x, (jnp.asarray(is_full), keys), remat=remat)
         unit = cfg.spatial_merge_size ** 2
@@ -163,9 +176,11 @@ class DecoderLayer(nnx.Module):
         self.up_proj = mk("up_proj", d, cfg.intermediate_size, ("embed", "mlp"), False)
         self.down_proj = mk("down_proj", cfg.intermediate_size, d, ("mlp", "embed"), False)
 
-    def __call__(self, x, cos, sin, k_cache, v_cache, cache_index, mask, impl, rng=None):
+    def __call__(self, x, cos, sin, k_cache, v_cache, cache_index, mask, impl, rng=None, block_sizes=None):
         """x: (B, S, D). k_cache/v_cache: (B, T, Hkv, hd) holding this layer's keys; the S new
-        keys are written at ``cache_index``. mask: (B, S, T) bool. Returns (x, k_cache, v_cache)."""
+        keys are written at ``cache_index``. mask: (B, S, T) bool, or (B, S) token validity when
+        T == S (causal over the valid tokens: segment ids, the splash kernel's form). Returns
+        (x, k_cache, v_cache)."""
         keys = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
         b, s, _ = x.shape
         h = self.input_layernorm(x)
@@ -176,7 +191,12 @@ class DecoderLayer(nnx.Module):
         k = apply_rotary(k, cos[:, :, None], sin[:, :, None])
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-        o = attention(q, k_cache, v_cache, mask=mask[:, None], impl=impl)
+        if mask.ndim == 2:   # (B, S) token validity, no cache: causal + padding as segment ids
+            seg = mask.astype(jnp.int32)
+            o = attention(q, k_cache, v_cache, segment_ids=(seg, seg), causal=True, impl=impl,
+                          block_sizes=block_sizes)
+        else:
+            o = attention(q, k_cache, v_cache, mask=mask[:, None], impl=impl)
         x = x + self.o_proj(o.reshape(b, s, -1), keys[3])
         h = self.post_attention_layernorm(x)
         h = jax.nn.silu(self.gate_proj(h, keys[4])) * self.up_proj(h, keys[5])
@@ -221,7 +241,13 @@ class Qwen2_5_VLModel(nnx.Module):
 
     def decoder(self, x, position_ids, mask, cache=None, cache_index=0, rng=None):
         """Runs the decoder stack. x: (B, S, D); position_ids (3, B, S); mask (B, S, T) where
-        T is the cache length (or S without a cache). Returns (hidden, cache)."""
+        T is the cache length (or S without a cache), or without a cache the (B, S) validity of
+        the tokens (causal attention among the valid ones; what the splash kernel takes; the
+        outputs at invalid positions differ from the (B, S, S) form's and are meaningless in
+        both). Returns (hidden, cache)."""
+        if mask.ndim == 2 and (cache is not None or mask.shape != x.shape[:2]):
+            raise ValueError(f"a (batch, length) token-validity mask {mask.shape} needs no cache and the "
+                             f"input's {x.shape[:2]}; pass a (B, S, T) mask with a cache")
         cfg = self.config
         t = cfg.text
         b, s, _ = x.shape
@@ -236,7 +262,7 @@ class Qwen2_5_VLModel(nnx.Module):
             h, kc, vc = carry
             i, key = xs
             h, k_i, v_i = layer(h, cos, sin, kc[i], vc[i], cache_index, mask, cfg.attn_impl,
-                                None if rng is None else key)
+                                None if rng is None else key, cfg.attn_block_size)
             kc = jax.lax.dynamic_update_index_in_dim(kc, k_i, i, 0)
             vc = jax.lax.dynamic_update_index_in_dim(vc, v_i, i, 0)
             return (h, kc, vc), None
@@ -255,14 +281,16 @@ class Qwen2_5_VLModel(nnx.Module):
         if vis is None:
             return None
         patches, layout = vis
-        return self.visual(patches, layout, impl=self.config.attn_impl, remat=self.config.remat, rng=rng)
+        return self.visual(patches, layout, impl=self.config.attn_impl, remat=self.config.remat, rng=rng,
+                           block_sizes=self.config.attn_block_size)
 
     def hidden_states(self, input_ids, attention_mask, position_ids, video=None, image=None, rng=None,
                       cache_len=None):
         b, s = input_ids.shape
         r_vis, r_txt = (None, None) if rng is None else jax.random.split(rng)
         x = self.embed(input_ids, self.vision_features(video, r_vis), self.vision_features(image, r_vis))
-        mask = causal_mask(attention_mask, cache_len or s)
+        mask = jnp.asarray(attention_mask).astype(bool) if cache_len is None else causal_mask(attention_mask,
+                                                                                               cache_len)
         cache = None
         if cache_len is not None:
             t = self.config.text

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ...parallel import constrain
+from ...parallel import SEQ_PARALLEL, constrain, sequence_parallel_attention
 from ..layers import (LayerNorm, Linear, RMSNorm, attention, layer_norm, resolve_dtype, scan_layers,
                       stack_layers)
 
@@ -68,11 +68,16 @@ class WanConfig:
     # runtime
     dtype: str = "float32"          # activations / matmuls
     param_dtype: str = "float32"    # weights (modulation tables and the time MLP stay fp32)
-    attn_impl: str = "xla"          # passed to layers.attention: "xla", "cudnn" or "auto"
+    attn_impl: str = "xla"          # layers.attention: "xla", "cudnn", "chunked", "splash" or "auto"
+    attn_block_size: int | None = None  # splash block (queries and keys); None: layers.SPLASH_BLOCK
+    seq_parallel: str = "none"      # self-attention over the `sequence` mesh axis: "none" (keys/values
+                                    # gathered), "ring" or "ulysses" (parallel.sequence_parallel_attention)
     remat: str = "none"             # scan_layers remat policy: "none", "full", "dots"
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if self.seq_parallel not in SEQ_PARALLEL:
+            raise ValueError(f"seq_parallel {self.seq_parallel!r} is not one of {SEQ_PARALLEL}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2 or (self.head_dim - 2 * self.rope_hw_dim) <= 0:
@@ -242,6 +247,8 @@ class WanAttention(nnx.Module):
         d = cfg.dim
         self.num_heads = cfg.num_heads
         self.attn_impl = cfg.attn_impl
+        self.attn_block_size = cfg.attn_block_size
+        self.seq_parallel = cfg.seq_parallel
         self.to_q = _lora(Linear(d, d, axes=("embed", "qkv"), dtype=dtype, rngs=rngs), "to_q", lora, rngs, dtype)
         self.to_k = _lora(Linear(d, d, axes=("embed", "qkv"), dtype=dtype, rngs=rngs), "to_k", lora, rngs, dtype)
         self.to_v = _lora(Linear(d, d, axes=("embed", "qkv"), dtype=dtype, rngs=rngs), "to_v", lora, rngs, dtype)
@@ -263,9 +270,16 @@ class WanAttention(nnx.Module):
             cos, sin = rope
             q = apply_rope_interleaved(q, cos, sin)
             k = apply_rope_interleaved(k, cos, sin)
-        # heads over `tensor`; queries keep their token sharding (`sequence`), keys/values are gathered
-        q, k, v = constrain(q, QUERY_HEADS), constrain(k, KV_HEADS), constrain(v, KV_HEADS)
-        o = constrain(attention(q, k, v, impl=self.attn_impl), QUERY_HEADS)
+        attend = lambda q, k, v: attention(q, k, v, impl=self.attn_impl, block_sizes=self.attn_block_size)
+        if self.seq_parallel != "none" and context is x:
+            # self-attention: keys/values stay sharded over `sequence` (a ring, or all-to-all over heads)
+            q, k, v = constrain(q, QUERY_HEADS), constrain(k, QUERY_HEADS), constrain(v, QUERY_HEADS)
+            o = sequence_parallel_attention(q, k, v, attend, kind=self.seq_parallel)
+        else:
+            # heads over `tensor`; queries keep their token sharding (`sequence`), keys/values are gathered
+            q, k, v = constrain(q, QUERY_HEADS), constrain(k, KV_HEADS), constrain(v, KV_HEADS)
+            o = attend(q, k, v)
+        o = constrain(o, QUERY_HEADS)
         return self.to_out(o.reshape(b, lq, d), keys[3])
 
 
