@@ -66,7 +66,9 @@ def get_config():
     c.reference = True                 # False: our side only (e.g. on TPU, where torch cannot run)
     c.reference_device = "auto"        # "auto": cuda if torch has it (else no reference on an accelerator)
     c.reference_repeats = 3
-    c.reference_threads = 0            # torch CPU threads (0: torch's default)
+    c.threads = 0                      # CPU threads of both sides: XLA's pool (PJRT_NPROC) and torch's intra-op
+                                       # and inter-op threads (0: the cores available to the process)
+    c.omp_wait_policy = "PASSIVE"      # torch's OpenMP idle threads sleep instead of spinning ("": environment's)
     c.sections = ("matmul", "vlm", "dit", "pipeline", "vae", "grpo")
     c.matmul = ml_collections.ConfigDict(dict(size=8192, repeats=20))
     c.vlm = ml_collections.ConfigDict(dict(

@@ -48,6 +48,7 @@ import numpy as np
 
 # importing a section module registers its section; in this order, SECTIONS keeps the original order
 from . import matmul, vlm, dit, wan_generate, vae, grpo  # noqa: F401, I001
+from . import resources
 from .common import (PEAK_BF16_TFLOPS, SECTIONS, BenchContext, dit_forward_flops, figure, jax_device_description,
                      peak_bf16_tflops, random_model, section)
 from .markdown import markdown_path, markdown_table
@@ -76,7 +77,9 @@ def run(cfg, output: str | None = None, progress: Callable[[str], None] | None =
         raise ValueError(f"unknown bench section(s) {unknown}; available: {sorted(SECTIONS)}")
     if str(cfg.dtype) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}")
-    ctx = BenchContext(cfg)
+    threads = resources.prepare(cfg)       # before JAX's client and torch start
+    ctx = BenchContext(cfg, threads["threads"])
+    threads = resources.finish(threads, ctx.torch, ctx.torch_threads_how, jax.default_backend())
     started = time.perf_counter()
     figures, timings = [], {}
     try:
@@ -97,9 +100,11 @@ def run(cfg, output: str | None = None, progress: Callable[[str], None] | None =
         reference=dict(enabled=bool(cfg.reference), available=ctx.torch is not None,
                        device=ctx.torch_description() if ctx.torch is not None else None,
                        reason=ctx.reference_reason),
-        versions=_versions(), sections=names, section_seconds=timings,
+        threads=threads, versions=_versions(), sections=names, section_seconds=timings,
         environment={k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE",
-                                                     "XLA_PYTHON_CLIENT_MEM_FRACTION")},
+                                                     "XLA_PYTHON_CLIENT_MEM_FRACTION", "PJRT_NPROC",
+                                                     "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS",
+                                                     "MKL_NUM_THREADS")},
         total_seconds=time.perf_counter() - started,
         conventions=dict(
             warmup_s="first call: tracing + compilation + one run (ours); first call (reference)",

@@ -133,7 +133,9 @@ def _cpu_name() -> str:
 def jax_device_description() -> str:
     d = jax.devices()[0]
     if d.platform == "cpu":
-        return f"cpu: {_cpu_name()}, {os.cpu_count()} cores (JAX {jax.__version__})"
+        from .resources import cores_available, xla_pool_threads
+        return (f"cpu: {_cpu_name()}, {cores_available()} cores, {xla_pool_threads()} XLA threads "
+                f"(JAX {jax.__version__})")
     return f"{d.platform}: 1 x {d.device_kind} (JAX {jax.__version__})"
 
 
@@ -143,8 +145,10 @@ def jax_device_description() -> str:
 class BenchContext:
     """Shared state of one bench run: config, the reference (torch) status, lazily built models."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, threads: int):
         self.cfg = cfg
+        self.threads = threads                  # torch's intra- and inter-op threads (XLA's pool: resources)
+        self.torch_threads_how: str | None = None
         self.dtype = str(cfg.dtype)
         self.jdtype = jnp.dtype(self.dtype)
         self.repeats = int(cfg.repeats)
@@ -181,8 +185,8 @@ class BenchContext:
             return None, None, (f"JAX runs on {backend} but torch has no CUDA device: a CPU reference is not "
                                 f"comparable (set reference_device=cpu to force one)")
         torch.manual_seed(self.seed)
-        if int(self.cfg.reference_threads) > 0:
-            torch.set_num_threads(int(self.cfg.reference_threads))
+        from .resources import set_torch_threads
+        self.torch_threads_how = set_torch_threads(torch, self.threads)
         for lib in ("transformers", "diffusers"):      # no progress bars / cast warnings in the output
             try:
                 logging = __import__(f"{lib}.utils.logging", fromlist=["logging"])
@@ -200,7 +204,8 @@ class BenchContext:
         t = self.torch
         if self.torch_device.startswith("cuda"):
             return f"cuda: 1 x {t.cuda.get_device_name(0)} (torch {t.__version__})"
-        return f"cpu: {_cpu_name()}, {t.get_num_threads()} threads (torch {t.__version__})"
+        return (f"cpu: {_cpu_name()}, {t.get_num_threads()} intra-op / {t.get_num_interop_threads()} inter-op "
+                f"threads (torch {t.__version__})")
 
     def to_torch_dtype(self, module, dtype: str | None = None):
         """``module.to(dtype)`` keeping the modules the library keeps in fp32 when it loads in half
