@@ -18,7 +18,7 @@ def get_config():
     c = _gpu.get_config()
     c.dtype = "float32"
     c.repeats = 3
-    c.reference_repeats = 2
+    c.reference_repeats = 3
     c.matmul.size = 1024
     c.vlm.model.update(dict(
         vocab_size=400, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -49,11 +49,12 @@ import numpy as np
 # importing a section module registers its section; in this order, SECTIONS keeps the original order
 from . import matmul, vlm, dit, wan_generate, vae, grpo  # noqa: F401, I001
 from . import resources
-from .common import (PEAK_BF16_TFLOPS, SECTIONS, BenchContext, dit_forward_flops, figure, jax_device_description,
-                     peak_bf16_tflops, random_model, section)
+from .common import (PEAK_BF16_TFLOPS, SECTIONS, BenchContext, compare, dit_forward_flops, figure,
+                     jax_device_description, peak_bf16_tflops, random_model, relative_spread, section, spread)
 from .markdown import markdown_path, markdown_table
 
-__all__ = ["run", "markdown_table", "markdown_path", "SECTIONS", "section", "figure", "BenchContext", "random_model",
+__all__ = ["run", "markdown_table", "markdown_path", "SECTIONS", "section", "figure", "compare", "spread",
+           "relative_spread", "run_noise", "BenchContext", "random_model",
            "PEAK_BF16_TFLOPS", "peak_bf16_tflops", "dit_forward_flops", "jax_device_description"]
 
 
@@ -100,7 +101,7 @@ def run(cfg, output: str | None = None, progress: Callable[[str], None] | None =
         reference=dict(enabled=bool(cfg.reference), available=ctx.torch is not None,
                        device=ctx.torch_description() if ctx.torch is not None else None,
                        reason=ctx.reference_reason),
-        threads=threads, versions=_versions(), sections=names, section_seconds=timings,
+        threads=threads, noise=run_noise(figures), versions=_versions(), sections=names, section_seconds=timings,
         environment={k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE",
                                                      "XLA_PYTHON_CLIENT_MEM_FRACTION", "PJRT_NPROC",
                                                      "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS",
@@ -109,7 +110,12 @@ def run(cfg, output: str | None = None, progress: Callable[[str], None] | None =
         conventions=dict(
             warmup_s="first call: tracing + compilation + one run (ours); first call (reference)",
             steady_s="median of the repeats, outputs blocked on (jax.block_until_ready / torch.cuda.synchronize)",
+            min_s_max_s="fastest and slowest of the repeats (times_s: all of them)",
             speedup="reference steady_s / our steady_s (> 1: we are faster)",
+            speedup_range="[reference min_s / our max_s, reference max_s / our min_s]",
+            verdict=("'tie' when our [min_s, max_s] and the reference's overlap (whatever the speedup), else "
+                     "'faster' (our slowest run beats the reference's fastest) or 'slower'"),
+            noise="(max_s - min_s) / steady_s of the matmul figure, each side: the run's timing noise",
             random_weights="all models are random; shapes and dtypes as in each figure's shape"),
         figures=figures, config=cfg.to_dict())
     if output:
@@ -119,6 +125,16 @@ def run(cfg, output: str | None = None, progress: Callable[[str], None] | None =
         with open(markdown_path(output), "w") as f:
             f.write(markdown_table(result))
     return result
+
+
+def run_noise(figures: list[dict]) -> dict:
+    """The run's timing noise: the matmul figure's relative spread ((max - min) / median), each side."""
+    mm = next((f for f in figures if f["name"] == "matmul"), None)
+    if mm is None:
+        return dict(ours=None, reference=None, reason="the matmul section did not run")
+    ref = mm["reference"]
+    return dict(ours=relative_spread(mm["ours"]), reference=relative_spread(ref) if ref else None,
+                reason=None if ref else mm["reference_reason"])
 
 
 def _json_default(x):

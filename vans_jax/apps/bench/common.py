@@ -93,6 +93,40 @@ def dit_forward_flops(cfg, batch: int, frames: int, height: int, width: int, tex
 # ----------------------------------------------------------------------------- timing + figures
 
 
+def spread(times) -> dict:
+    """A series of times as the figures report it: median (``steady_s``), min, max, the series."""
+    times = [float(t) for t in times]
+    if not times:
+        raise ValueError("no times to summarize (repeats must be >= 1)")
+    return dict(steady_s=statistics.median(times), min_s=min(times), max_s=max(times), times_s=times,
+                repeats=len(times))
+
+
+def relative_spread(stats: dict) -> float:
+    """(max - min) / median of a figure's times: the run's noise when taken from the matmul."""
+    return (stats["max_s"] - stats["min_s"]) / stats["steady_s"]
+
+
+def compare(ours: dict, reference: dict) -> dict:
+    """Speedup of ``ours`` over ``reference`` (dicts with steady_s, min_s, max_s): the ratio of the
+    medians, its range [reference min / our max, reference max / our min], and the verdict: "tie"
+    when the two [min, max] intervals overlap, else "faster" (ours entirely below the reference's)
+    or "slower"."""
+    for side, stats in (("ours", ours), ("reference", reference)):
+        if not 0 < stats["min_s"] <= stats["steady_s"] <= stats["max_s"]:
+            raise ValueError(f"{side}: need 0 < min_s <= steady_s <= max_s, got {stats['min_s']}, "
+                             f"{stats['steady_s']}, {stats['max_s']}")
+    if ours["max_s"] < reference["min_s"]:
+        verdict = "faster"
+    elif reference["max_s"] < ours["min_s"]:
+        verdict = "slower"
+    else:
+        verdict = "tie"
+    return dict(speedup=reference["steady_s"] / ours["steady_s"],
+                speedup_range=[reference["min_s"] / ours["max_s"], reference["max_s"] / ours["min_s"]],
+                verdict=verdict)
+
+
 def median_times(fn, repeats: int, sync) -> tuple[dict, Any]:
     t0 = time.perf_counter()
     out = fn()
@@ -104,19 +138,20 @@ def median_times(fn, repeats: int, sync) -> tuple[dict, Any]:
         out = fn()
         sync(out)
         times.append(time.perf_counter() - t0)
-    return dict(warmup_s=first, steady_s=statistics.median(times), times_s=times, repeats=len(times)), out
+    return dict(warmup_s=first, **spread(times)), out
 
 
 def figure(name: str, section_name: str, what: str, shape: dict, dtype: str, ours: dict,
            reference: dict | None = None, reference_reason: str | None = None, **extra) -> dict:
-    """One benchmark figure. ``ours`` / ``reference``: dicts with at least steady_s, warmup_s,
-    repeats, device (and any rates). speedup = reference steady time / our steady time."""
+    """One benchmark figure. ``ours`` / ``reference``: dicts with at least steady_s, min_s, max_s,
+    warmup_s, repeats, device (and any rates). speedup = reference steady time / our steady time,
+    with its range and verdict (``compare``: "tie" when the [min, max] intervals overlap)."""
     if reference is None and reference_reason is None:
         raise ValueError(f"figure {name}: give the reference's timings or the reason it is absent")
-    speedup = reference["steady_s"] / ours["steady_s"] if reference is not None else None
+    cmp = compare(ours, reference) if reference is not None else dict(speedup=None, speedup_range=None, verdict=None)
     return dict(name=name, section=section_name, what=what, shape=shape, dtype=dtype, device=ours["device"],
                 ours=ours, reference=reference, reference_reason=None if reference is not None else reference_reason,
-                speedup=speedup, **extra)
+                **cmp, **extra)
 
 
 def _cpu_name() -> str:
