@@ -26,6 +26,7 @@ SHORT = [
     "--config.grpo.steps=2", "--config.grpo.recipe.video.height=32", "--config.grpo.recipe.video.width=32",
     "--config.grpo.recipe.video.num_frames=5", "--config.grpo.recipe.generation.max_new_tokens=8",
     "--config.grpo.recipe.train.grpo.train_sampling_steps=3",
+    "--config.sections=('matmul', 'vlm', 'dit', 'pipeline', 'vae', 'grpo')",   # train, predict: test_bench_train.py
 ]
 FIGURES = ["matmul", "vlm_prefill", "vlm_decode", "vlm_generate", "dit_forward", "dit_train_step", "pipeline_t2v",
            "pipeline_vans", "vae_encode", "vae_decode", "grpo_stage1_step", "grpo_stage2_step"]

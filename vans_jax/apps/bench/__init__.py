@@ -18,6 +18,10 @@ one is a module of this package with a function decorated ``@section("name")`` r
   encoding, UniPC sampling, VAE decode) vs diffusers' ``WanPipeline`` from the same components and
   initial noise; plus our VANS generation with reference frames (no reference counterpart).
 - ``vae`` (``vae.py``): Wan VAE encode / decode vs diffusers' ``AutoencoderKLWan``.
+- ``train`` and ``predict`` (``train.py``): one SFT-VLM and one SFT-VDM step of the world config
+  (``configs/tiny_world.py``: the shipped tiny models, synthetic-world clips, the trainer's runners) and
+  ``vans-jax predict`` end to end on one synthetic clip with the shipped models. No reference (VANS
+  ships no training code); they are here so that regressions of our own heaviest CPU work show.
 - ``grpo`` (``grpo.py``): one Joint-GRPO Stage-1 and one Stage-2 step
   (``train.grpo.JointGRPO.step``, the trainer's code and settings from the ``grpo.recipe`` block) at
   a stated batch: median, spread and the step's rollout-text / rollout-video / update split. No
@@ -25,8 +29,9 @@ one is a module of this package with a function decorated ``@section("name")`` r
   models the other sections cached.
 
 Every figure carries its shape, dtype, device, our warm-up (first call: tracing + compilation + one
-run) and steady time (median of ``repeats`` runs, outputs blocked on), the reference's times and the
-speedup = reference time / our time. Models are random (no downloads): when the reference runs,
+run) and steady time (median of ``repeats`` runs, outputs blocked on) with their min and max, the
+reference's times and the speedup = reference time / our time with its range and verdict ("tie" when
+the [min, max] intervals overlap). Both sides get the same CPU threads (``resources.py``). Models are random (no downloads): when the reference runs,
 random PyTorch components are built, saved as a Hugging Face / diffusers directory and loaded by our
 loaders (same weights on both sides); otherwise our models are initialized directly. The reference
 is skipped with ``reference=False`` and reported as absent (null + reason) when torch / diffusers
@@ -47,7 +52,7 @@ import jax
 import numpy as np
 
 # importing a section module registers its section; in this order, SECTIONS keeps the original order
-from . import matmul, vlm, dit, wan_generate, vae, grpo  # noqa: F401, I001
+from . import matmul, vlm, dit, wan_generate, vae, train, grpo  # noqa: F401, I001
 from . import resources
 from .common import (PEAK_BF16_TFLOPS, SECTIONS, BenchContext, compare, dit_forward_flops, figure,
                      jax_device_description, peak_bf16_tflops, random_model, relative_spread, section, spread)
