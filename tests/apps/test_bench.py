@@ -33,7 +33,8 @@ FIGURES = ["matmul", "vlm_prefill", "vlm_decode", "vlm_generate", "dit_forward",
 NO_REFERENCE = {"pipeline_vans": "reference-frame", "grpo_stage1_step": "inference-only",
                 "grpo_stage2_step": "inference-only"}
 TOP = ["created", "device", "device_kind", "backend", "num_devices", "dtype", "repeats", "reference_repeats",
-       "reference", "threads", "noise", "versions", "sections", "section_seconds", "total_seconds", "conventions", "figures", "config"]
+       "reference", "threads", "noise", "versions", "sections", "section_seconds", "total_seconds", "conventions",
+       "figures", "config"]
 FIGURE_KEYS = ["name", "section", "what", "shape", "dtype", "device", "ours", "reference", "reference_reason",
                "speedup", "speedup_range", "verdict"]
 TIMES = ["warmup_s", "steady_s", "min_s", "max_s", "times_s", "repeats", "device"]

@@ -31,9 +31,10 @@ one is a module of this package with a function decorated ``@section("name")`` r
 Every figure carries its shape, dtype, device, our warm-up (first call: tracing + compilation + one
 run) and steady time (median of ``repeats`` runs, outputs blocked on) with their min and max, the
 reference's times and the speedup = reference time / our time with its range and verdict ("tie" when
-the [min, max] intervals overlap). Both sides get the same CPU threads (``resources.py``). Models are random (no downloads): when the reference runs,
-random PyTorch components are built, saved as a Hugging Face / diffusers directory and loaded by our
-loaders (same weights on both sides); otherwise our models are initialized directly. The reference
+the [min, max] intervals overlap). Both sides get the same CPU threads (``resources.py``).
+Models are random (no downloads): when the reference runs, random PyTorch components are built,
+saved as a Hugging Face / diffusers directory and loaded by our loaders (same weights on both
+sides); otherwise our models are initialized directly. The reference
 is skipped with ``reference=False`` and reported as absent (null + reason) when torch / diffusers
 are not installed, or when JAX runs on an accelerator torch cannot use.
 

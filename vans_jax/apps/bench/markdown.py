@@ -76,7 +76,8 @@ def markdown_table(result: dict) -> str:
              + f"Steady = median [min-max] of {result['repeats']} (reference {result['reference_repeats']}) runs; "
              f"warm-up = first call incl. compilation. Speedup = reference / ours [range]; tie = the [min, max] "
              f"intervals overlap. Random weights.", "",
-             "| figure | shape | dtype | ours warm-up s | ours steady s | reference steady s | speedup | verdict | rates |",
+             "| figure | shape | dtype | ours warm-up s | ours steady s | reference steady s | speedup | verdict "
+             "| rates |",
              "|---|---|---|---|---|---|---|---|---|"]
     for f in result["figures"]:
         lines.append(f"| {f['name']} | {_shape_text(f['shape'])} | {f['dtype']} | {_fmt(f['ours']['warmup_s'])} | "

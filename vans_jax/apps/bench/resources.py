@@ -8,12 +8,12 @@ it sleeps, and every op splits its work statically into one chunk per thread, th
 barrier for all of them. On a CPU shared with other processes (2 cores, load 2-3) the spinning
 threads spend their scheduler share while waiting, get preempted, and an op waits for its
 preempted chunk for a whole time slice: a 192x256x256 ``nn.Linear`` on 2 threads took 13-16 ms
-(median) instead of 0.2-0.4 ms. With ``OMP_WAIT_POLICY=PASSIVE`` idle workers sleep at once and are
-scheduled promptly when woken: median 0.28-0.46 ms in the same conditions (measured on the 2-core
-machine, README "Benchmark"). It was not the threads stalling each other, nor JAX: torch alone (JAX
-not imported) stalled the same way. libgomp reads the variable when it is loaded (``import torch``),
-so the bench sets it before it imports torch (``bench.omp_wait_policy``) and says in the JSON when
-it could not (torch already imported by the caller)."""
+(median of 200-300 calls) instead of 0.2-0.4 ms. With ``OMP_WAIT_POLICY=PASSIVE`` idle workers
+sleep at once and are scheduled promptly when woken: median 0.28-0.46 ms in the same conditions
+(1 thread: 0.26-0.31 ms). It is not JAX's threads: torch in a process without JAX stalled too (p90
+11.6 ms, max 68 ms in one of two runs; PASSIVE: p90 0.38-0.42 ms). libgomp reads the variable when
+it is loaded (``import torch``), so the bench sets it before it imports torch
+(``bench.omp_wait_policy``) and says in the JSON when it could not (torch already imported)."""
 from __future__ import annotations
 
 import os

@@ -97,9 +97,9 @@ def bench_vlm(ctx: BenchContext) -> list[dict]:
         d = dict(full_stats, **spread([f - p for f, p in zip(full_stats["times_s"], prefill_stats["times_s"])]))
         d["warmup_s"] = full_stats["warmup_s"]
         if d["min_s"] <= 0:
-            raise RuntimeError(f"generate({N}) was not slower than generate(1) in every repeat ({full_stats['times_s']} "
-                               f"s vs {prefill_stats['times_s']} s): decoding is below the timing noise; raise "
-                               f"vlm.max_new_tokens")
+            raise RuntimeError(f"generate({N}) was not slower than generate(1) in every repeat "
+                               f"({full_stats['times_s']} s vs {prefill_stats['times_s']} s): decoding is below the "
+                               f"timing noise; raise vlm.max_new_tokens")
         d["tokens_per_s"] = G * (N - 1) / d["steady_s"]
         return d
 
