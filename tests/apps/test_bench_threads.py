@@ -59,3 +59,12 @@ def test_a_started_xla_pool_of_another_size_is_an_error(tmp_path, capsys):
     assert cli.main(["bench", "--config", "configs/bench_cpu.py", "--output", str(tmp_path / "x.json"),
                      "--config.reference=False", "--config.sections=('matmul',)", "--config.threads=-1"]) == 2
     assert "bench threads must be >= 0" in capsys.readouterr().err
+
+
+def test_the_old_reference_threads_setting_is_named():
+    from vans_jax.apps.configlib import load_config
+
+    cfg = load_config("configs/bench_cpu.py", ["--config.sections=('matmul',)"])
+    cfg.reference_threads = 1
+    with pytest.raises(ValueError, match="reference_threads was replaced by threads"):
+        resources.prepare(cfg)

@@ -55,7 +55,10 @@ def xla_client_started() -> bool:
 
 
 def requested_threads(cfg) -> int:
-    threads = int(cfg.threads)
+    if "reference_threads" in cfg:
+        raise ValueError("bench config: reference_threads was replaced by threads (both sides' CPU threads; 0: the "
+                         "cores available)")
+    threads = int(cfg.get("threads", 0))
     if threads < 0:
         raise ValueError(f"bench threads must be >= 0 (0: the cores available, {cores_available()}), got {threads}")
     return threads or cores_available()
@@ -65,7 +68,7 @@ def prepare(cfg) -> dict:
     """Before JAX's client and torch start: sizes XLA's CPU pool (``PJRT_NPROC``) and sets libgomp's
     wait policy for torch. Returns the record the run completes with ``finish``."""
     threads = requested_threads(cfg)
-    record = dict(requested=int(cfg.threads), threads=threads, cores_available=cores_available())
+    record = dict(requested=int(cfg.get("threads", 0)), threads=threads, cores_available=cores_available())
     before = os.environ.get("PJRT_NPROC")
     if xla_client_started():
         record["xla_how"] = (f"the XLA CPU client had already started in this process (PJRT_NPROC="
@@ -74,7 +77,7 @@ def prepare(cfg) -> dict:
         os.environ["PJRT_NPROC"] = str(threads)
         record["xla_how"] = (f"PJRT_NPROC={threads} set by the bench before the XLA CPU client started"
                              + (f" (was {before!r})" if before not in (None, str(threads)) else ""))
-    policy = str(cfg.omp_wait_policy)
+    policy = str(cfg.get("omp_wait_policy", "PASSIVE"))
     if "torch" in sys.modules:
         record["omp_how"] = ("torch was imported before the bench started: libgomp read OMP_WAIT_POLICY then "
                              f"(now {os.environ.get('OMP_WAIT_POLICY')!r})")
