@@ -18,10 +18,7 @@ def get_config():
     c = _gpu.get_config()
     c.dtype = "float32"
     c.repeats = 3
-    c.reference_repeats = 2
-    # On a small shared CPU, torch's OpenMP threads stall each other under load (2 threads: a
-    # 192x256x256 linear took 30 ms instead of 0.5 ms); one thread gives stable reference numbers.
-    c.reference_threads = 1
+    c.reference_repeats = 3
     c.matmul.size = 1024
     c.vlm.model.update(dict(
         vocab_size=400, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -66,8 +66,10 @@ def get_config():
     c.reference = True                 # False: our side only (e.g. on TPU, where torch cannot run)
     c.reference_device = "auto"        # "auto": cuda if torch has it (else no reference on an accelerator)
     c.reference_repeats = 3
-    c.reference_threads = 0            # torch CPU threads (0: torch's default)
-    c.sections = ("matmul", "vlm", "dit", "pipeline", "vae", "grpo")
+    c.threads = 0                      # CPU threads of both sides: XLA's pool (PJRT_NPROC) and torch's intra-op
+                                       # and inter-op threads (0: the cores available to the process)
+    c.omp_wait_policy = "PASSIVE"      # torch's OpenMP idle threads sleep instead of spinning ("": environment's)
+    c.sections = ("matmul", "vlm", "dit", "pipeline", "vae", "train", "predict", "grpo")
     c.matmul = ml_collections.ConfigDict(dict(size=8192, repeats=20))
     c.vlm = ml_collections.ConfigDict(dict(
         model=_full.qwen2_5_vl_3b(), attn_impl="auto", reference_attn="sdpa",
@@ -83,6 +85,11 @@ def get_config():
                                                 shift=5.0, n_ref=6, text_len=512,
                                                 caption="the person cuts the onion on the board"))
     c.vae = ml_collections.ConfigDict(dict(height=352, width=640, num_frames=33))
+    # our own heaviest CPU work, so regressions show: SFT steps of the world config (the shipped tiny
+    # models; batch_size 0: the config's train.batch_size) and `vans-jax predict` end to end on them
+    c.train = ml_collections.ConfigDict(dict(config="tiny_world", modes=("sft_vlm", "sft_vdm"), steps=3,
+                                             batch_size=0))
+    c.predict = ml_collections.ConfigDict(dict())
     # Joint-GRPO steps, the SPEC / configs/vans.py recipe: 1 prompt per step (train.batch_size), 352x640x33
     # videos after 6 reference latent frames, 20 sampler steps (Stage 2 trains the first 19), CFG 4.5, 256
     # new tokens; G = 8 in Stage 1 (the paper's group). Stage 2 takes G = 4: its update runs the G videos,

@@ -26,16 +26,18 @@ SHORT = [
     "--config.grpo.steps=2", "--config.grpo.recipe.video.height=32", "--config.grpo.recipe.video.width=32",
     "--config.grpo.recipe.video.num_frames=5", "--config.grpo.recipe.generation.max_new_tokens=8",
     "--config.grpo.recipe.train.grpo.train_sampling_steps=3",
+    "--config.sections=('matmul', 'vlm', 'dit', 'pipeline', 'vae', 'grpo')",   # train, predict: test_bench_train.py
 ]
 FIGURES = ["matmul", "vlm_prefill", "vlm_decode", "vlm_generate", "dit_forward", "dit_train_step", "pipeline_t2v",
            "pipeline_vans", "vae_encode", "vae_decode", "grpo_stage1_step", "grpo_stage2_step"]
 NO_REFERENCE = {"pipeline_vans": "reference-frame", "grpo_stage1_step": "inference-only",
                 "grpo_stage2_step": "inference-only"}
 TOP = ["created", "device", "device_kind", "backend", "num_devices", "dtype", "repeats", "reference_repeats",
-       "reference", "versions", "sections", "section_seconds", "total_seconds", "conventions", "figures", "config"]
+       "reference", "threads", "noise", "versions", "sections", "section_seconds", "total_seconds", "conventions",
+       "figures", "config"]
 FIGURE_KEYS = ["name", "section", "what", "shape", "dtype", "device", "ours", "reference", "reference_reason",
-               "speedup"]
-TIMES = ["warmup_s", "steady_s", "repeats", "device"]
+               "speedup", "speedup_range", "verdict"]
+TIMES = ["warmup_s", "steady_s", "min_s", "max_s", "times_s", "repeats", "device"]
 
 
 def positive(x):
@@ -63,6 +65,7 @@ def test_bench_short_with_reference(tmp_path):
         assert all(k in f for k in FIGURE_KEYS), (f["name"], set(FIGURE_KEYS) - set(f))
         assert f["shape"] and f["dtype"] == "float32" and f["device"].startswith("cpu"), f["name"]
         assert all(k in f["ours"] for k in TIMES) and positive(f["ours"]["steady_s"]), f
+        assert 0 < f["ours"]["min_s"] <= f["ours"]["steady_s"] <= f["ours"]["max_s"], f
         assert positive(f["ours"]["warmup_s"]), f
         if f["name"] in NO_REFERENCE:     # diffusers has no reference frames; VANS ships no training code
             assert f["reference"] is None and f["speedup"] is None and NO_REFERENCE[f["name"]] in f["reference_reason"]
@@ -70,6 +73,7 @@ def test_bench_short_with_reference(tmp_path):
         ref = f["reference"]
         assert all(k in ref for k in TIMES) and positive(ref["steady_s"]) and "torch" in ref["device"], f
         assert positive(f["speedup"]) and f["reference_reason"] is None, f
+        assert f["verdict"] in ("tie", "faster", "slower") and f["speedup_range"][0] <= f["speedup"], f
         assert f"| {f['name']} |" in table
     figs = {f["name"]: f for f in result["figures"]}
     for name in ("vlm_decode", "vlm_generate"):
@@ -124,6 +128,7 @@ def test_bench_without_reference(tmp_path):
         assert f["reference"] is None and f["speedup"] is None and "reference=False" in f["reference_reason"]
         assert positive(f["ours"]["steady_s"]) and positive(f["ours"]["tflops_per_s"])
     assert "no reference: reference disabled" in table
+    assert positive(result["noise"]["ours"]) and result["noise"]["reference"] is None
 
 
 def test_unknown_section_is_an_error(tmp_path, capsys):

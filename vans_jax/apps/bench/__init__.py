@@ -21,6 +21,10 @@ one is a module of this package with a function decorated ``@section("name")`` r
   same weights: max / mean relative error and argmax agreement (the ``dit`` section's forward
   carries the DiT's error vs diffusers the same way).
 - ``vae`` (``vae.py``): Wan VAE encode / decode vs diffusers' ``AutoencoderKLWan``.
+- ``train`` and ``predict`` (``train.py``): one SFT-VLM and one SFT-VDM step of the world config
+  (``configs/tiny_world.py``: the shipped tiny models, synthetic-world clips, the trainer's runners) and
+  ``vans-jax predict`` end to end on one synthetic clip with the shipped models. No reference (VANS
+  ships no training code); they are here so that regressions of our own heaviest CPU work show.
 - ``grpo`` (``grpo.py``): one Joint-GRPO Stage-1 and one Stage-2 step
   (``train.grpo.JointGRPO.step``, the trainer's code and settings from the ``grpo.recipe`` block) at
   a stated batch: median, spread and the step's rollout-text / rollout-video / update split. No
@@ -28,10 +32,12 @@ one is a module of this package with a function decorated ``@section("name")`` r
   models the other sections cached.
 
 Every figure carries its shape, dtype, device, our warm-up (first call: tracing + compilation + one
-run) and steady time (median of ``repeats`` runs, outputs blocked on), the reference's times and the
-speedup = reference time / our time. Models are random (no downloads): when the reference runs,
-random PyTorch components are built, saved as a Hugging Face / diffusers directory and loaded by our
-loaders (same weights on both sides); otherwise our models are initialized directly. The reference
+run) and steady time (median of ``repeats`` runs, outputs blocked on) with their min and max, the
+reference's times and the speedup = reference time / our time with its range and verdict ("tie" when
+the [min, max] intervals overlap). Both sides get the same CPU threads (``resources.py``).
+Models are random (no downloads): when the reference runs, random PyTorch components are built,
+saved as a Hugging Face / diffusers directory and loaded by our loaders (same weights on both
+sides); otherwise our models are initialized directly. The reference
 is skipped with ``reference=False`` and reported as absent (null + reason) when torch / diffusers
 are not installed, or when JAX runs on an accelerator torch cannot use.
 
@@ -50,12 +56,14 @@ import jax
 import numpy as np
 
 # importing a section module registers its section; in this order, SECTIONS keeps the original order
-from . import matmul, vlm, dit, wan_generate, vae, grpo, parity  # noqa: F401, I001
-from .common import (PEAK_BF16_TFLOPS, SECTIONS, BenchContext, dit_forward_flops, figure, jax_device_description,
-                     peak_bf16_tflops, random_model, section)
+from . import matmul, vlm, dit, wan_generate, vae, train, grpo, parity  # noqa: F401, I001
+from . import resources
+from .common import (PEAK_BF16_TFLOPS, SECTIONS, BenchContext, compare, dit_forward_flops, figure,
+                     jax_device_description, peak_bf16_tflops, random_model, relative_spread, section, spread)
 from .markdown import markdown_path, markdown_table
 
-__all__ = ["run", "markdown_table", "markdown_path", "SECTIONS", "section", "figure", "BenchContext", "random_model",
+__all__ = ["run", "markdown_table", "markdown_path", "SECTIONS", "section", "figure", "compare", "spread",
+           "relative_spread", "run_noise", "BenchContext", "random_model",
            "PEAK_BF16_TFLOPS", "peak_bf16_tflops", "dit_forward_flops", "jax_device_description"]
 
 
@@ -79,7 +87,9 @@ def run(cfg, output: str | None = None, progress: Callable[[str], None] | None =
         raise ValueError(f"unknown bench section(s) {unknown}; available: {sorted(SECTIONS)}")
     if str(cfg.dtype) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}")
-    ctx = BenchContext(cfg)
+    threads = resources.prepare(cfg)       # before JAX's client and torch start
+    ctx = BenchContext(cfg, threads["threads"])
+    threads = resources.finish(threads, ctx.torch, ctx.torch_threads_how, jax.default_backend())
     started = time.perf_counter()
     figures, timings = [], {}
     try:
@@ -100,14 +110,21 @@ def run(cfg, output: str | None = None, progress: Callable[[str], None] | None =
         reference=dict(enabled=bool(cfg.reference), available=ctx.torch is not None,
                        device=ctx.torch_description() if ctx.torch is not None else None,
                        reason=ctx.reference_reason),
-        versions=_versions(), sections=names, section_seconds=timings,
+        threads=threads, noise=run_noise(figures), versions=_versions(), sections=names, section_seconds=timings,
         environment={k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE",
-                                                     "XLA_PYTHON_CLIENT_MEM_FRACTION")},
+                                                     "XLA_PYTHON_CLIENT_MEM_FRACTION", "PJRT_NPROC",
+                                                     "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS",
+                                                     "MKL_NUM_THREADS")},
         total_seconds=time.perf_counter() - started,
         conventions=dict(
             warmup_s="first call: tracing + compilation + one run (ours); first call (reference)",
             steady_s="median of the repeats, outputs blocked on (jax.block_until_ready / torch.cuda.synchronize)",
+            min_s_max_s="fastest and slowest of the repeats (times_s: all of them)",
             speedup="reference steady_s / our steady_s (> 1: we are faster)",
+            speedup_range="[reference min_s / our max_s, reference max_s / our min_s]",
+            verdict=("'tie' when our [min_s, max_s] and the reference's overlap (whatever the speedup), else "
+                     "'faster' (our slowest run beats the reference's fastest) or 'slower'"),
+            noise="(max_s - min_s) / steady_s of the matmul figure, each side: the run's timing noise",
             random_weights="all models are random; shapes and dtypes as in each figure's shape"),
         figures=figures, config=cfg.to_dict())
     if output:
@@ -117,6 +134,16 @@ def run(cfg, output: str | None = None, progress: Callable[[str], None] | None =
         with open(markdown_path(output), "w") as f:
             f.write(markdown_table(result))
     return result
+
+
+def run_noise(figures: list[dict]) -> dict:
+    """The run's timing noise: the matmul figure's relative spread ((max - min) / median), each side."""
+    mm = next((f for f in figures if f["name"] == "matmul"), None)
+    if mm is None:
+        return dict(ours=None, reference=None, reason="the matmul section did not run")
+    ref = mm["reference"]
+    return dict(ours=relative_spread(mm["ours"]), reference=relative_spread(ref) if ref else None,
+                reason=None if ref else mm["reference_reason"])
 
 
 def _json_default(x):

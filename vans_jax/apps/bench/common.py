@@ -93,6 +93,40 @@ def dit_forward_flops(cfg, batch: int, frames: int, height: int, width: int, tex
 # ----------------------------------------------------------------------------- timing + figures
 
 
+def spread(times) -> dict:
+    """A series of times as the figures report it: median (``steady_s``), min, max, the series."""
+    times = [float(t) for t in times]
+    if not times:
+        raise ValueError("no times to summarize (repeats must be >= 1)")
+    return dict(steady_s=statistics.median(times), min_s=min(times), max_s=max(times), times_s=times,
+                repeats=len(times))
+
+
+def relative_spread(stats: dict) -> float:
+    """(max - min) / median of a figure's times: the run's noise when taken from the matmul."""
+    return (stats["max_s"] - stats["min_s"]) / stats["steady_s"]
+
+
+def compare(ours: dict, reference: dict) -> dict:
+    """Speedup of ``ours`` over ``reference`` (dicts with steady_s, min_s, max_s): the ratio of the
+    medians, its range [reference min / our max, reference max / our min], and the verdict: "tie"
+    when the two [min, max] intervals overlap, else "faster" (ours entirely below the reference's)
+    or "slower"."""
+    for side, stats in (("ours", ours), ("reference", reference)):
+        if not 0 < stats["min_s"] <= stats["steady_s"] <= stats["max_s"]:
+            raise ValueError(f"{side}: need 0 < min_s <= steady_s <= max_s, got {stats['min_s']}, "
+                             f"{stats['steady_s']}, {stats['max_s']}")
+    if ours["max_s"] < reference["min_s"]:
+        verdict = "faster"
+    elif reference["max_s"] < ours["min_s"]:
+        verdict = "slower"
+    else:
+        verdict = "tie"
+    return dict(speedup=reference["steady_s"] / ours["steady_s"],
+                speedup_range=[reference["min_s"] / ours["max_s"], reference["max_s"] / ours["min_s"]],
+                verdict=verdict)
+
+
 def median_times(fn, repeats: int, sync) -> tuple[dict, Any]:
     t0 = time.perf_counter()
     out = fn()
@@ -104,7 +138,7 @@ def median_times(fn, repeats: int, sync) -> tuple[dict, Any]:
         out = fn()
         sync(out)
         times.append(time.perf_counter() - t0)
-    return dict(warmup_s=first, steady_s=statistics.median(times), times_s=times, repeats=len(times)), out
+    return dict(warmup_s=first, **spread(times)), out
 
 
 def output_parity(ours, reference) -> dict:
@@ -119,14 +153,15 @@ def output_parity(ours, reference) -> dict:
 
 def figure(name: str, section_name: str, what: str, shape: dict, dtype: str, ours: dict,
            reference: dict | None = None, reference_reason: str | None = None, **extra) -> dict:
-    """One benchmark figure. ``ours`` / ``reference``: dicts with at least steady_s, warmup_s,
-    repeats, device (and any rates). speedup = reference steady time / our steady time."""
+    """One benchmark figure. ``ours`` / ``reference``: dicts with at least steady_s, min_s, max_s,
+    warmup_s, repeats, device (and any rates). speedup = reference steady time / our steady time,
+    with its range and verdict (``compare``: "tie" when the [min, max] intervals overlap)."""
     if reference is None and reference_reason is None:
         raise ValueError(f"figure {name}: give the reference's timings or the reason it is absent")
-    speedup = reference["steady_s"] / ours["steady_s"] if reference is not None else None
+    cmp = compare(ours, reference) if reference is not None else dict(speedup=None, speedup_range=None, verdict=None)
     return dict(name=name, section=section_name, what=what, shape=shape, dtype=dtype, device=ours["device"],
                 ours=ours, reference=reference, reference_reason=None if reference is not None else reference_reason,
-                speedup=speedup, **extra)
+                **cmp, **extra)
 
 
 def _cpu_name() -> str:
@@ -143,7 +178,9 @@ def _cpu_name() -> str:
 def jax_device_description() -> str:
     d = jax.devices()[0]
     if d.platform == "cpu":
-        return f"cpu: {_cpu_name()}, {os.cpu_count()} cores (JAX {jax.__version__})"
+        from .resources import cores_available, xla_pool_threads
+        return (f"cpu: {_cpu_name()}, {cores_available()} cores, {xla_pool_threads()} XLA threads "
+                f"(JAX {jax.__version__})")
     return f"{d.platform}: 1 x {d.device_kind} (JAX {jax.__version__})"
 
 
@@ -153,8 +190,10 @@ def jax_device_description() -> str:
 class BenchContext:
     """Shared state of one bench run: config, the reference (torch) status, lazily built models."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, threads: int):
         self.cfg = cfg
+        self.threads = threads                  # torch's intra- and inter-op threads (XLA's pool: resources)
+        self.torch_threads_how: str | None = None
         self.dtype = str(cfg.dtype)
         self.jdtype = jnp.dtype(self.dtype)
         self.repeats = int(cfg.repeats)
@@ -191,8 +230,8 @@ class BenchContext:
             return None, None, (f"JAX runs on {backend} but torch has no CUDA device: a CPU reference is not "
                                 f"comparable (set reference_device=cpu to force one)")
         torch.manual_seed(self.seed)
-        if int(self.cfg.reference_threads) > 0:
-            torch.set_num_threads(int(self.cfg.reference_threads))
+        from .resources import set_torch_threads
+        self.torch_threads_how = set_torch_threads(torch, self.threads)
         for lib in ("transformers", "diffusers"):      # no progress bars / cast warnings in the output
             try:
                 logging = __import__(f"{lib}.utils.logging", fromlist=["logging"])
@@ -210,7 +249,8 @@ class BenchContext:
         t = self.torch
         if self.torch_device.startswith("cuda"):
             return f"cuda: 1 x {t.cuda.get_device_name(0)} (torch {t.__version__})"
-        return f"cpu: {_cpu_name()}, {t.get_num_threads()} threads (torch {t.__version__})"
+        return (f"cpu: {_cpu_name()}, {t.get_num_threads()} intra-op / {t.get_num_interop_threads()} inter-op "
+                f"threads (torch {t.__version__})")
 
     def to_torch_dtype(self, module, dtype: str | None = None):
         """``module.to(dtype)`` keeping the modules the library keeps in fp32 when it loads in half

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .common import BenchContext, build_wan, figure, random_model, section
+from .common import BenchContext, build_wan, figure, random_model, section, spread
 
 
 GRPO_NO_REFERENCE = ("no PyTorch reference: the official VANS release is inference-only (no Joint-GRPO training "
@@ -164,8 +164,7 @@ def _time_grpo_steps(ctx: BenchContext, runner, examples, steps: int):
     runs = [one(i) for i in range(2, 2 + max(1, int(steps)))]
     times = [t for t, _ in runs]
     med = lambda key: statistics.median(m[key] for _, m in runs)
-    ours = dict(warmup_s=warmup, steady_s=statistics.median(times), times_s=times, repeats=len(times),
-                min_s=min(times), max_s=max(times), device=ctx.device,
+    ours = dict(warmup_s=warmup, **spread(times), device=ctx.device,
                 phases_s={name: med(key) for name, key in GRPO_PHASES},
                 frames_per_s=med("throughput/frames_per_s"))
     if runner.s.mode == "grpo_stage1":

@@ -33,24 +33,56 @@ def _rate_text(fig: dict) -> str:
     if fig.get("fraction_of_measured_matmul") is not None:
         parts.append(f"{100 * fig['fraction_of_measured_matmul']:.0f}% of measured matmul")
     if "phases_s" in o:
-        parts.append(", ".join(f"{k[:-2]} {_fmt(v)} s" for k, v in o["phases_s"].items())
-                     + f" (spread {_fmt(o['min_s'])}-{_fmt(o['max_s'])} s)")
+        parts.append(", ".join(f"{k[:-2]} {_fmt(v)} s" for k, v in o["phases_s"].items()))
     return "; ".join(parts)
+
+
+def _times_text(stats: dict | None) -> str:
+    if not stats:
+        return "-"
+    return f"{_fmt(stats['steady_s'])} [{_fmt(stats['min_s'])}-{_fmt(stats['max_s'])}]"
+
+
+def _speedup_text(fig: dict) -> str:
+    if fig["speedup"] is None:
+        return "-"
+    lo, hi = fig["speedup_range"]
+    return f"{_fmt(fig['speedup'])} [{_fmt(lo)}-{_fmt(hi)}]"
+
+
+def threads_text(result: dict) -> str:
+    t = result.get("threads")
+    if not t:
+        return ""
+    torch = t["torch"]
+    side = (f"torch {torch['intra_op']} intra-op / {torch['inter_op']} inter-op threads" if torch else "no torch")
+    return (f"Threads: XLA pool {t['xla']['intra_op']}, {side} ({t['cores_available']} cores available; "
+            f"OMP_WAIT_POLICY={t['openmp']['wait_policy']}). ")
+
+
+def noise_text(result: dict) -> str:
+    n = result.get("noise") or {}
+    if n.get("ours") is None:
+        return ""
+    ref = f", reference {100 * n['reference']:.0f}%" if n.get("reference") is not None else ""
+    return f"Noise (matmul (max - min) / median): ours {100 * n['ours']:.0f}%{ref}. "
 
 
 def markdown_table(result: dict) -> str:
     lines = [f"# vans-jax bench ({result['created']})", "",
              f"Ours: {result['device']}, {result['dtype']}. Reference: "
              + (result["reference"]["device"] or f"none ({result['reference']['reason']})") + ". "
-             f"Steady = median of {result['repeats']} (reference {result['reference_repeats']}) runs; warm-up = first "
-             f"call incl. compilation. Speedup = reference / ours. Random weights.", "",
-             "| figure | shape | dtype | ours warm-up s | ours steady s | reference steady s | speedup | rates |",
-             "|---|---|---|---|---|---|---|---|"]
+             + threads_text(result) + noise_text(result)
+             + f"Steady = median [min-max] of {result['repeats']} (reference {result['reference_repeats']}) runs; "
+             f"warm-up = first call incl. compilation. Speedup = reference / ours [range]; tie = the [min, max] "
+             f"intervals overlap. Random weights.", "",
+             "| figure | shape | dtype | ours warm-up s | ours steady s | reference steady s | speedup | verdict "
+             "| rates |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for f in result["figures"]:
-        ref = f["reference"]
         lines.append(f"| {f['name']} | {_shape_text(f['shape'])} | {f['dtype']} | {_fmt(f['ours']['warmup_s'])} | "
-                     f"{_fmt(f['ours']['steady_s'])} | {_fmt(ref['steady_s']) if ref else '-'} | "
-                     f"{_fmt(f['speedup'])} | {_rate_text(f)} |")
+                     f"{_times_text(f['ours'])} | {_times_text(f['reference'])} | {_speedup_text(f)} | "
+                     f"{f['verdict'] or '-'} | {_rate_text(f)} |")
     absent = sorted({f["reference_reason"] for f in result["figures"] if f["reference_reason"]})
     if absent:
         lines += [""] + [f"- no reference: {r}" for r in absent]

@@ -48,6 +48,9 @@ class WanLoRAConfig:
     cross_attn: bool = True
 
 
+UNROLL_MAX_LAYERS = 8       # layer_loop="auto": deeper DiTs scan their layers
+
+
 @dataclasses.dataclass(frozen=True)
 class WanConfig:
     """Wan2.1 DiT hyper-parameters; the defaults are T2V-1.3B."""
@@ -72,7 +75,12 @@ class WanConfig:
     attn_block_size: int | None = None  # splash block (queries and keys); None: layers.SPLASH_BLOCK
     seq_parallel: str = "none"      # self-attention over the `sequence` mesh axis: "none" (keys/values
                                     # gathered), "ring" or "ulysses" (parallel.sequence_parallel_attention)
-    remat: str = "none"             # scan_layers remat policy: "none", "full", "dots"
+    remat: str = "none"             # per-layer remat policy: "none", "full", "dots"
+    # "scan": lax.scan over the stacked layers (compile time flat in depth); "unroll": a Python loop
+    # over the same stacked parameters (no stacked per-layer residuals to copy in and out of the
+    # scan's buffers: a CPU training step of the bench's 2-layer DiT ~20-30% faster); "auto": unroll
+    # up to UNROLL_MAX_LAYERS layers (the tiny and bench DiTs), scan above (Wan2.1's 30).
+    layer_loop: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -82,6 +90,13 @@ class WanConfig:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2 or (self.head_dim - 2 * self.rope_hw_dim) <= 0:
             raise ValueError(f"head_dim {self.head_dim} cannot be split into t/h/w RoPE parts")
+        if self.layer_loop not in ("auto", "scan", "unroll"):
+            raise ValueError(f"layer_loop must be 'auto', 'scan' or 'unroll', got {self.layer_loop!r}")
+
+    @property
+    def unrolled(self) -> bool:
+        """Whether the blocks run as a Python loop (``layer_loop``) rather than a ``lax.scan``."""
+        return self.layer_loop == "unroll" or (self.layer_loop == "auto" and self.num_layers <= UNROLL_MAX_LAYERS)
 
     @property
     def head_dim(self) -> int:
@@ -231,6 +246,28 @@ def unpatchify(x, grid, patch_size, channels):
     return x.reshape(b, channels, f * pt, h * ph, w * pw)
 
 
+def loop_layers(layers: nnx.Module, body, carry, xs=None, *, remat: str = "none"):
+    """``scan_layers``' semantics (``body(layer, carry, x) -> (carry, y)``, the same remat policies)
+    as a Python loop over the stacked layers: each layer is a static slice of the stacked
+    parameters, and its backward pass reads its own residuals instead of a slice of a stacked
+    buffer. Returns the final carry."""
+    graphdef, state = nnx.split(layers)
+
+    def step(c, layer_state, x):
+        return body(nnx.merge(graphdef, layer_state), c, x)[0]
+
+    if remat == "full":
+        step = jax.checkpoint(step)
+    elif remat == "dots":
+        step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    elif remat != "none":
+        raise ValueError(f"unknown remat policy {remat!r}; expected 'none', 'full' or 'dots'")
+    n = jax.tree.leaves(state)[0].shape[0]
+    for i in range(n):
+        carry = step(carry, jax.tree.map(lambda a: a[i], state), None if xs is None else xs[i])
+    return carry
+
+
 # ----------------------------------------------------------------------------- modules
 
 
@@ -375,7 +412,10 @@ class WanTransformer3D(nnx.Module):
         def body(layer, carry, key):
             return layer(carry, context, mod, rope, key), None
 
-        x, _ = scan_layers(self.blocks, body, x, layer_keys, remat=cfg.remat)
+        if cfg.unrolled:
+            x = loop_layers(self.blocks, body, x, layer_keys, remat=cfg.remat)
+        else:
+            x, _ = scan_layers(self.blocks, body, x, layer_keys, remat=cfg.remat)
 
         if n_ref:
             x = x[:, (n_ref // pt) * grid[1] * grid[2]:]
