@@ -30,6 +30,7 @@ def test_reduced_check_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     r = json.loads(out.read_text())
     assert r["reduced"] and r["errors"] == {} and list(r["section_seconds"]) == list(gpu_check.SECTIONS)
+    assert r["threads"]["equal"] is True, r["threads"]     # the bench's equal threads, recorded
     s = r["summary"]
     names = {f["name"] for f in r["figures"]}
     assert {"matmul", "vlm_logits", "dit_forward", "vlm_generate", "pipeline_t2v"} <= names

@@ -104,15 +104,17 @@ def run(output: str, reduced: bool = False, progress=print) -> dict:
     import jax
 
     from vans_jax.apps import bench
-    from vans_jax.apps.bench import common
+    from vans_jax.apps.bench import common, resources
 
     cfg = check_config(reduced)
-    ctx = common.BenchContext(cfg)
+    threads = resources.prepare(cfg)       # the bench's equal threads, set before JAX's client and torch start
+    ctx = common.BenchContext(cfg, threads["threads"])
+    threads = resources.finish(threads, ctx.torch, ctx.torch_threads_how, jax.default_backend())
     started = time.perf_counter()
     result = dict(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), reduced=reduced,
         device=ctx.device, device_kind=ctx.device_kind, backend=jax.default_backend(), dtype=ctx.dtype,
-        versions=bench._versions(),
+        versions=bench._versions(), threads=threads,
         reference=dict(available=ctx.torch is not None, reason=ctx.reference_reason,
                        device=ctx.torch_description() if ctx.torch is not None else None),
         settings=dict(sections=list(SECTIONS), repeats=ctx.repeats, reference_repeats=ctx.reference_repeats,
