@@ -1,9 +1,6 @@
 """Qwen2.5-VL on a fake 8-device CPU mesh: parameters sharded by logical axes, same logits."""
-import os
-import subprocess
-import sys
 import textwrap
-from tests.utils import xla_flags  # noqa: E402
+from tests.utils import run_on_8_devices  # noqa: E402
 
 
 SCRIPT = textwrap.dedent("""
@@ -36,13 +33,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_logits_equal_unsharded(tmp_path):
-    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "ckpt")], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    import json
-    results = json.loads(out.stdout.split("RESULT", 1)[1])
+    results = run_on_8_devices(SCRIPT, str(tmp_path / "ckpt"))
     # q_proj kernel (2 layers, 64, 64): embed -> fsdp, heads -> tensor
     assert results["{'fsdp': 2, 'tensor': 4}"]["shard_shape"] == [2, 32, 16]
     assert results["{'fsdp': 8}"]["shard_shape"] == [2, 8, 64]

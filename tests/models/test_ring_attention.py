@@ -5,12 +5,9 @@ tokens <-> heads) equal plain attention, alone and inside the Wan DiT (seq_paral
 (interpret mode) under a mesh, per device in a shard_map. A subprocess: the test session's jax
 already has its devices."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
-from tests.utils import xla_flags
+from tests.utils import run_on_8_devices
 
 SCRIPT = textwrap.dedent("""
     import os, sys, json, dataclasses
@@ -108,12 +105,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_ring_and_ulysses_equal_plain_attention():
-    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    results = json.loads(out.stdout.split("RESULT", 1)[1])
+    results = run_on_8_devices(SCRIPT)
     print(json.dumps(results, indent=1))
     errors = results.pop("errors")
     assert "44 tokens do not divide over the mesh's sequence axis of size 8" in errors["tokens"]

@@ -2,12 +2,8 @@
 constraints at block boundaries (heads over `tensor`, tokens over `sequence`), the same forward
 and the same gradients as on one device; host-local batches assembled into global arrays; AdamW
 state sharded like the parameters."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from tests.utils import xla_flags  # noqa: E402
+from tests.utils import run_on_8_devices  # noqa: E402
 
 SCRIPT = textwrap.dedent("""
     import os, sys, json
@@ -77,12 +73,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_dit_equals_unsharded():
-    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    results = json.loads(out.stdout.split("RESULT", 1)[1])
+    results = run_on_8_devices(SCRIPT)
     assert results.pop("no_mesh_constraints") == 0
     # to_q kernel (2 layers, 64, 64): embed -> fsdp, qkv -> tensor
     assert results["{'fsdp': 2, 'tensor': 4}"]["q_shard"] == [2, 32, 16]

@@ -406,10 +406,34 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None, *, remat: str = "none"
         layer = nnx.merge(graphdef, layer_state)
         return body(layer, c, x)
 
+    return jax.lax.scan(with_remat(step, remat), carry, (state, xs))
+
+
+def with_remat(fn, remat: str):
+    """``fn`` under a remat policy: "none", "full" (``jax.checkpoint``) or "dots" (matmul outputs
+    without batch dims saved)."""
     if remat == "full":
-        step = jax.checkpoint(step)
-    elif remat == "dots":
-        step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    elif remat != "none":
+        return jax.checkpoint(fn)
+    if remat == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    if remat != "none":
         raise ValueError(f"unknown remat policy {remat!r}; expected 'none', 'full' or 'dots'")
-    return jax.lax.scan(step, carry, (state, xs))
+    return fn
+
+
+def loop_layers(layers: nnx.Module, body, carry, xs=None, *, remat: str = "none"):
+    """``scan_layers``' semantics (``body(layer, carry, x) -> (carry, y)``, the same remat policies)
+    as a Python loop over the stacked layers: each layer is a static slice of the stacked
+    parameters, and its backward pass reads its own residuals instead of a slice of a stacked
+    buffer. Returns the final carry."""
+    graphdef, state = nnx.split(layers)
+
+    def step(c, layer_state, x):
+        return body(nnx.merge(graphdef, layer_state), c, x)[0]
+
+    step = with_remat(step, remat)
+    n = jax.tree.leaves(state)[0].shape[0]
+    for i in range(n):
+        carry = step(carry, jax.tree.map(lambda a: a[i], state), None if xs is None else xs[i])
+    return carry
+

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from ...parallel import SEQ_PARALLEL, constrain, sequence_parallel_attention
-from ..layers import (LayerNorm, Linear, RMSNorm, attention, layer_norm, resolve_dtype, scan_layers,
+from ..layers import (LayerNorm, Linear, RMSNorm, attention, layer_norm, resolve_dtype, loop_layers, scan_layers,
                       stack_layers)
 
 # Logical axes of activations (sharding constraints under ``jax.set_mesh``; no-ops without a mesh).
@@ -244,28 +244,6 @@ def unpatchify(x, grid, patch_size, channels):
     x = x.reshape(b, f, h, w, pt, ph, pw, channels)
     x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
     return x.reshape(b, channels, f * pt, h * ph, w * pw)
-
-
-def loop_layers(layers: nnx.Module, body, carry, xs=None, *, remat: str = "none"):
-    """``scan_layers``' semantics (``body(layer, carry, x) -> (carry, y)``, the same remat policies)
-    as a Python loop over the stacked layers: each layer is a static slice of the stacked
-    parameters, and its backward pass reads its own residuals instead of a slice of a stacked
-    buffer. Returns the final carry."""
-    graphdef, state = nnx.split(layers)
-
-    def step(c, layer_state, x):
-        return body(nnx.merge(graphdef, layer_state), c, x)[0]
-
-    if remat == "full":
-        step = jax.checkpoint(step)
-    elif remat == "dots":
-        step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    elif remat != "none":
-        raise ValueError(f"unknown remat policy {remat!r}; expected 'none', 'full' or 'dots'")
-    n = jax.tree.leaves(state)[0].shape[0]
-    for i in range(n):
-        carry = step(carry, jax.tree.map(lambda a: a[i], state), None if xs is None else xs[i])
-    return carry
 
 
 # ----------------------------------------------------------------------------- modules
