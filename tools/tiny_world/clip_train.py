@@ -264,12 +264,14 @@ def video_caption_losses(model: C.CLIPModel, img_log_scale, video, clean, frame_
     eye = jnp.eye(b, dtype=jnp.float32)
     iloss = 0.5 * (_soft_ce(il, eye) + _soft_ce(il.T, eye))
     acc = jnp.mean((vlogits.argmax(-1) == labels).astype(jnp.float32))
-    return vloss, floss, iloss, acc
+    k = txt.shape[0]
+    sloss = _soft_ce(10.0 * txt @ txt.T, jnp.eye(k, dtype=jnp.float32))
+    return vloss, floss, iloss, acc, sloss
 
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTrainConfig:
-    steps: int = 1600
+    steps: int = 1400
     batch_size: int = 32            # clips per step
     frames_per_clip: int = 9        # target frames per clip in the clip embedding (<= the clip's)
     lr: float = 2e-3
@@ -277,6 +279,8 @@ class CLIPTrainConfig:
     weight_decay: float = 0.05
     frame_loss_weight: float = 0.5
     image_loss_weight: float = 1.0
+    text_lr_mult: float = 1.0       # learning-rate multiplier of the text tower and its projection
+    text_spread_weight: float = 1.0  # caption vs caption InfoNCE: keeps the 180 captions apart
     degrade_strength: float = 1.0
 
 
@@ -287,19 +291,37 @@ def _make_step(graphdef, tx, cfg: CLIPTrainConfig):
         b, f = video.shape[:2]
         degraded = degrade(key, video.reshape((b * f,) + video.shape[2:]), cfg.degrade_strength).reshape(video.shape)
         clean = video[jnp.arange(b), batch["frame_index"]]
-        vl, fl, il, acc = video_caption_losses(model, img_log_scale, degraded, clean, batch["frame_index"],
-                                               batch["cap_ids"], batch["cap_mask"], batch["labels"])
-        loss = vl + cfg.frame_loss_weight * fl + cfg.image_loss_weight * il
-        return loss, {"video_loss": vl, "frame_loss": fl, "image_loss": il, "train_top1": acc}
+        vl, fl, il, acc, sl = video_caption_losses(model, img_log_scale, degraded, clean, batch["frame_index"],
+                                                   batch["cap_ids"], batch["cap_mask"], batch["labels"])
+        loss = vl + cfg.frame_loss_weight * fl + cfg.image_loss_weight * il + cfg.text_spread_weight * sl
+        return loss, {"video_loss": vl, "frame_loss": fl, "image_loss": il, "train_top1": acc, "text_spread_loss": sl}
 
     def step(params, rest, img_log_scale, opt_state, batch, key):
         (loss, aux), (g, gs) = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)(
             params, rest, img_log_scale, batch, key)
         updates, opt_state = tx.update((g, gs), opt_state, (params, img_log_scale))
+        if cfg.text_lr_mult != 1.0:
+            is_text = lambda path: any(str(getattr(k, "key", getattr(k, "name", ""))).startswith("text_") for k in path)
+            updates = (jax.tree_util.tree_map_with_path(
+                lambda path, u: u * cfg.text_lr_mult if is_text(path) else u, updates[0]), updates[1])
         params, img_log_scale = optax.apply_updates((params, img_log_scale), updates)
         return params, img_log_scale, opt_state, dict(aux, loss=loss)
 
     return jax.jit(step, donate_argnums=(0, 2, 3))
+
+
+def resolve_train_config(train_config: CLIPTrainConfig | None = None, **overrides) -> CLIPTrainConfig:
+    """``train_config``, or ``CLIPTrainConfig()`` (the recipe) with the given non-None fields
+    (``steps``, ``batch_size``, ``lr``: ``train_clip``'s shortcuts) replaced; both at once is an error."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if train_config is not None:
+        if given:
+            raise ValueError(f"train_clip: pass either train_config or {sorted(given)}, not both")
+        return train_config
+    bad = sorted(set(given) - {f.name for f in dataclasses.fields(CLIPTrainConfig)})
+    if bad:
+        raise ValueError(f"train_clip: unknown CLIPTrainConfig fields {bad}")
+    return CLIPTrainConfig(**given)
 
 
 def train_clip(world_dir: str, out_dir: str, *, steps: int | None = None, seed: int = 0,
@@ -322,10 +344,7 @@ def train_clip(world_dir: str, out_dir: str, *, steps: int | None = None, seed: 
 
     t0 = time.time()
     log = log or (lambda s: None)
-    if train_config is None:
-        given = {"steps": steps, "batch_size": batch_size, "lr": lr}
-        train_config = CLIPTrainConfig(**{k: v for k, v in given.items() if v is not None})
-    cfg = train_config
+    cfg = resolve_train_config(train_config, steps=steps, batch_size=batch_size, lr=lr)
     train = (train_clips if train_clips is not None
              else load_world_clips(world_dir, "train", max_train_samples, source=train_source))
     evalc = eval_clips if eval_clips is not None else load_world_clips(world_dir, "eval", max_eval_samples)
@@ -375,7 +394,7 @@ def train_clip(world_dir: str, out_dir: str, *, steps: int | None = None, seed: 
             el = time.time() - t1
             h = history[-1]
             log(f"[clip] step {i + 1}/{cfg.steps} loss {h['loss']:.3f} (video {h['video_loss']:.3f}, frame "
-                f"{h['frame_loss']:.3f}, image {h['image_loss']:.3f}; train top-1 {h['train_top1']:.2f})  "
+                f"{h['frame_loss']:.3f}, image {h['image_loss']:.3f}, text spread {h['text_spread_loss']:.3f}; train top-1 {h['train_top1']:.2f})  "
                 f"{el:.0f}s, eta {el / (i + 1) * (cfg.steps - i - 1):.0f}s")
     t_train = time.time() - t1
     model = nnx.merge(graphdef, params, rest)
