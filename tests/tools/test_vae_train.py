@@ -34,7 +34,9 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(world, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("vdm")) + "/vae"
-    cfg = vt.VAETrainConfig(image_steps=10, image_batch_size=4, steps=6, batch_size=2, lr=3e-3, warmup_steps=2)
+    # the encoder sees the decoded mp4s, the loss targets the exact rendered frames
+    cfg = vt.VAETrainConfig(image_steps=10, image_batch_size=4, steps=6, batch_size=2, lr=3e-3, warmup_steps=2,
+                            input_source="video")
     metrics = vt.train_vae(world, out, spec=SPEC, train_config=cfg, num_frames=5, stats_clips=8, seed=0, log=None)
     return out, metrics
 
@@ -53,8 +55,9 @@ def test_latent_stats_are_written(trained, world):
     assert cfg["_class_name"] == "AutoencoderKLWan" and cfg["latents_mean"] == m["latents_mean"]
     assert len(cfg["latents_std"]) == 16 and min(cfg["latents_std"]) > 0
     vae = load_vae(out)
-    # recomputed on the same clips (the first 8 of a fixed permutation of the training clips) they agree
-    clips = vt.vae_clips(load_world_clips(world, "train", source="render"), 5)
+    # recomputed on the same clips (the first 8 of a fixed permutation of the training clips, as the
+    # encoder sees them: decoded) they agree
+    clips = vt.vae_clips(load_world_clips(world, "train", source="video"), 5)
     idx = np.sort(np.random.default_rng(1).permutation(len(clips))[:8])
     mean, std = vt.latent_stats(vae, clips[idx])
     np.testing.assert_allclose(mean, cfg["latents_mean"], atol=2e-4)
@@ -93,6 +96,29 @@ def test_state_dict_round_trip(trained):
         np.testing.assert_array_equal(sd[k], ck.get(k), err_msg=k)
     fresh = WanVAE(SPEC.config(), rngs=nnx.Rngs(3))
     assert set(vt.vae_state_dict(fresh)) == set(sd)
+
+
+def test_exact_frame_metrics(trained, world):
+    """The build measures the decoded mp4s' reconstructions against the exact rendered frames, and the
+    codec alone (decoded vs exact: yuv420p blurs the world's coloured edges, a few tens of dB)."""
+    out, m = trained
+    assert np.isfinite(m["eval_psnr_exact_target"]) and np.isfinite(m["eval_psnr_exact_worst_clip"])
+    assert 25.0 < m["eval_codec_psnr_worst_clip"] <= m["eval_codec_psnr"] < 60.0, m
+    assert m["input_source"] == "video"
+    vae = load_vae(out)
+    ev, ex = (vt.vae_clips(load_world_clips(world, "eval", source=s), 5) for s in ("video", "render"))
+    own, same = vt.reconstruction_psnr(vae, ev), vt.reconstruction_psnr(vae, ev, targets_u8=ev)
+    assert own == same
+    exact = vt.reconstruction_psnr(vae, ev, targets_u8=ex)
+    assert exact["psnr"] != own["psnr"] and abs(exact["psnr"] - m["eval_psnr_exact_target"]) < 3.0
+    with pytest.raises(ValueError, match="targets of shape"):
+        vt.reconstruction_psnr(vae, ev, targets_u8=ex[:2])
+
+
+def test_bad_input_source(world, tmp_path):
+    with pytest.raises(ValueError, match="input_source must be"):
+        vt.train_vae(world, str(tmp_path / "x"), spec=SPEC, train_config=vt.VAETrainConfig(input_source="mp4"),
+                     log=None)
 
 
 def test_vae_clips_and_bad_input(world):

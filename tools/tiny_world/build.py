@@ -89,7 +89,9 @@ SFT_PHASES = {
 }
 
 
-def _train(cfg, mode, workdir, *, steps=None, batch_size=None, lr=None, **paths):
+def _train(cfg, mode, workdir, *, steps=None, batch_size=None, lr=None, **settings):
+    """``vans-jax train`` in ``mode``; ``settings``: ``section__key`` set ``cfg[section][key]`` (paths),
+    any other key sets ``cfg.train[mode][key]`` (e.g. ``ema_decay``, ``warmup_steps``)."""
     import copy
 
     from vans_jax.train import loop
@@ -101,9 +103,12 @@ def _train(cfg, mode, workdir, *, steps=None, batch_size=None, lr=None, **paths)
         c.train.batch_size = int(batch_size)
     if lr is not None:
         c.train[mode].lr = float(lr)
-    for k, v in paths.items():
-        section, key = k.split("__")
-        c[section][key] = v
+    for k, v in settings.items():
+        if "__" in k:
+            section, key = k.split("__")
+            c[section][key] = v
+        else:
+            c.train[mode][k] = v
     return loop.train(c)
 
 
@@ -190,8 +195,86 @@ def _timed(fn, *a, **kw) -> dict:
     return rep
 
 
+KEEPABLE = ("vlm", "clip", "vdm")
+
+
+def keep_stages(parts, previous: str, work: str, key: dict) -> list[str]:
+    """Seeds ``work`` with the stages of ``parts`` from a previous build's output directory ``previous``
+    (its models and ``BUILD.json``), so that a rebuild reuses them and trains only the rest:
+
+    * ``"vlm"``: the tokenizer and every SFT-VLM phase;
+    * ``"clip"``: the CLIP reward model;
+    * ``"vdm"``: the VAE and the SFT-VDM phases the previous build ran; phases that ``SFT_PHASES``
+      adds after them then train on top of the previous DiT.
+
+    The previous build must have had the same world (``train_samples``, ``eval_samples``, ``seed``) and
+    its SFT phases must be the first ones of ``SFT_PHASES`` (steps, batch size, lr and any other
+    setting). A stage already in ``work`` is left alone. Returns the stage names seeded."""
+    if not parts:
+        return []
+    path = os.path.join(previous, "BUILD.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--keep needs a previous build: no BUILD.json in {previous}")
+    with open(path) as f:
+        prev = json.load(f)
+    same = {k: prev.get(k) for k in ("train_samples", "eval_samples", "seed")}
+    want = {k: key[k] for k in same}
+    if same != want:
+        raise ValueError(f"--keep: {path} was built with {same}, this build uses {want}")
+    seeded = []
+    kept_from = os.path.abspath(previous)
+
+    def seed_stage(name, report, extra=None):
+        marker = os.path.join(work, f"{name}.done.json")
+        if os.path.exists(marker):
+            return
+        with open(marker, "w") as f:
+            json.dump({"key": dict(key, **(extra or {})), "report": dict(report, kept_from=kept_from)},
+                      f, indent=2, default=str)
+        seeded.append(name)
+
+    def seed_sft(mode, part, init, dst):
+        """The stages of the previous build's ``mode`` phases (a prefix of SFT_PHASES[mode])."""
+        phases, done = SFT_PHASES[mode], prev[mode]["phases"]
+        n = len(done)
+        if n > len(phases) or any({k: d.get(k) for k in ph} != ph for ph, d in zip(phases, done)):
+            raise ValueError(f"--keep: {path}'s {mode} phases {[{k: d.get(k) for k in ('steps', 'batch_size', 'lr')} for d in done]} "
+                             f"are not the first phases of SFT_PHASES[{mode!r}] = {list(phases)}")
+        src = init
+        for i in range(n):
+            last = i == n - 1
+            export = dst if last else os.path.join(work, "kept", f"{part}_phase{i + 1}")
+            report = dict(prev[mode] if last and n == len(phases) else done[i], wall_s=done[i]["wall_s"],
+                          exports={part: export})
+            seed_stage(mode if i == 0 else f"{mode}_{i + 1}", report,
+                       extra={"phase": phases[i], "init": src, "after": list(phases[:i])})
+            src = export
+
+    for part in parts:
+        if part not in KEEPABLE:
+            raise ValueError(f"--keep: unknown part {part!r}; choose from {', '.join(KEEPABLE)}")
+        src = os.path.join(previous, part)
+        if not os.path.isdir(src):
+            raise FileNotFoundError(f"--keep {part}: no {src}")
+        if part == "clip":
+            shutil.copytree(src, os.path.join(work, "clip"), dirs_exist_ok=True)
+            seed_stage("clip", prev["clip"])
+        elif part == "vlm":
+            dst = os.path.join(work, "kept", "vlm")
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+            seed_stage("vlm_init", prev["tokenizer"])
+            seed_sft("sft_vlm", "vlm", os.path.join(work, "vlm_init"), dst)
+        else:
+            dst = os.path.join(work, "kept", "vdm")
+            shutil.copytree(src, dst, dirs_exist_ok=True, symlinks=False)
+            shutil.copytree(os.path.join(src, "vae"), os.path.join(work, "vae"), dirs_exist_ok=True)
+            seed_stage("vae", prev["vae"])
+            seed_sft("sft_vdm", "vdm", os.path.join(work, "vdm_init"), dst)
+    return seeded
+
+
 def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int = 100, quick: bool = False,
-          seed: int = 0) -> dict:
+          seed: int = 0, keep=(), previous: str | None = None) -> dict:
     from vans_jax.pipeline import VANSSettings
     from tools.tiny_world.clip_train import train_clip
     from tools.tiny_world.vae_train import VAETrainConfig, train_vae
@@ -208,6 +291,8 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
     # a stage whose ``<work>/<name>.done.json`` exists (same build arguments) is reused: a killed or
     # partly changed build reruns only what is missing (delete the file to redo a stage)
     key = {"train_samples": train_samples, "eval_samples": eval_samples, "quick": quick, "seed": seed}
+    for name in keep_stages(keep, previous or out, work, key):
+        print(f"[build] kept {name} from {previous or out}", flush=True)
 
     def stage(name, fn, extra=None):
         marker = os.path.join(work, f"{name}.done.json")
@@ -309,6 +394,10 @@ def main(argv=None):
     p.add_argument("--train_samples", type=int, default=1500)
     p.add_argument("--quick", action="store_true", help="a few steps of everything (tests)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", default="", help="comma-separated parts (vlm, clip, vdm) to take from the previous build in "
+                   "--previous (default --out) instead of training them again (vdm: the VAE and the SFT-VDM phases it ran; "
+                   "phases SFT_PHASES adds train on top)")
+    p.add_argument("--previous", default=None, help="the previous build's output directory for --keep")
     p.add_argument("--measure", action="store_true",
                    help="only measure the models in --out on a fresh eval split (written under --work) and print "
                         "the JSON; builds nothing")
@@ -320,7 +409,8 @@ def main(argv=None):
             synthetic.generate_world(data, "eval", max(a.num_samples, 8), config=synthetic.WorldConfig())
         print(json.dumps(measure_quality(a.out, data, num_samples=a.num_samples), indent=2), flush=True)
         return 0
-    build(a.out, a.work, train_samples=a.train_samples, quick=a.quick, seed=a.seed)
+    build(a.out, a.work, train_samples=a.train_samples, quick=a.quick, seed=a.seed,
+          keep=[k for k in a.keep.split(",") if k], previous=a.previous)
     return 0
 
 

@@ -1,0 +1,86 @@
+"""``python -m tools.tiny_world.build --keep vlm,clip``: the stages of kept parts are seeded from a
+previous build's output so that a rebuild trains only the video half."""
+import json
+import os
+
+import pytest
+
+from tools.tiny_world.build import SFT_PHASES, keep_stages
+
+
+def _previous(tmp_path, **over):
+    prev = tmp_path / "prev"
+    for part in ("vlm", "clip", "vdm/vae"):
+        (prev / part).mkdir(parents=True)
+        (prev / part / "config.json").write_text(json.dumps({"part": part}))
+    phases = [dict(ph, loss=0.1, token_accuracy=0.9, wall_s=10.0 * (i + 1)) for i, ph in enumerate(SFT_PHASES["sft_vlm"])]
+    report = {"train_samples": 1500, "eval_samples": 100, "seed": 0, "tokenizer": {"vocab_size": 523},
+              "sft_vlm": {"loss": 0.04, "step": 4000, "phases": phases, "wall_s": 30.0},
+              "clip": {"eval": {"retrieval_top1_video": 0.2}, "wall_s": 5.0},
+              "vae": {"eval_psnr_target": 24.8, "wall_s": 7.0},
+              # the first SFT-VDM phase only: the rest of SFT_PHASES["sft_vdm"] trains on top
+              "sft_vdm": {"loss": 0.2, "phases": [dict(SFT_PHASES["sft_vdm"][0], loss=0.3, wall_s=3.0)], "wall_s": 3.0}}
+    report.update(over)
+    (prev / "BUILD.json").write_text(json.dumps(report))
+    return str(prev)
+
+
+def _marker(work, name):
+    with open(os.path.join(work, f"{name}.done.json")) as f:
+        return json.load(f)
+
+
+def test_keep_seeds_the_stages_the_build_looks_up(tmp_path):
+    prev, work = _previous(tmp_path), str(tmp_path / "work")
+    os.makedirs(work)
+    key = {"train_samples": 1500, "eval_samples": 100, "quick": False, "seed": 0}
+    seeded = keep_stages(["vlm", "clip"], prev, work, key)
+    n = len(SFT_PHASES["sft_vlm"])
+    assert seeded == ["vlm_init", "sft_vlm"] + [f"sft_vlm_{i + 1}" for i in range(1, n)] + ["clip"]
+    # the keys the build's stage() computes for these stages (build.sft_phases), so they are reused
+    src = os.path.join(work, "vlm_init")
+    for i, ph in enumerate(SFT_PHASES["sft_vlm"]):
+        done = _marker(work, "sft_vlm" if i == 0 else f"sft_vlm_{i + 1}")
+        assert done["key"] == json.loads(json.dumps(dict(key, phase=ph, init=src, after=list(SFT_PHASES["sft_vlm"][:i]))))
+        assert done["report"]["wall_s"] == 10.0 * (i + 1) and done["report"]["kept_from"] == os.path.abspath(prev)
+        src = done["report"]["exports"]["vlm"]
+    assert json.load(open(os.path.join(src, "config.json"))) == {"part": "vlm"}     # the last phase's export: the model
+    assert _marker(work, "clip")["key"] == key and _marker(work, "vlm_init")["report"]["vocab_size"] == 523
+    assert json.load(open(os.path.join(work, "clip", "config.json"))) == {"part": "clip"}
+    assert keep_stages(["vlm"], prev, work, key) == []                 # stages already there are left alone
+
+
+def test_keep_refuses_another_world_and_unknown_parts(tmp_path):
+    work = str(tmp_path / "work")
+    os.makedirs(work)
+    key = {"train_samples": 32, "eval_samples": 100, "quick": False, "seed": 0}
+    with pytest.raises(ValueError, match="was built with"):
+        keep_stages(["vlm"], _previous(tmp_path), work, key)
+    with pytest.raises(ValueError, match="unknown part 'vae'"):
+        keep_stages(["vae"], str(tmp_path / "prev"), work, dict(key, train_samples=1500))
+    with pytest.raises(FileNotFoundError, match="no BUILD.json"):
+        keep_stages(["vlm"], str(tmp_path / "nothing"), work, key)
+    assert keep_stages([], str(tmp_path / "nothing"), work, key) == []
+
+
+def test_keep_vdm_seeds_the_vae_and_the_phases_it_ran(tmp_path):
+    prev, work = _previous(tmp_path), str(tmp_path / "work")
+    os.makedirs(work)
+    key = {"train_samples": 1500, "eval_samples": 100, "quick": False, "seed": 0}
+    assert keep_stages(["vdm"], prev, work, key) == ["vae", "sft_vdm"]
+    assert _marker(work, "vae")["report"]["eval_psnr_target"] == 24.8
+    assert json.load(open(os.path.join(work, "vae", "config.json"))) == {"part": "vdm/vae"}   # the build's vae_dir
+    done = _marker(work, "sft_vdm")
+    assert done["key"] == json.loads(json.dumps(dict(key, phase=SFT_PHASES["sft_vdm"][0], init=os.path.join(work, "vdm_init"),
+                                                     after=[])))
+    # a phase the next phase of the build starts from: the previous build's whole vdm directory
+    assert os.path.isfile(os.path.join(done["report"]["exports"]["vdm"], "vae", "config.json"))
+    assert done["report"]["loss"] == 0.3 and done["report"]["wall_s"] == 3.0
+
+
+def test_keep_vdm_refuses_phases_that_are_not_the_recipe(tmp_path):
+    bad = [dict(SFT_PHASES["sft_vdm"][0], lr=1.0, wall_s=1.0)]
+    prev, work = _previous(tmp_path, sft_vdm={"phases": bad}), str(tmp_path / "work")
+    os.makedirs(work)
+    with pytest.raises(ValueError, match="are not the first phases of SFT_PHASES"):
+        keep_stages(["vdm"], prev, work, {"train_samples": 1500, "eval_samples": 100, "quick": False, "seed": 0})
