@@ -85,7 +85,11 @@ def write_vdm_dir(out_dir: str, *, dit_config: dict, vae_dir: str, texts, seed: 
 # caption (1/32 exact on eval after 800 x 2); 5000 x 4 then 4000 x 8 examples are about 35 epochs.
 SFT_PHASES = {
     "sft_vlm": ({"steps": 5000, "batch_size": 4, "lr": 2e-3}, {"steps": 4000, "batch_size": 8, "lr": 1e-3}),
-    "sft_vdm": ({"steps": 1500, "batch_size": 2, "lr": 1e-3}, {"steps": 3000, "batch_size": 4, "lr": 5e-4}),
+    # the third phase (issue 14): 48,000 more examples (32 epochs, cheap once the latents are cached) at a
+    # lower lr with a parameter EMA (what is exported); measured on 32 eval clips, renders of the true
+    # caption: CLIP-V 0.227 -> 0.346, render IoU 0.376 -> 0.445, object colour 0.433 -> 0.450
+    "sft_vdm": ({"steps": 1500, "batch_size": 2, "lr": 1e-3}, {"steps": 3000, "batch_size": 4, "lr": 5e-4},
+                {"steps": 6000, "batch_size": 8, "lr": 1e-4, "ema_decay": 0.999, "warmup_steps": 200}),
 }
 
 

@@ -271,7 +271,7 @@ def video_caption_losses(model: C.CLIPModel, img_log_scale, video, clean, frame_
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTrainConfig:
-    steps: int = 1400
+    steps: int = 1800
     batch_size: int = 32            # clips per step
     frames_per_clip: int = 9        # target frames per clip in the clip embedding (<= the clip's)
     lr: float = 2e-3
