@@ -108,6 +108,7 @@ def test_evaluate_clip_separates_on_a_handmade_case(trained, world):
     model, tok = clip_ckpt.from_pretrained(out), C.load_tokenizer(out)
     clips = load_world_clips(world, "eval")
     e = ct.evaluate_clip(model, tok, clips)
+    assert e.pop("confusion") == m["eval_confusion"]
     assert e == pytest.approx(m["eval"], rel=1e-4, abs=1e-5)      # the saved model is the evaluated one
     from vans_jax.rl.rewards import clip_video_similarity
     feats = C.encode_frames(model, clips.targets[:2])

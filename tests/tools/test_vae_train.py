@@ -119,6 +119,9 @@ def test_bad_input_source(world, tmp_path):
     with pytest.raises(ValueError, match="input_source must be"):
         vt.train_vae(world, str(tmp_path / "x"), spec=SPEC, train_config=vt.VAETrainConfig(input_source="mp4"),
                      log=None)
+    with pytest.raises(ValueError, match="train_source must be 'render'"):
+        vt.train_vae(world, str(tmp_path / "x"), spec=SPEC, train_config=vt.VAETrainConfig(input_source="video"),
+                     train_source="video", log=None)
 
 
 def test_vae_clips_and_bad_input(world):

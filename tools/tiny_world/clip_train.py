@@ -279,7 +279,6 @@ class CLIPTrainConfig:
     weight_decay: float = 0.05
     frame_loss_weight: float = 0.5
     image_loss_weight: float = 1.0
-    text_lr_mult: float = 1.0       # learning-rate multiplier of the text tower and its projection
     text_spread_weight: float = 1.0  # caption vs caption InfoNCE: keeps the 180 captions apart
     degrade_strength: float = 1.0
 
@@ -300,10 +299,6 @@ def _make_step(graphdef, tx, cfg: CLIPTrainConfig):
         (loss, aux), (g, gs) = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)(
             params, rest, img_log_scale, batch, key)
         updates, opt_state = tx.update((g, gs), opt_state, (params, img_log_scale))
-        if cfg.text_lr_mult != 1.0:
-            is_text = lambda path: any(str(getattr(k, "key", getattr(k, "name", ""))).startswith("text_") for k in path)
-            updates = (jax.tree_util.tree_map_with_path(
-                lambda path, u: u * cfg.text_lr_mult if is_text(path) else u, updates[0]), updates[1])
         params, img_log_scale = optax.apply_updates((params, img_log_scale), updates)
         return params, img_log_scale, opt_state, dict(aux, loss=loss)
 
@@ -402,6 +397,8 @@ def train_clip(world_dir: str, out_dir: str, *, steps: int | None = None, seed: 
     save_clip(model, out_dir)
     w = max(1, min(10, len(history) // 3))     # means over the first / last min(10, steps // 3) steps
     mean = lambda k, sl: float(np.mean([h[k] for h in history[sl]])) if history else float("nan")
+    ev = evaluate_clip(model, tok, evalc, seed=seed)
+    conf = ev.pop("confusion")
     metrics.update({
         "loss_first": mean("loss", slice(0, w)), "loss_last": mean("loss", slice(-w, None)),
         "video_loss_first": mean("video_loss", slice(0, w)),
@@ -412,8 +409,7 @@ def train_clip(world_dir: str, out_dir: str, *, steps: int | None = None, seed: 
         "image_loss_first": mean("image_loss", slice(0, w)),
         "image_loss_last": mean("image_loss", slice(-w, None)),
         "logit_scale": float(np.exp(model.logit_scale[...])),
-        "eval": evaluate_clip(model, tok, evalc, seed=seed),
-        "eval_confusion": retrieval_confusion(model, tok, evalc),
+        "eval": ev, "eval_confusion": conf,
         "steps": cfg.steps, "batch_size": b, "frames_per_clip": fpc, "train_samples": n,
         "train_config": dataclasses.asdict(cfg), "spec": dataclasses.asdict(spec),
         "num_params": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
@@ -463,7 +459,8 @@ def evaluate_clip(model: C.CLIPModel, tokenizer, clips: WorldClips, *, seed: int
     * CLIP-V of the ground-truth video vs: ``clip_v_degraded`` a degraded copy of itself (a near
       perfect generation), ``clip_v_same_caption`` another sample with the same caption (right
       event, other layout), ``clip_v_other_caption`` another sample with another caption,
-      ``clip_v_static`` its input clip's last frame repeated (a generator that does not move).
+      ``clip_v_static`` its input clip's last frame repeated (a generator that does not move);
+    * ``confusion``: where the video retrieval goes wrong (``retrieval_confusion``).
     """
     rng = np.random.default_rng(seed)
     gt = clips.targets
@@ -479,7 +476,8 @@ def evaluate_clip(model: C.CLIPModel, tokenizer, clips: WorldClips, *, seed: int
     sims = unit(frames) @ unit(text).T                                                         # (N, F, K)
     top1_frame = float(np.mean(sims.argmax(-1) == own[:, None]))
     vid = unit(unit(frames).mean(1))
-    top1_video = float(np.mean((vid @ unit(text).T).argmax(-1) == own))
+    pred = (vid @ unit(text).T).argmax(-1)
+    top1_video = float(np.mean(pred == own))
 
     same, other = _partner(clips.captions, True, rng), _partner(clips.captions, False, rng)
     cv = lambda a, b: np.asarray(clip_video_similarity(a, b))
@@ -487,6 +485,7 @@ def evaluate_clip(model: C.CLIPModel, tokenizer, clips: WorldClips, *, seed: int
     return {
         "num_videos": int(n), "num_captions": len(distinct), "retrieval_chance": 1.0 / len(distinct),
         "retrieval_top1_frame": top1_frame, "retrieval_top1_video": top1_video,
+        "confusion": retrieval_confusion(clips, [distinct[j] for j in pred]),
         "clip_t_match": float(np.mean(np.asarray(clip_score(frames, text[own])))),
         "clip_t_mismatch": float(np.mean(np.asarray(clip_score(frames, text[own[other]])))),
         "clip_v_degraded": float(np.mean(cv(degraded, frames))),
@@ -496,21 +495,15 @@ def evaluate_clip(model: C.CLIPModel, tokenizer, clips: WorldClips, *, seed: int
     }
 
 
-def retrieval_confusion(model: C.CLIPModel, tokenizer, clips: WorldClips, *, batch_size: int = 256,
-                        top: int = 10) -> dict:
-    """Where the video -> caption retrieval of ``evaluate_clip`` (mean of a clip's normalized frame
-    embeddings vs every distinct caption of the split) goes wrong: top-1 per event, the wrong
-    answers split into "same event" (right event, another colour / direction / place) and "other
-    event", and the ``top`` most frequent (true caption, retrieved caption) pairs."""
+def retrieval_confusion(clips: WorldClips, retrieved: Sequence[str], top: int = 10) -> dict:
+    """Where the video -> caption retrieval (``retrieved``: the caption retrieved for each clip, as
+    ``evaluate_clip`` does it) goes wrong: top-1 per event, the wrong answers split into "same event"
+    (right event, another colour / direction / place) and "other event", and the ``top`` most
+    frequent (true caption, retrieved caption) pairs."""
     from collections import Counter
 
-    frames = np.asarray(C.encode_frames(model, clips.targets, batch_size=batch_size))
-    distinct = sorted(set(clips.captions))
-    text = np.asarray(C.encode_texts(model, tokenizer, distinct))
+    got = list(retrieved)
     event_of = dict(zip(clips.captions, clips.events))
-    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
-    pred = (unit(unit(frames).mean(1)) @ unit(text).T).argmax(-1)
-    got = [distinct[j] for j in pred]
     by_event = {}
     for e in sorted(set(clips.events)):
         m = [i for i, x in enumerate(clips.events) if x == e]

@@ -240,6 +240,11 @@ def latent_stats(vae: WanVAE, clips_u8: np.ndarray, batch_size: int = 16) -> tup
     return mean, np.sqrt(np.maximum(s2 / count - mean ** 2, 1e-12))
 
 
+def _psnr_db(mse) -> float:
+    """PSNR in dB (255 peak) of a mean squared error in uint8 units."""
+    return float(10.0 * np.log10(255.0 ** 2 / np.maximum(float(mse), 1e-10)))
+
+
 def reconstruction_psnr(vae: WanVAE, clips_u8: np.ndarray, batch_size: int = 16,
                         targets_u8: np.ndarray | None = None) -> dict:
     """Encode (posterior mean) -> decode -> uint8, against ``targets_u8`` (default ``clips_u8`` itself;
@@ -254,9 +259,8 @@ def reconstruction_psnr(vae: WanVAE, clips_u8: np.ndarray, batch_size: int = 16,
         ref = (np.asarray(batch) if targets_u8 is None else targets_u8[s:s + batch_size])[:n].astype(np.float64)
         per_clip.extend(np.mean((rec - ref) ** 2, axis=(1, 2, 3, 4)))
     mse = np.asarray(per_clip)
-    psnr = lambda m: float(10.0 * np.log10(255.0 ** 2 / np.maximum(m, 1e-10)))
-    return {"psnr": psnr(mse.mean()), "psnr_clip_mean": float(np.mean([psnr(m) for m in mse])),
-            "psnr_worst_clip": psnr(mse.max()), "num_clips": int(len(mse))}
+    return {"psnr": _psnr_db(mse.mean()), "psnr_clip_mean": float(np.mean([_psnr_db(m) for m in mse])),
+            "psnr_worst_clip": _psnr_db(mse.max()), "num_clips": int(len(mse))}
 
 
 def _schedule(cfg: VAETrainConfig, steps: int):
@@ -290,11 +294,13 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
                                           if v is not None})
     if cfg.input_source not in ("render", "video"):
         raise ValueError(f"VAETrainConfig.input_source must be 'render' or 'video', got {cfg.input_source!r}")
+    if cfg.input_source == "video" and train_source != "render":
+        raise ValueError("VAETrainConfig.input_source='video' trains against the exact frames: train_source must "
+                         f"be 'render', got {train_source!r}")
     train = (train_clips if train_clips is not None
              else load_world_clips(world_dir, "train", max_train_samples, source=train_source))
     train_in = train
     if cfg.input_source == "video":       # the decoded mp4s as the encoder's input, the exact frames as target
-        train = load_world_clips(world_dir, "train", len(train_in), source="render")
         train_in = load_world_clips(world_dir, "train", len(train), source="video")
         if train_in.inputs.shape != train.inputs.shape or train_in.targets.shape != train.targets.shape:
             raise ValueError(f"{world_dir}: decoded train clips {train_in.inputs.shape}/{train_in.targets.shape} "
@@ -357,7 +363,6 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
     ex_i = reconstruction_psnr(loaded, ev[k:], targets_u8=ev_exact[k:])
     codec = (ev.astype(np.float64) - ev_exact) ** 2
     codec_clip = codec.mean(axis=(1, 2, 3, 4))
-    db = lambda m: float(10.0 * np.log10(255.0 ** 2 / max(float(m), 1e-10)))
     metrics = {}
     for phase, hist in history.items():       # means over the first / last min(10, steps // 3) steps
         k = max(1, min(10, len(hist) // 3))
@@ -371,7 +376,7 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
         "eval_psnr_exact_target": ex_t["psnr"], "eval_psnr_exact_input": ex_i["psnr"],
         "eval_psnr_exact_worst_clip": min(ex_t["psnr_worst_clip"], ex_i["psnr_worst_clip"]),
         # the codec alone: decoded mp4 vs exact frames (the ceiling of a VAE that reproduces its input)
-        "eval_codec_psnr": db(codec.mean()), "eval_codec_psnr_worst_clip": db(codec_clip.max()),
+        "eval_codec_psnr": _psnr_db(codec.mean()), "eval_codec_psnr_worst_clip": _psnr_db(codec_clip.max()),
         "input_source": cfg.input_source,
         "latents_mean": list(final_cfg.latents_mean), "latents_std": list(final_cfg.latents_std),
         "image_steps": cfg.image_steps, "steps": cfg.steps, "batch_size": min(cfg.batch_size, n),
