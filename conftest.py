@@ -9,7 +9,9 @@
   ``XLA_FLAGS`` for this process and every subprocess test): XLA's own HLO passes (fusion, layout,
   algebraic simplification) are unchanged, compiling takes about a quarter less time, and on these
   tiny models compile time is most of the suite. ``VANS_TEST_XLA_FLAGS=""`` runs the suite with
-  XLA's defaults (as users run), any other value replaces these flags.
+  XLA's defaults, any other value replaces these flags.
+* The ``vans-jax`` command's own XLA defaults (``vans_jax.apps.xla_env``), so that the suite runs
+  what users run (``VANS_JAX_DEFAULT_XLA_FLAGS=0`` turns them off, as for the command).
 * Session-scoped tiny models and data (``tests/tiny.py``), built once per run: ``tiny_vans``
   (a Qwen2.5-VL and a diffusers Wan directory plus input clips, for the pipeline / predict tests)
   and ``tiny_world`` (the trainer tests' synthetic world with VLM / VDM / CLIP directories).
@@ -26,6 +28,8 @@ def pytest_configure(config):
     flags = os.environ.get("VANS_TEST_XLA_FLAGS", FAST_COMPILE_FLAGS)
     if flags and flags not in os.environ.get("XLA_FLAGS", ""):    # before JAX starts (tests import it later)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+    from vans_jax.apps.xla_env import apply_default_xla_flags
+    apply_default_xla_flags()
     cache = os.environ.get("VANS_TEST_JAX_CACHE")
     if not cache:
         pytest_cache = getattr(config, "cache", None)   # absent with -p no:cacheprovider

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from vans_jax.apps import bench, cli
+from vans_jax.apps import bench, cli, xla_env
 from vans_jax.models.wan import WanConfig, WanTransformer3D
 
 SHORT = [
@@ -34,7 +34,7 @@ NO_REFERENCE = {"pipeline_vans": "reference-frame", "grpo_stage1_step": "inferen
                 "grpo_stage2_step": "inference-only"}
 TOP = ["created", "device", "device_kind", "backend", "num_devices", "dtype", "repeats", "reference_repeats",
        "reference", "threads", "noise", "versions", "sections", "section_seconds", "total_seconds", "conventions",
-       "figures", "config"]
+       "figures", "config", "xla_default_flags", "environment"]
 FIGURE_KEYS = ["name", "section", "what", "shape", "dtype", "device", "ours", "reference", "reference_reason",
                "speedup", "speedup_range", "verdict"]
 TIMES = ["warmup_s", "steady_s", "min_s", "max_s", "times_s", "repeats", "device"]
@@ -128,6 +128,12 @@ def test_bench_without_reference(tmp_path):
         assert f["reference"] is None and f["speedup"] is None and "reference=False" in f["reference_reason"]
         assert positive(f["ours"]["steady_s"]) and positive(f["ours"]["tflops_per_s"])
     assert "no reference: reference disabled" in table
+    # vans-jax's XLA defaults (apps.xla_env): each one is either in the XLA_FLAGS the run saw or skipped
+    # with a reason
+    xd = result["xla_default_flags"]
+    assert set(xd) == {"applied", "skipped", "how"}
+    for flag, _ in xla_env.DEFAULT_XLA_FLAGS:
+        assert flag in (result["environment"]["XLA_FLAGS"] or "") or xd["skipped"].get(flag), xd
     assert positive(result["noise"]["ours"]) and result["noise"]["reference"] is None
 
 

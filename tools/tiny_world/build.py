@@ -391,6 +391,8 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
 
 
 def main(argv=None):
+    from vans_jax.apps.xla_env import apply_default_xla_flags
+    apply_default_xla_flags()    # vans-jax's XLA defaults (faster CPU training), before JAX starts
     p = argparse.ArgumentParser(prog="python -m tools.tiny_world.build", description=__doc__.split("\n\n")[0])
     from vans_jax.apps.tiny_world import tiny_world_dir
     p.add_argument("--out", default=tiny_world_dir())

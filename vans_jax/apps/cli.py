@@ -212,6 +212,9 @@ def main(argv=None):
     from vans_jax.apps import serve as _serve_args
     _serve_args.add_arguments(sv)
     args = parser.parse_args(rest)
+    # XLA's flags are read when JAX's backends start: the project's defaults go in first
+    from .xla_env import apply_default_xla_flags
+    apply_default_xla_flags()
     # transformers (used here for tokenizers only) would print "PyTorch was not found ..." on import
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if args.command in ("demo", "predict", "serve"):

@@ -79,6 +79,16 @@ def _versions() -> dict:
     return out
 
 
+def _xla_default_flags() -> dict:
+    """What ``vans-jax``'s XLA defaults (``apps.xla_env``) did in this process: the flags added to
+    XLA_FLAGS and those skipped, with the reason; ``how`` says when the bench ran without the CLI."""
+    from vans_jax.apps import xla_env
+    if not xla_env.LAST:
+        return {"applied": [], "skipped": {}, "how": "not applied in this process (the bench was called "
+                                                      "without the vans-jax command); XLA_FLAGS as set"}
+    return dict(xla_env.LAST, how="vans-jax set them before JAX started (apps.xla_env)")
+
+
 def run(cfg, output: str | None = None, progress: Callable[[str], None] | None = print) -> dict:
     """Runs the configured sections; writes ``output`` (JSON) and the markdown table next to it."""
     names = list(cfg.sections)
@@ -115,6 +125,7 @@ def run(cfg, output: str | None = None, progress: Callable[[str], None] | None =
                                                      "XLA_PYTHON_CLIENT_MEM_FRACTION", "PJRT_NPROC",
                                                      "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS",
                                                      "MKL_NUM_THREADS")},
+        xla_default_flags=_xla_default_flags(),
         total_seconds=time.perf_counter() - started,
         conventions=dict(
             warmup_s="first call: tracing + compilation + one run (ours); first call (reference)",
