@@ -112,6 +112,67 @@ def test_compare_order_handover_and_resume(tmp_path, monkeypatch):
     assert r2["runs"]["stage1"]["3"] == r["runs"]["stage1"]["3"]
 
 
+@needs_world
+def test_compare_table2_rows_share_runs(tmp_path, monkeypatch):
+    """`--variants table2`: the ten rows of the paper's Table 2, in its order; a run with the same
+    history is trained once per seed (stage 1 for the stage-2 ablations and Joint-GRPO), the reward
+    ablations train with their rewards disabled, "isolated then cascaded" runs grpo_vdm on top of the
+    grpo_vlm run (its VLM kept, its DiT trained), and an unknown name is an error naming it."""
+    from vans_jax.train import loop
+
+    sft = loop.LoadedModels(vlm="sft-vlm", tokenizer="tok", vdm="sft-vdm", clip="clip", clip_tokenizer="ctok")
+    trained, scored = [], {}
+
+    def fake_train(cfg, *, progress=True, stop_after=None, models=None):
+        mode, off = str(cfg.train.mode), str(cfg.train.grpo.disabled_rewards)
+        trained.append((mode, off, os.path.basename(str(cfg.train.workdir))))
+        new = dataclasses.replace(models)
+        tag = mode + (f"[-{off}]" if off else "")
+        if mode in ("grpo_vlm", "grpo_stage1", "grpo_all_in_one"):
+            new.vlm = f"{models.vlm}>{tag}"
+        if mode in ("grpo_vdm", "grpo_stage2", "grpo_all_in_one"):
+            new.vdm = f"{models.vdm}>{tag}"
+        return {"step": 2, "exports": {}, "models": new}
+
+    def fake_score(models, env, out_dir, progress):
+        x = len(models.vlm) + len(models.vdm)
+        scored[(models.vlm, models.vdm)] = x
+        m = {"format": 1.0, "rouge_l": x / 100, "clip_v": x / 200, "clip_t": x / 400}
+        m["total_reward"] = sum(m.values())
+        m.update(render_iou=x / 300, render_color=x / 500)
+        return {"metrics": dict(m, num_samples=4)}
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    monkeypatch.setattr(demo, "_load_models", lambda cfg: sft)
+    monkeypatch.setattr(demo, "_score", fake_score)
+    out = tmp_path / "t2"
+    assert cli.main(["demo", "--compare", "--quick", "--seeds", "1", "--variants", "table2",
+                     "--output_dir", str(out)]) == 0
+    assert [(m, o) for m, o, _ in trained] == [
+        ("grpo_vlm", ""), ("grpo_vdm", ""), ("grpo_vdm", ""), ("grpo_stage1", ""), ("grpo_stage1", "t1"),
+        ("grpo_stage1", "v1"), ("grpo_stage2", "c2"), ("grpo_stage2", "v2"), ("grpo_all_in_one", ""),
+        ("grpo_stage2", "")]
+    assert len({w for _, _, w in trained}) == len(trained)          # each run its own work directory
+    r = json.loads((out / "compare.json").read_text())
+    assert list(r["runs"]) == list(demo.TABLE2_ORDER)
+    pairs = set(scored)
+    assert ("sft-vlm>grpo_vlm", "sft-vdm>grpo_vdm") in pairs                       # isolated then cascaded
+    assert ("sft-vlm", "sft-vdm>grpo_vdm") in pairs                                # VDM only
+    assert ("sft-vlm>grpo_stage1", "sft-vdm>grpo_stage2[-c2]") in pairs            # joint without r_c2
+    assert ("sft-vlm>grpo_all_in_one", "sft-vdm>grpo_all_in_one") in pairs
+    assert r["variants"]["joint_no_v2"]["runs"] == [dict(mode="grpo_stage1", overrides={}),
+                                                    dict(mode="grpo_stage2", overrides={"disabled_rewards": "v2"})]
+    table = (out / "compare.md").read_text()
+    assert table.index("GRPO on the VDM only") < table.index("Stage 1 without r_t1") < table.index("All-in-one")
+
+    trained.clear()                                                  # a default run next to it: all done
+    assert cli.main(["demo", "--compare", "--quick", "--seeds", "1", "--output_dir", str(out)]) == 0
+    assert trained == [] and len(json.loads((out / "compare.json").read_text())["runs"]) == 10
+    assert cli.main(["demo", "--compare", "--quick", "--variants", "stage3", "--output_dir", str(out)]) == 2
+    assert demo.resolve_variants(None) == ("grpo_vlm", "stage1", "joint_grpo")
+    assert demo.resolve_variants(["joint_grpo,grpo_vdm"]) == ("grpo_vdm", "joint_grpo")
+
+
 # ----------------------------------------------------------------------------- in-memory hand-over
 
 

@@ -364,25 +364,65 @@ def run(cfg, output_dir: str, *, quick: bool = False, progress: bool = True) -> 
     return result
 
 
+# A variant: (its name in the table, its runs in order). A run is (mode, overrides of train.grpo); each
+# run starts from the models the run before it trained (the first from the shipped SFT models), and a
+# run's models pass through the parts its mode does not train. Runs with the same history are trained
+# once per seed and shared (Joint-GRPO reuses stage 1's run).
 VARIANTS = {
-    # name: (modes run in order; each later mode starts from the models the earlier one trained)
-    "grpo_vlm": ("grpo_vlm",),
-    "stage1": ("grpo_stage1",),
-    "joint_grpo": ("grpo_stage1", "grpo_stage2"),
+    "grpo_vlm": ("GRPO on the VLM only (r_format + r_t1)", (("grpo_vlm", {}),)),
+    "stage1": ("Joint-GRPO stage 1 only", (("grpo_stage1", {}),)),
+    "joint_grpo": ("Joint-GRPO (stage 1 + stage 2)", (("grpo_stage1", {}), ("grpo_stage2", {}))),
 }
-VARIANT_NAMES = {"sft": "SFT", "grpo_vlm": "GRPO on the VLM only (r_format + r_t1)",
-                 "stage1": "Joint-GRPO stage 1 only", "joint_grpo": "Joint-GRPO (stage 1 + stage 2)"}
+# the rest of the paper's Table 2 (``--variants table2`` runs all of them)
+TABLE2_VARIANTS = {
+    "grpo_vdm": ("GRPO on the VDM only (r_v2 + r_c2)", (("grpo_vdm", {}),)),
+    "isolated_cascaded": ("GRPO on both, isolated then cascaded",
+                          (("grpo_vlm", {}), ("grpo_vdm", {}))),
+    "stage1_no_t1": ("Stage 1 without r_t1", (("grpo_stage1", {"disabled_rewards": "t1"}),)),
+    "stage1_no_v1": ("Stage 1 without r_v1", (("grpo_stage1", {"disabled_rewards": "v1"}),)),
+    "joint_no_c2": ("Joint-GRPO without r_c2", (("grpo_stage1", {}), ("grpo_stage2", {"disabled_rewards": "c2"}))),
+    "joint_no_v2": ("Joint-GRPO without r_v2", (("grpo_stage1", {}), ("grpo_stage2", {"disabled_rewards": "v2"}))),
+    "all_in_one": ("All-in-one (one stage, both models, one joint reward)", (("grpo_all_in_one", {}),)),
+}
+ALL_VARIANTS = {**VARIANTS, **TABLE2_VARIANTS}
+# the table's row order: the paper's Table 2 order
+TABLE2_ORDER = ("grpo_vlm", "grpo_vdm", "isolated_cascaded", "stage1", "stage1_no_t1", "stage1_no_v1",
+                "joint_no_c2", "joint_no_v2", "all_in_one", "joint_grpo")
+VARIANT_NAMES = {"sft": "SFT", **{k: v[0] for k, v in ALL_VARIANTS.items()}}
+
+
+def resolve_variants(names: Sequence[str] | None) -> tuple[str, ...]:
+    """``--variants``: names of ``ALL_VARIANTS`` (in Table-2 order), ``default`` (the three of
+    ``VARIANTS``) or ``table2`` (all ten); None = default. Unknown names are an error naming them."""
+    if not names:
+        return tuple(VARIANTS)
+    want: list[str] = []
+    for n in names:
+        for part in str(n).replace(",", " ").split():
+            if part == "table2":
+                want += list(TABLE2_ORDER)
+            elif part == "default":
+                want += list(VARIANTS)
+            elif part in ALL_VARIANTS:
+                want.append(part)
+            else:
+                raise ValueError(f"--variants: unknown variant {part!r}; known: default, table2, "
+                                 + ", ".join(TABLE2_ORDER))
+    return tuple(v for v in TABLE2_ORDER if v in want)
 
 
 def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bool = False,
-            progress: bool = True) -> dict:
+            progress: bool = True, variants: Sequence[str] | None = None) -> dict:
     """``vans-jax demo --compare``: SFT against GRPO on the VLM only, Joint-GRPO stage 1 only and the
-    full Joint-GRPO, each trained with every seed in ``seeds`` (the seed sets the RL sampling and the
-    data order) from the shipped SFT models and evaluated on the same eval split with the same
-    generation noise. Writes ``compare.json`` ({"sft": metrics, "runs": {variant: {seed: metrics}},
-    "summary": {variant: {metric: {mean, std, min, max}}}}) and ``compare.md``."""
+    full Joint-GRPO (``variants``: any rows of the paper's Table 2, see ``ALL_VARIANTS``), each trained
+    with every seed in ``seeds`` (the seed sets the RL sampling and the data order) from the shipped
+    SFT models and evaluated on the same eval split with the same generation noise. Writes
+    ``compare.json`` ({"sft": metrics, "runs": {variant: {seed: metrics}}, "summary": {variant:
+    {metric: {mean, std, min, max}}}}) and ``compare.md``. Resumable: finished (variant, seed) pairs
+    are kept, also those of variants not asked for this time."""
     from vans_jax.train import loop
 
+    variants = resolve_variants(variants)
     t_start = time.perf_counter()
     env = _prepare(cfg, output_dir, quick)
     d, settings = env["d"], env["settings"]
@@ -395,13 +435,15 @@ def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bo
         return _score(models, env, None, False)["metrics"]
 
     result_path = os.path.join(output_dir, "compare.json")
-    result = {"sft": None, "runs": {v: {} for v in VARIANTS}, "seeds": [int(x) for x in seeds]}
+    result = {"sft": None, "runs": {v: {} for v in variants}, "seeds": [int(x) for x in seeds]}
     if os.path.exists(result_path):            # resumable: finished (variant, seed) pairs are kept
         with open(result_path) as f:
             old = json.load(f)
         result["sft"] = old.get("sft")
-        for v in VARIANTS:
-            result["runs"][v].update(old.get("runs", {}).get(v, {}))
+        for v, per_seed in old.get("runs", {}).items():
+            if v in ALL_VARIANTS:
+                result["runs"].setdefault(v, {}).update(per_seed)
+        result["runs"] = {v: result["runs"][v] for v in TABLE2_ORDER if v in result["runs"]}
 
     def save():
         result["summary"] = summarize(result)
@@ -411,6 +453,9 @@ def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bo
                                   vlm_lr=cfg.train.grpo.get("vlm_lr"), dit_lr=cfg.train.grpo.get("dit_lr"),
                                   prompts_per_step=int(cfg.train.batch_size), eval_samples=int(d["eval_samples"]),
                                   quick=bool(quick))
+        result["variants"] = {v: dict(name=ALL_VARIANTS[v][0],
+                                      runs=[dict(mode=m, overrides=dict(o)) for m, o in ALL_VARIANTS[v][1]])
+                              for v in result["runs"]}
         result["wall_s"] = round(time.perf_counter() - t_start, 1)
         write_json(result_path, result)
         with open(os.path.join(output_dir, "compare.md"), "w") as f:
@@ -421,21 +466,30 @@ def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bo
         result["sft"] = score(env["models"])
         save()
     for seed in seeds:
-        trained: dict = {}                 # mode -> the final metrics of its run, "models" included
-        for variant, modes in VARIANTS.items():
+        trained: dict = {}                 # run history (tuple of runs) -> the final metrics of its last run
+        for variant in variants:
             if str(seed) in result["runs"][variant]:
                 continue
-            models = env["models"]
-            for mode in modes:
-                if mode not in trained:
+            models, history, exports = env["models"], (), {}
+            for mode, overrides in ALL_VARIANTS[variant][1]:
+                history = history + ((mode, tuple(sorted(overrides.items()))),)
+                if history not in trained:
                     c = _copy(cfg)
                     c.seed = int(seed)
-                    c.train.mode, c.train.workdir = mode, os.path.join(output_dir, "runs", f"seed{seed}", mode)
-                    if mode == "grpo_stage2":    # a record: stage 1's VLM comes in memory
-                        c.vlm.path = (trained["grpo_stage1"].get("exports") or {}).get("vlm", c.vlm.path)
-                    say(f"[compare] seed {seed}: training {mode}")
-                    trained[mode] = loop.train(c, progress=progress, models=models)
-                models = trained[mode]["models"]
+                    for k, v in overrides.items():
+                        c.train.grpo[k] = v
+                    tag = mode + "".join(f"-{k}={v}" for k, v in sorted(overrides.items())).replace(",", "+")
+                    prefix = "__".join(h[0] for h in history[:-1])
+                    c.train.mode = mode
+                    c.train.workdir = os.path.join(output_dir, "runs", f"seed{seed}",
+                                                   f"{prefix}__{tag}" if prefix else tag)
+                    if exports.get("vlm"):        # a record: the VLM trained before comes in memory
+                        c.vlm.path = exports["vlm"]
+                    say(f"[compare] seed {seed}: training {' -> '.join(h[0] for h in history)}"
+                        + (f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else ""))
+                    trained[history] = loop.train(c, progress=progress, models=models)
+                models = trained[history]["models"]
+                exports = {**exports, **(trained[history].get("exports") or {})}
             say(f"[compare] seed {seed}: evaluating {variant}")
             result["runs"][variant][str(seed)] = score(models)
             m = result["runs"][variant][str(seed)]
