@@ -83,6 +83,10 @@ def get_config():
                   # stage 2 every N steps (0: off): half-batch gradient cosine vs its shuffled control,
                   # reward variance split (K initial noises x M SDE draws of one anchor)
                   diagnostics_every=0, diagnostics_noises=4, diagnostics_sde_draws=4,
+                  # stage 2 (grpo_stage2 / grpo_vdm): rollout batches of the step's prompts per optimizer
+                  # update; one initial noise per group (DanceGRPO); "std_dt": each timestep's policy
+                  # term x std_t / sqrt(-dt), normalized to mean 1 (flow_grpo's Wan trainer)
+                  grad_accum=1, same_noise=False, timestep_weight="none",
                   vlm_lr=None, dit_lr=None,    # per-part learning rates (None: lr)
                   ema_decay=0.0),              # > 0: a parameter EMA of the trained parts: what is evaluated and exported
     ))

@@ -360,6 +360,34 @@ def test_stage2_diagnostics_in_a_step(stage_runners, monkeypatch):
     assert f"dit/ratio_step{hi}" not in m
 
 
+def test_same_noise_grad_accum_and_std_dt_in_a_stage2_step(stage_runners, monkeypatch):
+    """A Stage-2 step with the three levers on: one initial noise per group, two rollout batches per
+    update (their rewards all logged), std_t / sqrt(-dt) weights; the DiT changes, metrics finite."""
+    import dataclasses
+    cfg, runner = stage_runners["grpo_stage2"]
+    g = runner.s.group_size
+    monkeypatch.setattr(runner, "s", dataclasses.replace(runner.s, same_noise=True))
+    noise = np.asarray(runner._initial_noise(jax.random.key(0), 2 * g))
+    assert noise.shape[0] == 2 * g
+    for i in range(2):
+        for j in range(1, g):
+            np.testing.assert_array_equal(noise[i * g], noise[i * g + j])
+    assert not np.array_equal(noise[0], noise[g])
+    monkeypatch.setattr(runner, "s", dataclasses.replace(runner.s, same_noise=False))
+    assert runner._initial_noise(jax.random.key(0), 2 * g) is None
+
+    monkeypatch.setattr(runner, "s", dataclasses.replace(runner.s, same_noise=True, grad_accum=2,
+                                                         timestep_weight="std_dt", num_updates=1))
+    before = jax.tree.map(jnp.copy, runner.dit.state.params)
+    m = runner.step(_examples(cfg, "grpo_stage2", 2), 1, jax.random.key(4))
+    assert m["skipped_rewards"] == 0 and m["rollouts_per_update"] == 2 * 2 * g
+    assert m["time/accum_rollouts_s"] > 0
+    assert _changed(runner.dit.state.params, before)
+    for k in ("dit/loss", "dit/grad_norm", "dit/ratio", "reward/total"):
+        assert np.isfinite(float(m[k])), (k, m[k])
+    assert abs(float(m["dit/ratio"]) - 1.0) < 1e-4     # one update: ratio 1 on every batch
+
+
 def test_stage1_single_update_takes_its_own_logprobs_as_old(stage_runners, monkeypatch):
     """One update per rollout: the loss's own forward, stop-gradient, is the old policy's log-probs
     (same loss and gradient as with a separate scoring forward, ratio exactly 1), and the trainer

@@ -95,6 +95,35 @@ class GRPOSettings:
     diagnostics_every: int = 0        # stage 2: half-batch gradient agreement + reward variance split
     diagnostics_noises: int = 4       # the split: K initial noises x M SDE draws of one anchor
     diagnostics_sde_draws: int = 4
+    grad_accum: int = 1               # stage 2: rollout batches (of the step's prompts) per optimizer update
+    same_noise: bool = False          # stage 2: one initial noise for all G rollouts of a group (DanceGRPO)
+    timestep_weight: str = "none"     # stage 2: "none" | "std_dt" (policy term x std_t / sqrt(-dt), flow_grpo's Wan)
+
+    def __post_init__(self):
+        if int(self.grad_accum) < 1:
+            raise ValueError(f"train.grpo.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.timestep_weight not in TIMESTEP_WEIGHTS:
+            raise ValueError(f"unknown train.grpo.timestep_weight {self.timestep_weight!r}; expected one of "
+                             f"{TIMESTEP_WEIGHTS}")
+
+
+TIMESTEP_WEIGHTS = ("none", "std_dt")
+
+
+def timestep_weights(sigmas, steps, *, noise_level, std_form, kind: str = "none"):
+    """Per trained timestep (``steps`` (S,) indices into ``sigmas``) the weight of its policy term:
+    1 for ``"none"``; for ``"std_dt"`` std_t / sqrt(sigma_j - sigma_{j+1}) (flow_grpo's Wan trainer),
+    normalized to mean 1 over the trained steps (the learning rate and gradient clip keep their
+    meaning). Early, high-noise steps get more weight: their log-prob gradients are the smallest."""
+    steps = jnp.asarray(steps, jnp.int32)
+    if kind == "none":
+        return jnp.ones(steps.shape, jnp.float32)
+    if kind != "std_dt":
+        raise ValueError(f"unknown timestep_weight {kind!r}; expected one of {TIMESTEP_WEIGHTS}")
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    std_t = flow.sde_std_t(sigmas[steps], sigmas, noise_level, std_form)
+    w = std_t / jnp.sqrt(sigmas[steps] - sigmas[steps + 1])
+    return w / jnp.mean(w)
 
 
 def stage1_loss(params, graphdef, frozen, batch, rng, *, beta, clip_eps, temperature, aggregation):
@@ -123,18 +152,21 @@ def _dit_velocity(graphdef, params, frozen, x, t, ctx, unc, g, ref_lat):
 
 
 def stage2_grads(params, graphdef, frozen, ref_params, batch, *, beta, clip_eps, advantage_clip, noise_level,
-                 std_form, aggregation="sequence_mean"):
+                 std_form, aggregation="sequence_mean", timestep_weight="none"):
     """Stage-2 (Flow-GRPO) gradient of the DiT on stored SDE trajectories: the mean over the S trained
     timesteps of the per-timestep clipped-ratio terms with the closed-form Gaussian KL to
     ``ref_params``, accumulated one timestep at a time in a ``lax.scan`` (one DiT forward + backward
-    live at once). Returns (gradient, metrics: loss, kl, clip_fraction, ratio, policy_objective)."""
+    live at once). ``timestep_weight``: each step's policy term times ``timestep_weights`` (the KL
+    term unweighted). Returns (gradient, metrics: loss, kl, clip_fraction, ratio, policy_objective)."""
     s = batch["x"].shape[0]
     ctx, unc, g, ref_lat = batch["context"], batch.get("uncond_context"), batch["cfg"], batch.get("ref_latents")
     sigmas, adv = batch["sigmas"], batch["advantages"]
+    weights = timestep_weights(sigmas, batch["steps"], noise_level=noise_level, std_form=std_form,
+                               kind=timestep_weight)
 
     def one(carry, xs):
         gsum, msum = carry
-        x, xn, olp, j, t = xs
+        x, xn, olp, j, t, w = xs
 
         def lossf(params):
             v = _dit_velocity(graphdef, params, frozen, x, t, ctx, unc, g, ref_lat)
@@ -149,7 +181,10 @@ def stage2_grads(params, graphdef, frozen, ref_params, batch, *, beta, clip_eps,
             terms = vdm_grpo_loss(out.log_prob[:, None], olp[:, None], out.mean[:, None], ref_mean[:, None],
                                   out.std, adv, beta=beta, clip_eps=clip_eps, advantage_clip=advantage_clip,
                                   aggregation=aggregation)
-            return terms.loss / s, terms
+            if timestep_weight == "none":
+                return terms.loss / s, terms
+            # loss = -policy + beta * kl (the aggregations are linear): weight the policy part only
+            return (terms.loss + (1.0 - w) * terms.policy_objective) / s, terms
 
         (_, terms), grads = jax.value_and_grad(lossf, has_aux=True)(params)
         m = jnp.stack([terms.loss, terms.kl, terms.clip_fraction, terms.ratio_mean, terms.policy_objective]) / s
@@ -159,7 +194,7 @@ def stage2_grads(params, graphdef, frozen, ref_params, batch, *, beta, clip_eps,
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grads, m), per = jax.lax.scan(one, (zeros, jnp.zeros(5, jnp.float32)),
                                    (batch["x"], batch["x_next"], batch["old_logp"], batch["steps"],
-                                    batch["timesteps"]))
+                                    batch["timesteps"], weights))
     # per trained timestep (S,): its ratio and clip fraction, and the norm of its gradient term
     return grads, dict(loss=m[0], kl=m[1], clip_fraction=m[2], ratio=m[3], policy_objective=m[4],
                        ratio_per_step=per[:, 0], clip_fraction_per_step=per[:, 1], grad_norm_per_step=per[:, 2])

@@ -127,14 +127,14 @@ def cached_update_step(part: Part, loss_fn, loss_key: tuple, **kw):
 
 
 def make_stage2_update(graphdef, optimizer, *, beta, clip_eps, advantage_clip, noise_level, std_form,
-                       aggregation="sequence_mean", shardings=None):
+                       aggregation="sequence_mean", timestep_weight="none", shardings=None):
     """jit(update)(state, frozen, ref_params, batch) -> (state, metrics): ``rl.stages.stage2_grads``
     then one optimizer update (skipped on a non-finite loss or gradient). ``shardings``: (state,
     frozen, ref_params) shardings for explicit in/out shardings (the batch's taken from the batch,
     ``core.jit_sharded``; metrics replicated); None: inferred."""
     grads_fn = functools.partial(stage2_grads, graphdef=graphdef, beta=beta, clip_eps=clip_eps,
                                  advantage_clip=advantage_clip, noise_level=noise_level, std_form=std_form,
-                                 aggregation=aggregation)
+                                 aggregation=aggregation, timestep_weight=timestep_weight)
 
     def update(state: TrainState, frozen, ref_params, batch):
         grads, m = grads_fn(state.params, frozen=frozen, ref_params=ref_params, batch=batch)
@@ -145,6 +145,50 @@ def make_stage2_update(graphdef, optimizer, *, beta, clip_eps, advantage_clip, n
         return jax.jit(update, donate_argnums=(0,))
     st, fr, ref = shardings
     return jit_sharded(update, (st, fr, ref, None), (st, replicated(st)), donate_argnums=(0,))
+
+
+def make_stage2_accumulated_update(graphdef, optimizer, *, beta, clip_eps, advantage_clip, noise_level, std_form,
+                                   aggregation="sequence_mean", timestep_weight="none", shardings=None):
+    """``train.grpo.grad_accum``: update(state, frozen, ref_params, batches) -> (state, metrics) with
+    ``batches`` a list of K stage-2 batches (K rollout batches): the mean of their
+    ``rl.stages.stage2_grads`` (each accumulated into a donated buffer by one compiled program, one
+    batch's gradient live at a time), then one optimizer update (one compiled program); the
+    metrics are the batches' mean. Equal to ``make_stage2_update`` on the K batches as one when
+    every batch has as many rollouts (tested)."""
+    grads_fn = functools.partial(stage2_grads, graphdef=graphdef, beta=beta, clip_eps=clip_eps,
+                                 advantage_clip=advantage_clip, noise_level=noise_level, std_form=std_form,
+                                 aggregation=aggregation, timestep_weight=timestep_weight)
+
+    def accumulate(acc, params, frozen, ref_params, batch, scale):
+        grads, m = grads_fn(params, frozen=frozen, ref_params=ref_params, batch=batch)
+        return jax.tree.map(lambda a, g: a + scale * g, acc, grads), m
+
+    def apply(state: TrainState, grads, loss):
+        return apply_gradients(state, grads, loss, optimizer)
+
+    if shardings is None:
+        acc_fn = jax.jit(accumulate, donate_argnums=(0,))
+        apply_fn = jax.jit(apply, donate_argnums=(0,))
+    else:
+        st, fr, ref = shardings
+        rep = replicated(st)
+        acc_fn = jit_sharded(accumulate, (st.params, st.params, fr, ref, None, rep), (st.params, rep),
+                             donate_argnums=(0,))
+        apply_fn = jit_sharded(apply, (st, st.params, rep), (st, rep), donate_argnums=(0,))
+
+    def update(state: TrainState, frozen, ref_params, batches):
+        k = len(batches)
+        acc = jax.tree.map(jnp.zeros_like, state.params)
+        scale = jnp.float32(1.0 / k)
+        ms = []
+        for b in batches:
+            acc, m = acc_fn(acc, state.params, frozen, ref_params, b, scale)
+            ms.append(m)
+        m = {key: jnp.mean(jnp.stack([x[key] for x in ms]), axis=0) for key in ms[0]}
+        state, extra = apply_fn(state, acc, m["loss"])
+        return state, dict(m, **extra)
+
+    return update
 
 
 def part_optim_cfg(optim_cfg, part: str):
@@ -225,15 +269,7 @@ class JointGRPO:
         if self.train_dit:
             self.dit = Part(vdm.dit, dit_trainable, part_optim_cfg(optim_cfg, "dit"), seed + 1, mesh=mesh)
             self.parts["dit"] = self.dit
-            key = ("stage2", s.beta, s.clip_eps, s.advantage_clip, render.noise_level, render.std_form, s.aggregation,
-                   self.dit.cache_key())
-            if key not in _STEPS:
-                _STEPS[key] = make_stage2_update(
-                    self.dit.graphdef, self.dit.optimizer, beta=s.beta, clip_eps=s.clip_eps,
-                    advantage_clip=s.advantage_clip, noise_level=render.noise_level, std_form=render.std_form,
-                    aggregation=s.aggregation,
-                    shardings=(self.dit.state_shardings, self.dit.frozen_shardings, self.dit.state_shardings.params))
-            self._dit_update = _STEPS[key]
+            self._dit_update_fn()    # built (and settings checked) now, not at the first step
 
     # -- the policies as the rollouts see them
 
@@ -274,12 +310,12 @@ class JointGRPO:
         SDE draws. Costs about two gradient passes of the batch plus K x M renders."""
         s, r, env = self.s, self.r, self.env
         key = ("stage2_agreement", s.beta, s.clip_eps, s.advantage_clip, r.noise_level, r.std_form, s.aggregation,
-               self.dit.cache_key())
+               s.timestep_weight, self.dit.cache_key())
         if key not in _STEPS:
             _STEPS[key] = jax.jit(functools.partial(
                 stage2_half_batch_agreement, graphdef=self.dit.graphdef, beta=s.beta, clip_eps=s.clip_eps,
                 advantage_clip=s.advantage_clip, noise_level=r.noise_level, std_form=r.std_form,
-                aggregation=s.aggregation))
+                aggregation=s.aggregation, timestep_weight=s.timestep_weight))
         shuffled = shuffle_within_groups(adv, s.group_size, np.random.default_rng([self.seed, int(step_index), 7]))
         out = {f"diag/{k}": v for k, v in _STEPS[key](self.dit.state.params, frozen=self.dit.frozen,
                                                         ref_params=ref_params, batch=db,
@@ -298,6 +334,48 @@ class JointGRPO:
             split = reward_variance_split(np.asarray(v).reshape(k, m))
             out.update({f"diag/reward_var_{part}/{name}": val for part, val in split.items()})
         return out
+
+    def _dit_update_fn(self):
+        """The compiled stage-2 update for the current settings (``make_stage2_update``, or with
+        ``grad_accum`` > 1 ``make_stage2_accumulated_update``), built once per settings."""
+        s, r = self.s, self.r
+        if s.grad_accum > 1 and s.mode not in ("grpo_stage2", "grpo_vdm"):
+            raise ValueError(f"train.grpo.grad_accum={s.grad_accum}: only the DiT-only modes (grpo_stage2, "
+                             f"grpo_vdm) accumulate rollout batches, not {s.mode}")
+        accum = s.grad_accum > 1
+        key = ("stage2_accum" if accum else "stage2", s.beta, s.clip_eps, s.advantage_clip, r.noise_level,
+               r.std_form, s.aggregation, s.timestep_weight, self.dit.cache_key())
+        if key not in _STEPS:
+            _STEPS[key] = (make_stage2_accumulated_update if accum else make_stage2_update)(
+                self.dit.graphdef, self.dit.optimizer, beta=s.beta, clip_eps=s.clip_eps,
+                advantage_clip=s.advantage_clip, noise_level=r.noise_level, std_form=r.std_form,
+                aggregation=s.aggregation, timestep_weight=s.timestep_weight,
+                shardings=(self.dit.state_shardings, self.dit.frozen_shardings, self.dit.state_shardings.params))
+        return _STEPS[key]
+
+    def _initial_noise(self, rng, n: int):
+        """The initial latents of ``n`` = prompts x G stage-2 rollouts: None (``render_sde`` draws
+        them, every rollout its own), or with ``same_noise`` one draw per group repeated over its G
+        members (DanceGRPO: the group's rewards then differ by the SDE noise alone)."""
+        if not self.s.same_noise:
+            return None
+        g = self.s.group_size
+        shape = ro.latent_shape(self.vdm, n // g, self.r)
+        base = np.asarray(jax.random.normal(jax.random.split(rng)[0], shape, jnp.float32))
+        return self.env.whole(np.repeat(base, g, axis=0))
+
+    def _stage2_batch(self, traj, ctx, unc, ref_rep, adv) -> dict:
+        """The stage-2 loss's batch of one rollout batch: the SDE window's stored transitions."""
+        env = self.env
+        lo, hi = env.sde_window()
+        idx = np.arange(lo, hi)
+        db = dict(x=traj.latents[idx], x_next=traj.latents[idx + 1], old_logp=traj.log_probs[idx],
+                  steps=env.const(idx.astype(np.int32)), timesteps=traj.timesteps[idx], sigmas=traj.sigmas,
+                  context=ctx, uncond_context=unc, cfg=env.const(np.float32(self.r.cfg_scale)),
+                  ref_latents=ref_rep, advantages=env.whole(adv))
+        if unc is None:
+            db.pop("uncond_context")
+        return db
 
     # -- one step
 
@@ -347,7 +425,8 @@ class JointGRPO:
         if self.needs_video:
             ref_rep = jnp.repeat(ref_lat, g, axis=0)
             if self.train_dit:
-                frames, traj, ctx, unc = env.render_sde(self._dit_module(), caps, ref_rep, k_vid)
+                frames, traj, ctx, unc = env.render_sde(self._dit_module(), caps, ref_rep, k_vid,
+                                                        noise=self._initial_noise(k_vid, len(caps)))
             else:
                 frames = env.render_ode(caps, ref_rep, k_vid)
             jax.block_until_ready(frames)
@@ -363,7 +442,33 @@ class JointGRPO:
         adv = np.asarray(stage_advantages(self.rewards, rewards, g))
         if s.shuffle_advantages:          # the control: rewards no longer tied to their rollouts
             adv = shuffle_within_groups(adv, g, np.random.default_rng([self.seed, int(step_index)]))
-        metrics.update(reward_metrics(rewards, adv))
+        rollouts = [(traj, ctx, unc, adv)] if self.train_dit else []
+        if self.train_dit and s.grad_accum > 1:
+            # train.grpo.grad_accum: more rollout batches of the same prompts (fresh noise), one update
+            t_acc = time.perf_counter()
+            all_rewards, all_adv = {k: [np.asarray(v)] for k, v in rewards.items()}, [adv]
+            for a in range(1, s.grad_accum):
+                k_a = jax.random.fold_in(k_vid, a)
+                fr_a, traj_a, ctx_a, unc_a = env.render_sde(self._dit_module(), caps, ref_rep, k_a,
+                                                            noise=self._initial_noise(k_a, len(caps)))
+                rw_a = self._rewards(batch_in, fr_a, caps, [c for c in gt_caps for _ in range(g)],
+                                     np.repeat(gt_feat, g, axis=0), np.repeat(target, g, axis=0), g)
+                if not finite_rewards(rw_a):
+                    return dict(metrics, skipped_rewards=1.0, step_time_s=time.perf_counter() - t0)
+                adv_a = np.asarray(stage_advantages(self.rewards, rw_a, g))
+                if s.shuffle_advantages:
+                    adv_a = shuffle_within_groups(adv_a, g, np.random.default_rng([self.seed, int(step_index), a]))
+                rollouts.append((traj_a, ctx_a, unc_a, adv_a))
+                for k, v in rw_a.items():
+                    all_rewards[k].append(np.asarray(v))
+                all_adv.append(adv_a)
+            rewards_all = {k: np.concatenate(v) for k, v in all_rewards.items()}
+            adv_all = np.concatenate(all_adv)
+            metrics["time/accum_rollouts_s"] = time.perf_counter() - t_acc
+            metrics["rollouts_per_update"] = float(len(adv_all))
+        else:
+            rewards_all, adv_all = rewards, adv
+        metrics.update(reward_metrics(rewards_all, adv_all))
         metrics["skipped_rewards"] = 0.0
 
         upd: dict[str, list] = {}
@@ -380,20 +485,15 @@ class JointGRPO:
                                                      dict(vb, update_index=env.const(np.int32(u))))
                 upd.setdefault("vlm", []).append(m)
         if self.train_dit:
-            lo, hi = env.sde_window()
-            idx = np.arange(lo, hi)
-            db = dict(x=traj.latents[idx], x_next=traj.latents[idx + 1], old_logp=traj.log_probs[idx],
-                      steps=env.const(idx.astype(np.int32)), timesteps=traj.timesteps[idx], sigmas=traj.sigmas,
-                      context=ctx, uncond_context=unc, cfg=env.const(np.float32(self.r.cfg_scale)),
-                      ref_latents=ref_rep, advantages=env.whole(adv))
-            if unc is None:
-                db.pop("uncond_context")
+            dbs = [self._stage2_batch(tr, cx, uc, ref_rep, ad) for tr, cx, uc, ad in rollouts]
+            db = dbs[0]
             ref_params = self.dit.ref_params()
             if s.diagnostics_every > 0 and (int(step_index) - 1) % s.diagnostics_every == 0:
                 metrics.update(self._stage2_diagnostics(db, adv, ref_params, caps, ref_rep, gt_feat, target,
                                                         jax.random.fold_in(k_vid, 7), step_index))
             for u in range(s.num_updates):
-                self.dit.state, m = self._dit_update(self.dit.state, self.dit.frozen, ref_params, db)
+                self.dit.state, m = self._dit_update_fn()(self.dit.state, self.dit.frozen, ref_params,
+                                                          dbs if s.grad_accum > 1 else db)
                 upd.setdefault("dit", []).append(m)
         for name, ms in upd.items():
             first = env.sde_window()[0] if name == "dit" else 0

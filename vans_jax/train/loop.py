@@ -231,7 +231,9 @@ def grpo_settings(cfg, mode) -> GRPOSettings:
                         shuffle_advantages=bool(g.get("shuffle_advantages", False)),
                         diagnostics_every=int(g.get("diagnostics_every", 0)),
                         diagnostics_noises=int(g.get("diagnostics_noises", 4)),
-                        diagnostics_sde_draws=int(g.get("diagnostics_sde_draws", 4)))
+                        diagnostics_sde_draws=int(g.get("diagnostics_sde_draws", 4)),
+                        grad_accum=int(g.get("grad_accum", 1)), same_noise=bool(g.get("same_noise", False)),
+                        timestep_weight=str(g.get("timestep_weight", "none") or "none"))
 
 
 # ----------------------------------------------------------------------------- SFT runners

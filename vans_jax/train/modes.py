@@ -22,6 +22,8 @@ MAIN_KEYS = (
     ("train.grpo.group_size, .beta, .clip_eps, .num_updates, .disabled_rewards", "Joint-GRPO knobs"),
     ("train.grpo.rewards, .shuffle_advantages", "reward list (built-ins, user functions, =weight); the control"),
     ("train.grpo.diagnostics_every", "stage 2: half-batch gradient agreement vs control, reward variance split"),
+    ("train.grpo.grad_accum, .same_noise, .timestep_weight",
+     "stage 2: rollout batches per update; one initial noise per group; none | std_dt timestep weights"),
     ("mesh.data / mesh.fsdp / mesh.tensor", "device mesh (-1: the rest of the devices)"),
     ("train.log_every / train.checkpoint_every / train.keep_checkpoints", "logging and checkpoints"),
 )
