@@ -111,6 +111,10 @@ def test_exact_frame_metrics(trained, world):
     assert own == same
     exact = vt.reconstruction_psnr(vae, ev, targets_u8=ex)
     assert exact["psnr"] != own["psnr"] and abs(exact["psnr"] - m["eval_psnr_exact_target"]) < 3.0
+    # per frame index over all clips: 5 frames whose mean MSE is the overall one
+    pf = np.asarray(exact["psnr_per_frame"])
+    assert pf.shape == (5,) and len(m["eval_psnr_exact_per_frame"]) == 5
+    np.testing.assert_allclose(10 * np.log10(1 / np.mean(10 ** (-pf / 10))), exact["psnr"], atol=0.02)
     with pytest.raises(ValueError, match="targets of shape"):
         vt.reconstruction_psnr(vae, ev, targets_u8=ex[:2])
 
@@ -147,3 +151,46 @@ def test_training_init_is_a_per_frame_autoencoder():
     assert np.abs(frame(4) - frame(8)).max() > 1e-3
     biases = [v.get_value() for p, v in nnx.to_flat_state(nnx.state(vae, nnx.Param)) if p[-1] == "bias"]
     assert all(not np.any(np.asarray(b)) for b in biases)
+
+
+def test_loss_terms_and_weights():
+    """The step's loss is l1_weight * L1 + mse_weight * MSE + kl_weight * KL (+ edge_weight * edge when
+    set, reported as "edge")."""
+    import jax
+    import optax
+    vae = vt.init_for_training(WanVAE(SPEC.config(scan_unroll=True), rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(vae)
+    rng = np.random.default_rng(0)
+    batch = tuple(jnp.asarray(rng.integers(0, 255, (2, 1, 16, 16, 3), dtype=np.uint8)) for _ in range(2))
+    tx = optax.sgd(0.0)
+
+    def metrics(**kw):
+        step = vt._make_step(graphdef, tx, vt.VAETrainConfig(**kw))
+        _, _, m = step(jax.tree.map(jnp.copy, params), tx.init(params), batch, jax.random.key(0))
+        return {k: float(v) for k, v in m.items()}
+
+    base = metrics()
+    assert "edge" not in base
+    np.testing.assert_allclose(base["loss"], base["l1"] + base["mse"] + 1e-6 * base["kl"], rtol=1e-5)
+    m = metrics(l1_weight=0.0, mse_weight=2.0, edge_weight=0.5)
+    assert m["edge"] > 0
+    np.testing.assert_allclose(m["loss"], 2.0 * m["mse"] + 1e-6 * m["kl"] + 0.5 * m["edge"], rtol=1e-5)
+    np.testing.assert_allclose(m["l1"], base["l1"], rtol=1e-5)      # the weights do not change the terms
+
+
+def test_schedule_and_phase_lr():
+    cfg = vt.VAETrainConfig(lr=1e-3, clip_lr=3e-4, warmup_steps=5, lr_end_ratio=0.1)
+    assert vt._phase_lr(cfg, "image") == 1e-3 and vt._phase_lr(cfg, "clip") == 3e-4
+    assert vt._phase_lr(vt.VAETrainConfig(lr=1e-3), "clip") == 1e-3
+    sched = vt._schedule(cfg, 100, vt._phase_lr(cfg, "clip"))
+    assert float(sched(0)) == 0.0
+    np.testing.assert_allclose(float(sched(5)), 3e-4, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(100)), 3e-5, rtol=1e-5)
+
+
+def test_bad_loss_config(world, tmp_path):
+    for kw, match in (({"lr_end_ratio": 1.5}, "lr_end_ratio must be in"),
+                      ({"edge_weight": -1.0}, "loss weights must be >= 0"),
+                      ({"l1_weight": 0.0, "mse_weight": 0.0}, "l1_weight \\+ mse_weight > 0")):
+        with pytest.raises(ValueError, match=match):
+            vt.train_vae(world, str(tmp_path / "x"), spec=SPEC, train_config=vt.VAETrainConfig(**kw), log=None)
