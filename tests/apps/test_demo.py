@@ -47,6 +47,23 @@ def test_quick_demo_writes_everything(tmp_path, capsys):
 # ----------------------------------------------------------------------------- --compare, stubbed
 
 
+def stub_compare(monkeypatch, fake_train, sft, on_score):
+    """`demo --compare` with training, loading and scoring stubbed: ``on_score(vlm, vdm)`` records a
+    scored pair and returns a number from which every metric is derived (distinct models, distinct metrics)."""
+    from vans_jax.train import loop
+
+    def fake_score(models, env, out_dir, progress):
+        x = on_score(models.vlm, models.vdm) / 100.0
+        m = {"format": 1.0, "rouge_l": x, "clip_v": x / 2, "clip_t": x / 4}
+        m["total_reward"] = sum(m.values())
+        m.update(render_iou=x / 3, render_color=x / 5)
+        return {"metrics": dict(m, num_samples=4)}
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    monkeypatch.setattr(demo, "_load_models", lambda cfg: sft)
+    monkeypatch.setattr(demo, "_score", fake_score)
+
+
 @needs_world
 def test_compare_order_handover_and_resume(tmp_path, monkeypatch):
     """`vans-jax demo --compare` with training and scoring stubbed: per seed grpo_vlm, stage 1 and
@@ -69,17 +86,7 @@ def test_compare_order_handover_and_resume(tmp_path, monkeypatch):
         exports = {"vlm": f"/export/{mode}/s{seed}/vlm"} if mode != "grpo_stage2" else {"vdm": "/export/vdm"}
         return {"step": 2, "reward/total": 1.0, "exports": exports, "models": new}
 
-    def fake_score(models, env, out_dir, progress):
-        scored.append((models.vlm, models.vdm))
-        x = (len(models.vlm) + 3 * len(models.vdm)) / 100.0
-        m = {"format": 1.0, "rouge_l": x, "clip_v": x / 2, "clip_t": x / 4}
-        m["total_reward"] = sum(m.values())
-        m.update(render_iou=x / 3, render_color=x / 5)
-        return {"metrics": dict(m, num_samples=4)}
-
-    monkeypatch.setattr(loop, "train", fake_train)
-    monkeypatch.setattr(demo, "_load_models", lambda cfg: sft)
-    monkeypatch.setattr(demo, "_score", fake_score)
+    stub_compare(monkeypatch, fake_train, sft, lambda vlm, vdm: scored.append((vlm, vdm)) or len(vlm) + 3 * len(vdm))
     out = tmp_path / "cmp"
     args = ["demo", "--compare", "--quick", "--seeds", "3", "--output_dir", str(out)]
     assert cli.main(args) == 0
@@ -134,17 +141,7 @@ def test_compare_table2_rows_share_runs(tmp_path, monkeypatch):
             new.vdm = f"{models.vdm}>{tag}"
         return {"step": 2, "exports": {}, "models": new}
 
-    def fake_score(models, env, out_dir, progress):
-        x = len(models.vlm) + len(models.vdm)
-        scored[(models.vlm, models.vdm)] = x
-        m = {"format": 1.0, "rouge_l": x / 100, "clip_v": x / 200, "clip_t": x / 400}
-        m["total_reward"] = sum(m.values())
-        m.update(render_iou=x / 300, render_color=x / 500)
-        return {"metrics": dict(m, num_samples=4)}
-
-    monkeypatch.setattr(loop, "train", fake_train)
-    monkeypatch.setattr(demo, "_load_models", lambda cfg: sft)
-    monkeypatch.setattr(demo, "_score", fake_score)
+    stub_compare(monkeypatch, fake_train, sft, lambda vlm, vdm: scored.setdefault((vlm, vdm), len(vlm) + len(vdm)))
     out = tmp_path / "t2"
     assert cli.main(["demo", "--compare", "--quick", "--seeds", "1", "--variants", "table2",
                      "--output_dir", str(out)]) == 0
