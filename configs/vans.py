@@ -77,6 +77,8 @@ def get_config():
                   anchor_temperature=1.0, caption_fallback="full", sde_noise_level=0.7, sde_std_form="flow_grpo",
                   sde_window=(), train_sampling_steps=20, train_cfg=4.5, render_sampler="euler",
                   advantage_clip=5.0, grad_clip=1.0, weight_decay=0.0, warmup_steps=0, schedule="constant",
+                  # "lora" | "full" | module groups, e.g. "time_linear_1,time_linear_2" (train.core.trainable_filter;
+                  # the stage-2 gate logs each group's gradient agreement: diag/grad_cos_halves/<group>)
                   vlm_trainable="lora", dit_trainable="full", disabled_rewards="",
                   rewards="",   # "": the mode's paper rewards; else e.g. "v2,c2=0.5,world,my.module:fn,path/r.py:fn"
                   shuffle_advantages=False,   # the control: advantages permuted within each group

@@ -67,3 +67,23 @@ def test_vdm_loss_gaussian_kl_and_advantage_clip():
     # advantages clipped to +-5 -> objective mean(5, -5) = 0
     assert np.isclose(float(t.policy_objective), 0.0, atol=1e-6)
     assert np.isclose(float(t.loss), expect_kl, rtol=1e-5)
+
+
+def test_param_group_and_tree_cosine_by_group():
+    """Per-group cosines: a group's cosine uses that group's leaves only; stacked ``blocks`` split
+    by sub-module."""
+    import jax.numpy as jnp
+
+    from vans_jax.rl.stages import param_group, tree_cosine, tree_cosine_by_group
+    a = {"blocks": {"attn1": {"kernel": jnp.ones((2, 3))}, "ffn_in": {"bias": jnp.ones((2, 4))}},
+         "proj_out": {"bias": jnp.array([1.0, 0.0]), "kernel": jnp.array([[1.0, 2.0]])}}
+    b = {"blocks": {"attn1": {"kernel": -jnp.ones((2, 3))}, "ffn_in": {"bias": 2 * jnp.ones((2, 4))}},
+         "proj_out": {"bias": jnp.array([0.0, 1.0]), "kernel": jnp.array([[1.0, 2.0]])}}
+    import jax
+    paths = [param_group(p) for p, _ in jax.tree_util.tree_flatten_with_path(a)[0]]
+    assert paths == ["blocks.attn1", "blocks.ffn_in", "proj_out", "proj_out"]
+    cos = {k: float(v) for k, v in tree_cosine_by_group(a, b).items()}
+    assert cos.keys() == {"blocks.attn1", "blocks.ffn_in", "proj_out"}
+    assert abs(cos["blocks.attn1"] + 1) < 1e-6 and abs(cos["blocks.ffn_in"] - 1) < 1e-6
+    assert abs(cos["proj_out"] - 5 / (6 ** 0.5 * 6 ** 0.5)) < 1e-6   # (0 + 1 + 4) / (|a| |b|)
+    assert abs(float(tree_cosine(a["proj_out"], b["proj_out"])) - cos["proj_out"]) < 1e-6

@@ -117,3 +117,25 @@ def test_grad_accum_only_in_dit_only_modes():
     fake = types.SimpleNamespace(s=GRPOSettings(mode="grpo_all_in_one", grad_accum=2), r=None)
     with pytest.raises(ValueError, match="grad_accum=2: only the DiT-only modes .* not grpo_all_in_one"):
         JointGRPO._dit_update_fn(fake)
+
+
+def test_trainable_module_groups():
+    """``dit_trainable`` as module groups: only those groups train (the rest frozen), "blocks" takes
+    every block sub-module, an unknown group names the model's groups."""
+    from flax import nnx
+
+    from vans_jax.models.wan.dit import WanConfig, WanTransformer3D
+    cfg = WanConfig(dim=16, num_layers=2, num_heads=2, ffn_dim=32, text_dim=16, freq_dim=16, in_channels=4,
+                    out_channels=4, patch_size=(1, 2, 2))
+    model = WanTransformer3D(cfg, rngs=nnx.Rngs(0))
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    _, params, frozen = core.split_model(model, "proj_out,scale_shift_table")
+    assert set(params.keys()) == {"proj_out", "scale_shift_table"}
+    n = sum(x.size for x in jax.tree.leaves(params))
+    assert n == 2 * 16 + 16 * 16 + 16 and n + sum(x.size for x in jax.tree.leaves(frozen)) >= total
+    _, blocks, _ = core.split_model(model, "blocks")
+    _, ffn, _ = core.split_model(model, " blocks.ffn_in , blocks.ffn_out")
+    assert set(blocks.keys()) == {"blocks"} and set(ffn["blocks"].keys()) == {"ffn_in", "ffn_out"}
+    assert set(blocks["blocks"].keys()) > {"ffn_in", "ffn_out", "attn1", "scale_shift_table"}
+    with pytest.raises(ValueError, match=r"trainable='head'.*groups: blocks.attn1, .*proj_out"):
+        core.split_model(model, "head")

@@ -331,6 +331,12 @@ def test_stage2_half_batch_agreement_and_variance_split():
     np.testing.assert_allclose(float(neg["grad_cos_halves"]), -1.0, atol=1e-5)
     np.testing.assert_allclose(float(neg["grad_cos_halves_shuffled"]), 1.0, atol=1e-5)   # the given control
     assert float(same["grad_norm_half"]) > 0
+    groups = [k.split("/", 1)[1] for k in same if k.startswith("grad_cos_halves/")]
+    assert "proj_out" in groups and "blocks.attn1" in groups, groups
+    for g in groups:   # every group's halves agree / oppose as the whole does
+        np.testing.assert_allclose(float(same[f"grad_cos_halves/{g}"]), 1.0, atol=1e-4)
+        np.testing.assert_allclose(float(neg[f"grad_cos_halves/{g}"]), -1.0, atol=1e-4)
+        np.testing.assert_allclose(float(neg[f"grad_cos_halves_shuffled/{g}"]), 1.0, atol=1e-4)
     rng = np.random.default_rng(0)
     r = rng.normal(0, 2.0, (400, 1)) + rng.normal(0, 0.5, (400, 300))   # noise part 4, SDE part 0.25
     split = reward_variance_split(r)

@@ -210,6 +210,27 @@ def tree_cosine(a, b):
     return dot / jnp.maximum(tree_norm(a) * tree_norm(b), 1e-30)
 
 
+def param_group(path) -> str:
+    """The module group of a parameter path for per-group diagnostics: its top-level module, and
+    inside ``blocks`` (the stacked transformer layers) the layer's sub-module (``blocks.attn1``)."""
+    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    keys = [k for k in keys if k not in ("value", "raw_value")]
+    if not keys:
+        return "all"
+    return ".".join(keys[:2]) if keys[0] == "blocks" and len(keys) >= 2 else keys[0]
+
+
+def tree_cosine_by_group(a, b) -> dict:
+    """``tree_cosine`` of ``a`` and ``b`` over each ``param_group`` separately: {group: cosine}."""
+    fa, fb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
+    groups: dict = {}
+    for (path, x), y in zip(fa, fb):
+        groups.setdefault(param_group(path), ([], []))
+        groups[param_group(path)][0].append(x)
+        groups[param_group(path)][1].append(y)
+    return {g: tree_cosine(xs, ys) for g, (xs, ys) in sorted(groups.items())}
+
+
 # the rows of a stage-2 batch: trajectory arrays are (S, N, ...), per-rollout ones (N, ...)
 _TRAJ_KEYS = ("x", "x_next", "old_logp")
 _ROW_KEYS = ("context", "uncond_context", "ref_latents", "advantages")
@@ -231,15 +252,22 @@ def stage2_half_batch_agreement(params, graphdef, frozen, ref_params, batch, shu
     rollouts (first and second half of the rows), and the same with ``shuffled_advantages`` (the
     control: the rollouts' advantages permuted within groups). A gradient that carries the
     rewards' signal agrees across halves more than its control does; cosines near 0 in both mean
-    the batch is too small for the update to be more than noise. ``settings``: ``stage2_grads``'."""
+    the batch is too small for the update to be more than noise; the same per module group
+    (``grad_cos_halves/<group>``, ``param_group``). ``settings``: ``stage2_grads``'."""
     n = batch["advantages"].shape[0]
     a, b = slice(0, n // 2), slice(n // 2, 2 * (n // 2))
     grad = lambda bt: stage2_grads(params, graphdef, frozen, ref_params, bt, **settings)[0]
     ga, gb = grad(stage2_rows(batch, a)), grad(stage2_rows(batch, b))
     shuf = dict(batch, advantages=shuffled_advantages)
     sa, sb = grad(stage2_rows(shuf, a)), grad(stage2_rows(shuf, b))
-    return {"grad_cos_halves": tree_cosine(ga, gb), "grad_cos_halves_shuffled": tree_cosine(sa, sb),
-            "grad_norm_half": 0.5 * (tree_norm(ga) + tree_norm(gb))}
+    out = {"grad_cos_halves": tree_cosine(ga, gb), "grad_cos_halves_shuffled": tree_cosine(sa, sb),
+           "grad_norm_half": 0.5 * (tree_norm(ga) + tree_norm(gb))}
+    # per module group: where in the network the rewards' signal sits (a group whose halves agree
+    # beyond the control's is one a restricted update, e.g. ``dit_trainable``, can learn with)
+    real, ctrl = tree_cosine_by_group(ga, gb), tree_cosine_by_group(sa, sb)
+    out.update({f"grad_cos_halves/{g}": c for g, c in real.items()})
+    out.update({f"grad_cos_halves_shuffled/{g}": c for g, c in ctrl.items()})
+    return out
 
 
 def reward_variance_split(rewards: np.ndarray) -> dict:

@@ -34,20 +34,49 @@ class TrainState:
         return jax.random.wrap_key_data(self.rng)
 
 
+def module_groups(what: str) -> tuple[str, ...]:
+    """The module groups of a ``trainable`` that names them ("proj_out,scale_shift_table"), () for
+    "lora" / "full"."""
+    if what in TRAINABLE:
+        return ()
+    groups = tuple(g.strip() for g in str(what).split(",") if g.strip())
+    if not groups:
+        raise ValueError(f"trainable must be one of {TRAINABLE} or a comma-separated list of module groups, "
+                         f"got {what!r}")
+    return groups
+
+
+def _in_groups(path, groups) -> bool:
+    from ..rl.stages import param_group
+    g = param_group(path)
+    return any(g == want or g.startswith(want + ".") for want in groups)
+
+
 def trainable_filter(what: str):
+    """``what``: "lora" (the LoRA adapters), "full" (every parameter), or module groups
+    (``rl.stages.param_group`` names, comma-separated: "proj_out,scale_shift_table"; "blocks" takes
+    every ``blocks.*``): those groups' parameters, the rest frozen."""
     if what == "lora":
         return LoRAParam
     if what == "full":
         return nnx.Param
-    raise ValueError(f"trainable must be one of {TRAINABLE}, got {what!r}")
+    groups = module_groups(what)
+    return nnx.All(nnx.Param, lambda path, x: _in_groups(path, groups))
 
 
 def split_model(model: nnx.Module, what: str):
-    """(graphdef, trainable state, frozen state). ``what``: "lora" (adapters only) or "full"."""
+    """(graphdef, trainable state, frozen state). ``what``: ``trainable_filter``'s."""
     graphdef, params, frozen = nnx.split(model, trainable_filter(what), ...)
     if not jax.tree.leaves(params):
-        raise ValueError(f"the model has nothing to train with trainable={what!r}"
-                         + (" (no LoRA adapters: set a LoRA config)" if what == "lora" else ""))
+        hint = ""
+        if what == "lora":
+            hint = " (no LoRA adapters: set a LoRA config)"
+        elif what not in TRAINABLE:
+            from ..rl.stages import param_group
+            names = sorted({param_group(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+                nnx.state(model, nnx.Param))[0]})
+            hint = f" (no parameter in those module groups; the model's groups: {', '.join(names)})"
+        raise ValueError(f"the model has nothing to train with trainable={what!r}{hint}")
     return graphdef, params, frozen
 
 
