@@ -30,13 +30,16 @@ import numpy as np
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_world.py")
 
 
-def score(models, env: dict, mode: str, reward_cfg, eval_prompts: int, seed: int = 1000) -> float:
-    """The mean reward of ``models``' deterministic eval samples (module docstring)."""
+def score(models, env: dict, mode: str, reward_cfg, eval_prompts: int, seed: int = 1000) -> tuple[float, dict]:
+    """(the mean reward of ``models``' deterministic eval samples (module docstring), extras): for
+    ``grpo_vdm`` the extras are the renders' CLIP-V, CLIP-T and exact render IoU (the score itself
+    for the CLIP rewards ``v2`` / ``c2``); {} for ``grpo_vlm``."""
     from vans_jax.apps import demo
     from vans_jax.data.csv_format import read_vnep_csv
     from vans_jax.data.video_io import read_video
     from vans_jax.eval import runner as eval_runner
     from vans_jax.pipeline import Clip
+    from vans_jax.rl.render_accuracy import render_accuracy
     from vans_jax.rl.rewards import RewardInputs, compute_rewards
 
     settings = dict(env["settings"], temperature=0.0)
@@ -47,10 +50,21 @@ def score(models, env: dict, mode: str, reward_cfg, eval_prompts: int, seed: int
     gt_frames = np.stack([eval_runner.read_ground_truth(os.path.join(env["video_root"], r.output_video_path), config)
                           for r in rows])
     gt_caps = [r.caption for r in rows]
+    extras = {}
     if mode == "grpo_vdm":
         frames = np.stack([eval_runner.to_eval_geometry(np.asarray(v), config)
                            for v in pipe.render(clips, gt_caps, seed=seed)])
         texts, caps = None, gt_caps
+        # the paper's video metrics and the world's exact one on the same renders, whatever the reward
+        recs = eval_runner.score_predictions(
+            [""] * len(rows), gt_caps, gt_caps, list(frames), list(gt_frames),
+            models=eval_runner.Models(clip=models.clip, tokenizer=models.clip_tokenizer), config=config)
+        extras = {"clip_v": float(np.mean([r["clip_v"] for r in recs])),
+                  "clip_t": float(np.mean([r["clip_t"] for r in recs])),
+                  "render_iou": float(np.mean([render_accuracy(f, g)["render_iou"]
+                                               for f, g in zip(frames, gt_frames)]))}
+        if set(reward_cfg.active) & {"v2", "c2"}:   # CLIP rewards: their eval form on the ODE renders
+            return (extras["clip_v"] if "v2" in reward_cfg.active else extras["clip_t"]), extras
     else:
         ans = pipe.answer(clips, [r.question for r in rows])
         frames, texts, caps = None, list(ans.texts), list(ans.captions)
@@ -58,7 +72,7 @@ def score(models, env: dict, mode: str, reward_cfg, eval_prompts: int, seed: int
                           gt_captions=gt_caps, texts=texts, group_size=1)
     out = compute_rewards(reward_cfg, reward_inputs=inputs, frames=frames, gt_frames=inputs.gt_frames, texts=texts,
                           gt_captions=gt_caps)
-    return float(np.mean(next(iter(out.values()))))
+    return float(np.mean(next(iter(out.values())))), extras
 
 
 def run(output_dir: str, *, mode: str = "grpo_vdm", reward: str = "examples/rewards.py:redness", steps: int = 12,
@@ -83,11 +97,11 @@ def run(output_dir: str, *, mode: str = "grpo_vdm", reward: str = "examples/rewa
                                            "group_size": int(cfg.train.grpo.group_size),
                                            "prompts_per_step": int(cfg.train.batch_size),
                                            "num_updates": int(cfg.train.grpo.num_updates)}}
-    result["before"] = score(env["models"], env, mode, rcfg, eval_prompts)
-    say(f"[learning-check] before: {result['before']:.4f}", flush=True)
-    runs = {}
+    result["before"], result["before_extras"] = score(env["models"], env, mode, rcfg, eval_prompts)
+    say(f"[learning-check] before: {result['before']:.4f} {result['before_extras']}", flush=True)
+    runs, extras = {}, {}
     for seed in seeds:
-        runs[str(seed)] = {}
+        runs[str(seed)], extras[str(seed)] = {}, {}
         for arm in ("real", "shuffled"):
             c = copy.deepcopy(cfg)
             c.seed = int(seed)
@@ -96,9 +110,10 @@ def run(output_dir: str, *, mode: str = "grpo_vdm", reward: str = "examples/rewa
             c.train.export, c.train.checkpoint_every = False, 0
             c.train.grpo.rewards, c.train.grpo.shuffle_advantages = reward, arm == "shuffled"
             final = loop.train(c, progress=False, models=env["models"])
-            runs[str(seed)][arm] = score(final["models"], env, mode, rcfg, eval_prompts)
-            say(f"[learning-check] seed {seed} {arm}: {runs[str(seed)][arm]:.4f}", flush=True)
-    result["runs"] = runs
+            runs[str(seed)][arm], extras[str(seed)][arm] = score(final["models"], env, mode, rcfg, eval_prompts)
+            say(f"[learning-check] seed {seed} {arm}: {runs[str(seed)][arm]:.4f} {extras[str(seed)][arm]}",
+                flush=True)
+    result["runs"], result["extras"] = runs, extras
     real = np.asarray([r["real"] for r in runs.values()])
     shuf = np.asarray([r["shuffled"] for r in runs.values()])
     result["summary"] = {
@@ -127,6 +142,13 @@ def markdown(r: dict) -> str:
         lines.append(f"| {seed} | {v['real']:.4f} | {v['shuffled']:.4f} | {v['real'] - v['shuffled']:+.4f} |")
     lines.append(f"| mean ± std | {s['real']['mean']:.4f} ± {s['real']['std']:.4f} | "
                  f"{s['shuffled']['mean']:.4f} ± {s['shuffled']['std']:.4f} | |")
+    if r.get("before_extras"):   # grpo_vdm: the renders' CLIP-V and exact render IoU, real / shuffled
+        b = r["before_extras"]
+        lines += ["", f"The same renders' CLIP-V and render IoU (before: {b['clip_v']:.4f}, {b['render_iou']:.4f}):",
+                  "", "| seed | CLIP-V real | CLIP-V shuffled | IoU real | IoU shuffled |", "|---|---|---|---|---|"]
+        for seed, v in r["extras"].items():
+            lines.append(f"| {seed} | {v['real']['clip_v']:.4f} | {v['shuffled']['clip_v']:.4f} | "
+                         f"{v['real']['render_iou']:.4f} | {v['shuffled']['render_iou']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

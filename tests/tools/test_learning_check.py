@@ -27,6 +27,9 @@ def test_quick_learning_check_runs_both_arms(tmp_path):
     assert saved["runs"] == r["runs"] and set(r["runs"]["0"]) == {"real", "shuffled"}
     assert all(np.isfinite(v) for v in [r["before"], *r["runs"]["0"].values()])
     assert (tmp_path / "learning_check.md").read_text().startswith("grpo_vdm")
+    for ex in [r["before_extras"], *r["extras"]["0"].values()]:   # the renders' video metrics, whatever the reward
+        assert set(ex) == {"clip_v", "clip_t", "render_iou"} and -1 <= ex["clip_v"] <= 1 and 0 <= ex["render_iou"] <= 1
+    assert saved["extras"] == r["extras"]
     for arm in ("real", "shuffled"):
         rows = [json.loads(line) for line in open(tmp_path / "runs" / f"{arm}_s0" / "metrics.jsonl")]
         assert any(k.startswith("reward/") and k.endswith(":redness") for k in rows[-1])
