@@ -169,6 +169,26 @@ def test_compare_table2_rows_share_runs(tmp_path, monkeypatch):
     assert demo.resolve_variants(None) == ("grpo_vlm", "stage1", "joint_grpo")
     assert demo.resolve_variants(["joint_grpo,grpo_vdm"]) == ("grpo_vdm", "joint_grpo")
 
+    trained.clear()                                                  # the nulls: shuffled advantages
+    shuffled = []
+    orig = fake_train
+
+    def fake_train_nulls(cfg, **kw):
+        shuffled.append((str(cfg.train.mode), bool(cfg.train.grpo.shuffle_advantages)))
+        return orig(cfg, **kw)
+
+    monkeypatch.setattr(loop, "train", fake_train_nulls)
+    assert demo.resolve_variants(["nulls", "default"]) == ("grpo_vlm", "grpo_vdm_null", "stage1", "joint_grpo",
+                                                           "joint_grpo_null")
+    assert cli.main(["demo", "--compare", "--quick", "--seeds", "1", "--variants", "nulls",
+                     "--output_dir", str(out)]) == 0
+    # a new call: stage 1 again in its own work directory (a real run resumes it finished), then the null stage 2
+    assert shuffled == [("grpo_vdm", True), ("grpo_stage1", False), ("grpo_stage2", True)]
+    assert trained[1][2] == "grpo_stage1" and trained[2][2].startswith("grpo_stage1__grpo_stage2-shuffle")
+    r = json.loads((out / "compare.json").read_text())
+    assert list(r["runs"])[-1] == "joint_grpo_null" and r["runs"]["grpo_vdm_null"]["1"]
+    assert "Joint-GRPO, stage 2 with shuffled advantages (null)" in (out / "compare.md").read_text()
+
 
 # ----------------------------------------------------------------------------- in-memory hand-over
 

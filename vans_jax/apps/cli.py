@@ -4,7 +4,7 @@
     vans-jax predict [--vlm DIR --vdm DIR] [--dit FILE] [--lora DIR] (--video FILE --question TEXT | --csv FILE
                      --video_root DIR) --output_dir DIR [--seed S] [--num_steps N ...any setting]
     vans-jax demo [--output_dir DIR] [--quick] [--config configs/tiny_world.py] [--config.a.b=value ...]
-    vans-jax demo --compare [--seeds 0 1 2] [--variants default|table2|NAME ...] [--output_dir DIR] [--quick]
+    vans-jax demo --compare [--seeds 0 1 2] [--variants default|table2|nulls|NAME ...] [--output_dir DIR] [--quick]
     vans-jax demo --vlm_only [--config configs/tiny.py] [--question TEXT] [--video FILE] [--output FILE]
     vans-jax make-data --output_dir DIR --num_samples N --seed S [--split all|train|rl|eval] [--train N ...]
     vans-jax validate-data --csv FILE --video_root DIR [--output report.json] [--quick]
@@ -140,8 +140,9 @@ def main(argv=None):
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds for --compare")
     demo.add_argument("--variants", nargs="+", default=None,
                       help="rows for --compare: 'default' (GRPO on the VLM only, stage 1, Joint-GRPO), 'table2' "
-                           "(all of the paper's Table 2) or names: grpo_vlm grpo_vdm isolated_cascaded stage1 "
-                           "stage1_no_t1 stage1_no_v1 joint_no_c2 joint_no_v2 all_in_one joint_grpo")
+                           "(all of the paper's Table 2), 'nulls' (the DiT-training rows with shuffled "
+                           "advantages) or names: grpo_vlm grpo_vdm grpo_vdm_null isolated_cascaded stage1 "
+                           "stage1_no_t1 stage1_no_v1 joint_no_c2 joint_no_v2 all_in_one joint_grpo joint_grpo_null")
     demo.add_argument("--vlm_only", action="store_true",
                       help="instead: VLM inference on one clip with a tiny random model (no shipped models needed)")
     demo.add_argument("--config", default=None,

@@ -384,16 +384,27 @@ TABLE2_VARIANTS = {
     "joint_no_v2": ("Joint-GRPO without r_v2", (("grpo_stage1", {}), ("grpo_stage2", {"disabled_rewards": "v2"}))),
     "all_in_one": ("All-in-one (one stage, both models, one joint reward)", (("grpo_all_in_one", {}),)),
 }
-ALL_VARIANTS = {**VARIANTS, **TABLE2_VARIANTS}
-# the table's row order: the paper's Table 2 order
+# the nulls (``--variants nulls``): a DiT-training row with its advantages shuffled within groups
+# (``train.grpo.shuffle_advantages``): the same updates with the rewards' link to the rollouts cut, so
+# what a row gains beyond its null is what the rewards taught
+NULL_VARIANTS = {
+    "grpo_vdm_null": ("GRPO on the VDM only, shuffled advantages (null)",
+                      (("grpo_vdm", {"shuffle_advantages": True}),)),
+    "joint_grpo_null": ("Joint-GRPO, stage 2 with shuffled advantages (null)",
+                        (("grpo_stage1", {}), ("grpo_stage2", {"shuffle_advantages": True}))),
+}
+ALL_VARIANTS = {**VARIANTS, **TABLE2_VARIANTS, **NULL_VARIANTS}
+# the table's row order: the paper's Table 2 order, each null after its row
 TABLE2_ORDER = ("grpo_vlm", "grpo_vdm", "isolated_cascaded", "stage1", "stage1_no_t1", "stage1_no_v1",
                 "joint_no_c2", "joint_no_v2", "all_in_one", "joint_grpo")
+ORDER = ("grpo_vlm", "grpo_vdm", "grpo_vdm_null", "isolated_cascaded", "stage1", "stage1_no_t1", "stage1_no_v1",
+         "joint_no_c2", "joint_no_v2", "all_in_one", "joint_grpo", "joint_grpo_null")
 VARIANT_NAMES = {"sft": "SFT", **{k: v[0] for k, v in ALL_VARIANTS.items()}}
 
 
 def resolve_variants(names: Sequence[str] | None) -> tuple[str, ...]:
-    """``--variants``: names of ``ALL_VARIANTS`` (in Table-2 order), ``default`` (the three of
-    ``VARIANTS``) or ``table2`` (all ten); None = default. Unknown names are an error naming them."""
+    """``--variants``: names of ``ALL_VARIANTS`` (in ``ORDER``), ``default`` (the three of
+    ``VARIANTS``), ``table2`` (all ten) or ``nulls`` (``NULL_VARIANTS``); None = default. Unknown names are an error naming them."""
     if not names:
         return tuple(VARIANTS)
     want: list[str] = []
@@ -403,12 +414,14 @@ def resolve_variants(names: Sequence[str] | None) -> tuple[str, ...]:
                 want += list(TABLE2_ORDER)
             elif part == "default":
                 want += list(VARIANTS)
+            elif part == "nulls":
+                want += list(NULL_VARIANTS)
             elif part in ALL_VARIANTS:
                 want.append(part)
             else:
-                raise ValueError(f"--variants: unknown variant {part!r}; known: default, table2, "
-                                 + ", ".join(TABLE2_ORDER))
-    return tuple(v for v in TABLE2_ORDER if v in want)
+                raise ValueError(f"--variants: unknown variant {part!r}; known: default, table2, nulls, "
+                                 + ", ".join(ORDER))
+    return tuple(v for v in ORDER if v in want)
 
 
 def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bool = False,
@@ -443,7 +456,7 @@ def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bo
         for v, per_seed in old.get("runs", {}).items():
             if v in ALL_VARIANTS:
                 result["runs"].setdefault(v, {}).update(per_seed)
-        result["runs"] = {v: result["runs"][v] for v in TABLE2_ORDER if v in result["runs"]}
+        result["runs"] = {v: result["runs"][v] for v in ORDER if v in result["runs"]}
 
     def save():
         result["summary"] = summarize(result)
