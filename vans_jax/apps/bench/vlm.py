@@ -8,6 +8,22 @@ from flax import nnx
 
 from .common import BenchContext, figure, random_model, section, spread
 
+PAIR_TRIES = 3     # measurements of the generate(1) / generate(N) pair before decode is called unmeasurable
+
+
+def measure_pair(measure, n: int, tries: int = PAIR_TRIES):
+    """(generate(1) stats, (generate(n) stats, output)) from ``measure(k) -> (stats, output)``: the pair
+    is measured again (up to ``tries`` times) while generate(n) is not slower than generate(1) in every
+    repeat, so a burst of load on a busy host does not turn into a negative decode time. Both stats
+    record ``pair_attempts``."""
+    for attempt in range(1, int(tries) + 1):
+        pre, _ = measure(1)
+        full, out = measure(n)
+        if all(f > p for f, p in zip(full["times_s"], pre["times_s"])):
+            break
+    pre["pair_attempts"] = full["pair_attempts"] = attempt
+    return pre, (full, out)
+
 
 def _build_qwen(ctx: BenchContext):
     """(our model, HF model or None, reason): random weights; with the reference, a random
@@ -58,8 +74,7 @@ def bench_vlm(ctx: BenchContext) -> list[dict]:
         return qwen.generate(model, batch, max_new_tokens=n, temperature=1.0, top_p=1.0, top_k=0,
                              num_return_sequences=G, rng=jax.random.key(ctx.seed), eos_token_id=-1).tokens
 
-    prefill, _ = ctx.ours(lambda: ours_generate(1))
-    full, tokens = ctx.ours(lambda: ours_generate(N))
+    prefill, (full, tokens) = measure_pair(lambda n: ctx.ours(lambda: ours_generate(n)), N)
     if tokens.shape != (G, N):
         raise RuntimeError(f"generate returned tokens of shape {tokens.shape}, expected {(G, N)}")
     ref_prefill = ref_full = None
@@ -82,8 +97,7 @@ def bench_vlm(ctx: BenchContext) -> list[dict]:
                                    f"{(G, ids.shape[1] + n)}")
             return out
 
-        ref_prefill, _ = ctx.reference(lambda: hf_generate(1))
-        ref_full, _ = ctx.reference(lambda: hf_generate(N))
+        ref_prefill, (ref_full, _) = measure_pair(lambda n: ctx.reference(lambda: hf_generate(n)), N)
 
     shape = dict(prompt_tokens=int(ids.shape[1]), video_tokens=n_video, video_frames=int(c.num_frames),
                  frame_size=[int(c.height), int(c.width)], video_grid_thw=grid[0].tolist(),
@@ -98,7 +112,7 @@ def bench_vlm(ctx: BenchContext) -> list[dict]:
         d["warmup_s"] = full_stats["warmup_s"]
         if d["min_s"] <= 0:
             raise RuntimeError(f"generate({N}) was not slower than generate(1) in every repeat "
-                               f"({full_stats['times_s']} s vs {prefill_stats['times_s']} s): decoding is below the "
+                               f"in {PAIR_TRIES} tries ({full_stats['times_s']} s vs {prefill_stats['times_s']} s): decoding is below the "
                                f"timing noise; raise vlm.max_new_tokens")
         d["tokens_per_s"] = G * (N - 1) / d["steady_s"]
         return d
