@@ -159,14 +159,14 @@ def test_loss_terms_and_weights():
     import jax
     import optax
     vae = vt.init_for_training(WanVAE(SPEC.config(scan_unroll=True), rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(vae)
+    graphdef, params, frozen = nnx.split(vae, vt._trainable_filter("all"), ...)
     rng = np.random.default_rng(0)
     batch = tuple(jnp.asarray(rng.integers(0, 255, (2, 1, 16, 16, 3), dtype=np.uint8)) for _ in range(2))
     tx = optax.sgd(0.0)
 
     def metrics(**kw):
         step = vt._make_step(graphdef, tx, vt.VAETrainConfig(**kw))
-        _, _, m = step(jax.tree.map(jnp.copy, params), tx.init(params), batch, jax.random.key(0))
+        _, _, m = step(jax.tree.map(jnp.copy, params), frozen, tx.init(params), batch, jax.random.key(0))
         return {k: float(v) for k, v in m.items()}
 
     base = metrics()
@@ -193,4 +193,39 @@ def test_bad_loss_config(world, tmp_path):
                       ({"edge_weight": -1.0}, "loss weights must be >= 0"),
                       ({"l1_weight": 0.0, "mse_weight": 0.0}, "l1_weight \\+ mse_weight > 0")):
         with pytest.raises(ValueError, match=match):
+            vt.train_vae(world, str(tmp_path / "x"), spec=SPEC, train_config=vt.VAETrainConfig(**kw), log=None)
+
+
+def _params(vae):
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(vae, nnx.Param))}
+
+
+def test_decoder_only_finetune_keeps_the_latent_space(trained, world, tmp_path):
+    """``init_from`` + ``trainable="decoder"``: the encoder, ``quant_conv`` and the latent statistics are
+    exactly those of the starting VAE (a DiT trained on its latents stays valid); the decoder moves."""
+    src, m0 = trained
+    out = str(tmp_path / "vae_dec")
+    cfg = vt.VAETrainConfig(init_from=src, trainable="decoder", image_steps=0, steps=4, batch_size=2, lr=3e-3,
+                            warmup_steps=1, input_source="video")
+    m = vt.train_vae(world, out, spec=SPEC, train_config=cfg, num_frames=5, log=None)
+    assert m["trainable"] == "decoder" and m["init_from"] == src and m["steps"] == 4
+    assert m["latents_mean"] == m0["latents_mean"] and m["latents_std"] == m0["latents_std"]
+    before, after = _params(load_vae(src)), _params(load_vae(out))
+    assert before.keys() == after.keys()
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert moved and all(k.split(".")[0] in vt.DECODER_PARTS for k in moved), sorted(moved)[:5]
+    assert any(k.startswith("decoder.") for k in moved)
+    # the encoder gives the very same latents
+    clips = vt.vae_clips(load_world_clips(world, "eval"), 5)[:2]
+    mu0 = vt._encode_mean(*nnx.split(load_vae(src)), jnp.asarray(clips))
+    mu1 = vt._encode_mean(*nnx.split(load_vae(out)), jnp.asarray(clips))
+    np.testing.assert_array_equal(np.asarray(mu0), np.asarray(mu1))
+
+
+def test_bad_finetune_config(trained, world, tmp_path):
+    src, _ = trained
+    for kw, err, match in (({"trainable": "decoder"}, ValueError, "set init_from"),
+                           ({"trainable": "encoder", "init_from": src}, ValueError, "trainable must be 'all' or 'decoder'"),
+                           ({"init_from": str(tmp_path / "missing")}, FileNotFoundError, "no VAE directory at")):
+        with pytest.raises(err, match=match):
             vt.train_vae(world, str(tmp_path / "x"), spec=SPEC, train_config=vt.VAETrainConfig(**kw), log=None)

@@ -84,6 +84,12 @@ class VAETrainConfig:
     # against the exact frames on the eval split, worst clip 28.9). The target is always the exact render,
     # so with "video" the VAE learns to undo the codec (a denoising autoencoder).
     input_source: str = "render"
+    # start from a trained VAE (a diffusers ``AutoencoderKLWan`` directory) instead of the random init
+    init_from: str | None = None
+    # what trains: "all", or "decoder" (``post_quant_conv`` + the decoder; the encoder and the latent
+    # statistics stay those of ``init_from``, so the latent space a DiT was trained on does not move and
+    # the DiT needs no retraining: only its renders' decoding improves)
+    trainable: str = "all"
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,9 +195,21 @@ def init_for_training(vae: WanVAE) -> WanVAE:
     return vae
 
 
+DECODER_PARTS = ("post_quant_conv", "decoder")
+
+
+def _trainable_filter(trainable: str):
+    """nnx filter of the trained variables: every one ("all") or the decoder side ("decoder")."""
+    if trainable == "all":
+        return lambda path, x: True
+    if trainable == "decoder":
+        return lambda path, x: bool(path) and str(path[0]) in DECODER_PARTS
+    raise ValueError(f"VAETrainConfig.trainable must be 'all' or 'decoder', got {trainable!r}")
+
+
 def _make_step(graphdef, tx, cfg: VAETrainConfig):
-    def loss_fn(params, batch, key):
-        vae = nnx.merge(graphdef, params)
+    def loss_fn(params, frozen, batch, key):
+        vae = nnx.merge(graphdef, params, frozen)
         inp, tgt = batch                                                       # uint8 (B, F, H, W, 3) each
         x = _to_unit(tgt)
         post = vae.encode(_to_unit(inp), channels_last=True)
@@ -211,12 +229,12 @@ def _make_step(graphdef, tx, cfg: VAETrainConfig):
             loss, aux["edge"] = loss + cfg.edge_weight * edge, edge
         return loss, aux
 
-    def step(params, opt_state, batch, key):
-        (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+    def step(params, frozen, opt_state, batch, key):
+        (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, key)
         updates, opt_state = tx.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, {"loss": loss, **aux}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 2))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -322,6 +340,11 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
                          f"l1_weight={cfg.l1_weight}, mse_weight={cfg.mse_weight}, edge_weight={cfg.edge_weight}")
     if cfg.input_source not in ("render", "video"):
         raise ValueError(f"VAETrainConfig.input_source must be 'render' or 'video', got {cfg.input_source!r}")
+    _trainable_filter(cfg.trainable)
+    if cfg.trainable != "all" and not cfg.init_from:
+        raise ValueError(f"VAETrainConfig.trainable={cfg.trainable!r} trains part of a trained VAE: set init_from")
+    if cfg.init_from and not os.path.isdir(cfg.init_from):
+        raise FileNotFoundError(f"VAETrainConfig.init_from: no VAE directory at {cfg.init_from}")
     if cfg.input_source == "video" and train_source != "render":
         raise ValueError("VAETrainConfig.input_source='video' trains against the exact frames: train_source must "
                          f"be 'render', got {train_source!r}")
@@ -340,8 +363,13 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
     t_data = time.time() - t0
 
     # unrolled chunk scans: XLA:CPU runs the scan's backward pass ~10x slower
-    vae = init_for_training(WanVAE(spec.config(scan_unroll=True), rngs=nnx.Rngs(seed)))
-    graphdef, params = nnx.split(vae)
+    if cfg.init_from:
+        vae = load_vae(cfg.init_from, scan_unroll=True)
+        log(f"[vae] starting from {cfg.init_from}; training {cfg.trainable}")
+    else:
+        vae = init_for_training(WanVAE(spec.config(scan_unroll=True), rngs=nnx.Rngs(seed)))
+    init_stats = (vae.cfg.latents_mean, vae.cfg.latents_std)
+    graphdef, params, frozen = nnx.split(vae, _trainable_filter(cfg.trainable), ...)
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     frames = np.concatenate([train.inputs, train.targets], axis=1)              # (N, F_in + F_out, H, W, 3)
@@ -367,7 +395,7 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
         hist = history.setdefault(phase, [])
         t1 = time.time()
         for i in range(steps_):
-            params, opt_state, m = step_fn(params, opt_state, tuple(jnp.asarray(a) for a in sample(b)),
+            params, opt_state, m = step_fn(params, frozen, opt_state, tuple(jnp.asarray(a) for a in sample(b)),
                                            jax.random.fold_in(key, len(hist) + (0 if phase == "image" else 1 << 20)))
             hist.append({k: float(v) for k, v in m.items()})
             if i == 0 or (i + 1) % 100 == 0 or i + 1 == steps_:
@@ -376,9 +404,12 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
                     f"kl {hist[-1]['kl']:.2f})  {el:.0f}s, eta {el / (i + 1) * (steps_ - i - 1):.0f}s")
         seconds[phase] = time.time() - t1
 
-    vae = nnx.merge(graphdef, params)
-    stats_idx = np.random.default_rng(seed + 1).permutation(n)[:stats_clips]
-    mean, std = latent_stats(vae, data_in[np.sort(stats_idx)])     # what the encoder sees at run time
+    vae = nnx.merge(graphdef, params, frozen)
+    if cfg.trainable == "decoder":              # the encoder did not move: its latent space stays as it was
+        mean, std = (np.asarray(v, np.float64) for v in init_stats)
+    else:
+        stats_idx = np.random.default_rng(seed + 1).permutation(n)[:stats_clips]
+        mean, std = latent_stats(vae, data_in[np.sort(stats_idx)])     # what the encoder sees at run time
     final_cfg = dataclasses.replace(vae.cfg, latents_mean=tuple(round(float(v), 4) for v in mean),
                                     latents_std=tuple(round(float(v), 4) for v in std), scan_unroll=1)
     vae.cfg = final_cfg
@@ -407,7 +438,7 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
                                       for a, b in zip(ex_t["psnr_per_frame"], ex_i["psnr_per_frame"])],
         # the codec alone: decoded mp4 vs exact frames (the ceiling of a VAE that reproduces its input)
         "eval_codec_psnr": _psnr_db(codec.mean()), "eval_codec_psnr_worst_clip": _psnr_db(codec_clip.max()),
-        "input_source": cfg.input_source,
+        "input_source": cfg.input_source, "init_from": cfg.init_from, "trainable": cfg.trainable,
         "latents_mean": list(final_cfg.latents_mean), "latents_std": list(final_cfg.latents_std),
         "image_steps": cfg.image_steps, "steps": cfg.steps, "batch_size": min(cfg.batch_size, n),
         "train_clips": int(n), "num_frames": int(f),
