@@ -132,8 +132,9 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
     of the ground-truth captions with the input's reference latents (seed 0 noise), scored against
     the ground-truth next event by CLIP-V and by the world's exact render accuracy
     (``rl.render_accuracy``: foreground IoU, object colour), next to a control that needs no
-    model: the input's last frame repeated. ``vdm_clip_v_vs_iou_spearman``: how CLIP-V ranks the
-    renders against how the exact IoU does."""
+    model: the input's last frame repeated, and the ceiling the VAE sets for any DiT on its latents
+    (``vae_recon_*``: the true next event encoded and decoded by the VAE, scored the same way).
+    ``vdm_clip_v_vs_iou_spearman``: how CLIP-V ranks the renders against how the exact IoU does."""
     from vans_jax.data.csv_format import read_vnep_csv
     from vans_jax.data.video_io import read_video
     from vans_jax.convert import clip as clip_ckpt
@@ -144,6 +145,8 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
     from vans_jax.apps.demo import _pipeline, eval_config
     from vans_jax.eval import runner as eval_runner
     from vans_jax.rl.render_accuracy import mean_render_accuracy
+    from vans_jax.data.video_io import resize_center_crop
+    from vans_jax.sampling import wan
 
     paths = tiny_world_paths(world_dir)
     defaults = load_defaults(world_dir)
@@ -154,7 +157,17 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
     clip_model = clip_ckpt.from_pretrained(paths["clip"])
     rows = list(read_vnep_csv(os.path.join(data_dir, "eval.csv")))[:num_samples]
     root = os.path.join(data_dir, "videos")
-    texts, caps, sims, sims_last, pairs, pairs_last = [], [], [], [], [], []
+    texts, caps, sims, sims_last, sims_rec, pairs, pairs_last, pairs_rec = [], [], [], [], [], [], [], []
+    s = pipe.settings
+
+    def vae_roundtrip(path):
+        frames = np.asarray(read_video(path)[0])[:s.num_frames]
+        if frames.shape[0] != s.num_frames:
+            raise ValueError(f"{path}: {frames.shape[0]} frames, the VAE round trip needs {s.num_frames}")
+        if frames.shape[1:3] != (s.height, s.width):
+            frames = resize_center_crop(frames, s.height, s.width)
+        video = (frames.astype(np.float32) / 127.5 - 1.0).transpose(3, 0, 1, 2)[None]
+        return eval_runner.to_eval_geometry(wan.decode_latents(pipe.vdm, wan.encode_video(pipe.vdm, video))[0], config)
 
     def clip_v(a, b):
         return np.asarray(clip_video_similarity(clip_lib.encode_frames(clip_model, a),
@@ -172,13 +185,17 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
                        for r in chunk])
         last = np.stack([np.repeat(eval_runner.to_eval_geometry(c.frames[-1:], config), gt.shape[1], 0)
                          for c in clips])
+        rec = np.stack([vae_roundtrip(os.path.join(root, r.output_video_path)) for r in chunk])
         f = min(gen.shape[1], gt.shape[1])
+        fr = min(rec.shape[1], gt.shape[1])
         sims += clip_v(gen[:, :f], gt[:, :f])
         sims_last += clip_v(last, gt)
+        sims_rec += clip_v(rec[:, :fr], gt[:, :fr])
         pairs += [(g[:f], t[:f]) for g, t in zip(gen, gt)]
         pairs_last += list(zip(last, gt))
+        pairs_rec += [(g[:fr], t[:fr]) for g, t in zip(rec, gt)]
     gts = [r.caption for r in rows]
-    ra, ra_last = mean_render_accuracy(pairs), mean_render_accuracy(pairs_last)
+    ra, ra_last, ra_rec = mean_render_accuracy(pairs), mean_render_accuracy(pairs_last), mean_render_accuracy(pairs_rec)
     return {"num_samples": len(rows),
             "vlm_exact_caption": float(np.mean([c == g for c, g in zip(caps, gts)])),
             "vlm_rouge_l": float(np.mean(rouge_l_reward(caps, gts, extract=False))),
@@ -189,7 +206,10 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
             "vdm_clip_v_vs_iou_spearman": _spearman(sims, ra["render_iou_per_clip"]),
             "last_frame_clip_v": float(np.mean(sims_last)),
             "last_frame_render_iou": ra_last["render_iou"],
-            "last_frame_render_color": ra_last["render_color"]}
+            "last_frame_render_color": ra_last["render_color"],
+            "vae_recon_clip_v": float(np.mean(sims_rec)),
+            "vae_recon_render_iou": ra_rec["render_iou"],
+            "vae_recon_render_color": ra_rec["render_color"]}
 
 
 def _timed(fn, *a, **kw) -> dict:
