@@ -89,6 +89,9 @@ def get_config():
                   # update; one initial noise per group (DanceGRPO); "std_dt": each timestep's policy
                   # term x std_t / sqrt(-dt), normalized to mean 1 (flow_grpo's Wan trainer)
                   grad_accum=1, same_noise=False, timestep_weight="none",
+                  # > 0: every DiT update adds this x the SFT-VDM flow-matching loss on the step's ground
+                  # truth (target video, caption, reference latents; flow_grpo's auxiliary ``sft`` term)
+                  sft_weight=0.0,
                   vlm_lr=None, dit_lr=None,    # per-part learning rates (None: lr)
                   ema_decay=0.0),              # > 0: a parameter EMA of the trained parts: what is evaluated and exported
     ))

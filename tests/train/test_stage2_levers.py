@@ -139,3 +139,47 @@ def test_trainable_module_groups():
     assert set(blocks["blocks"].keys()) > {"ffn_in", "ffn_out", "attn1", "scale_shift_table"}
     with pytest.raises(ValueError, match=r"trainable='head'.*groups: blocks.attn1, .*proj_out"):
         core.split_model(model, "head")
+
+
+def _sft_of(batch, seed=5):
+    """The step's ground truth for ``sft_weight`` on the tiny stage-2 batch's DiT: target latents
+    (one row a prompt), caption context, reference latents, a null context, a key."""
+    k = jax.random.split(jax.random.key(seed), 2)
+    n = batch["context"].shape[0]
+    return dict(latents=jax.random.normal(k[0], (n, 4, 2, 4, 4)), context=batch["context"],
+                null_context=jnp.zeros((1,) + batch["context"].shape[1:]), ref_latents=batch["ref_latents"],
+                rng=jax.random.key_data(k[1]))
+
+
+def test_sft_weight_adds_the_flow_matching_gradient():
+    """train.grpo.sft_weight: the update's gradient is the stage-2 gradient plus w x the gradient of
+    the SFT-VDM loss on the ground truth (no dropout); the loss and sft_loss say so; with grad_accum
+    the term is added once per update, and the split update equals the whole one."""
+    from vans_jax.train.grpo import make_stage2_accumulated_update, make_stage2_update
+    from vans_jax.train.sft import sft_vdm_loss
+    graphdef, params, frozen, ref, batch, _ = _tiny_stage2_batch(4, 3)
+    sft, w = _sft_of(batch), 0.7
+    opt = optax.sgd(1.0)            # new params = params - gradient: the gradient is readable
+    kw = dict(KW, beta=0.5, shift=3.0)
+    fresh = lambda: core.init_state(jax.tree.map(jnp.copy, params), opt, 0)
+    plain, m_plain = make_stage2_update(graphdef, opt, **kw)(fresh(), frozen, ref, batch)
+    mixed, m_mixed = make_stage2_update(graphdef, opt, sft_weight=w, **kw)(fresh(), frozen, ref, dict(batch, sft=sft))
+    (l_sft, _), g_sft = jax.value_and_grad(
+        lambda p: sft_vdm_loss(p, graphdef, frozen, sft, sft["rng"], shift=3.0, text_dropout=0.0, dropout=False),
+        has_aux=True)(params)
+    expect = jax.tree.map(lambda a, g: a - w * g, plain.params, g_sft)
+    assert _changed(mixed.params, plain.params)
+    _close(mixed.params, expect, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(m_mixed["sft_loss"]), float(l_sft), rtol=1e-5)
+    np.testing.assert_allclose(float(m_mixed["loss"]), float(m_plain["loss"]) + w * float(l_sft), rtol=1e-5)
+    assert "sft_loss" not in m_plain
+    # weight 0 or no ground truth: the plain update
+    zero, _ = make_stage2_update(graphdef, opt, sft_weight=0.0, **kw)(fresh(), frozen, ref, dict(batch, sft=sft))
+    _close(zero.params, plain.params, rtol=1e-6, atol=1e-8)
+    # grad_accum: two half batches + the term once == the whole batch + the term
+    acc, m_acc = make_stage2_accumulated_update(graphdef, opt, sft_weight=w, **kw)(
+        fresh(), frozen, ref, [dict(_rows(batch, slice(0, 2)), sft=sft), _rows(batch, slice(2, 4))])
+    _close(acc.params, mixed.params, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(m_acc["sft_loss"]), float(l_sft), rtol=1e-5)
+    with pytest.raises(ValueError, match="sft_weight must be >= 0, got -1"):
+        GRPOSettings(mode="grpo_vdm", sft_weight=-1)

@@ -98,10 +98,13 @@ class GRPOSettings:
     grad_accum: int = 1               # stage 2: rollout batches (of the step's prompts) per optimizer update
     same_noise: bool = False          # stage 2: one initial noise for all G rollouts of a group (DanceGRPO)
     timestep_weight: str = "none"     # stage 2: "none" | "std_dt" (policy term x std_t / sqrt(-dt), flow_grpo's Wan)
+    sft_weight: float = 0.0           # DiT updates: + this x the SFT-VDM flow-matching loss on the step's ground truth
 
     def __post_init__(self):
         if int(self.grad_accum) < 1:
             raise ValueError(f"train.grpo.grad_accum must be >= 1, got {self.grad_accum}")
+        if not float(self.sft_weight) >= 0.0:
+            raise ValueError(f"train.grpo.sft_weight must be >= 0, got {self.sft_weight}")
         if self.timestep_weight not in TIMESTEP_WEIGHTS:
             raise ValueError(f"unknown train.grpo.timestep_weight {self.timestep_weight!r}; expected one of "
                              f"{TIMESTEP_WEIGHTS}")

@@ -37,6 +37,7 @@ from ..rl.stages import (GRPO_MODES, GRPOSettings, finite_rewards, reward_config
 from ..sampling import wan as wp
 from ..sampling.text import SamplingSettings
 from . import media
+from .sft import clip_to_video, sft_vdm_loss
 from .core import (TrainState, apply_gradients, ema_params, init_state, jit_sharded, make_optimizer, make_update_step,
                    optimizer_settings, place, replicated, split_model)
 
@@ -126,18 +127,37 @@ def cached_update_step(part: Part, loss_fn, loss_key: tuple, **kw):
     return _STEPS[key]
 
 
+def with_sft_term(grads, m, params, graphdef, frozen, sft, *, sft_weight: float, shift: float):
+    """``train.grpo.sft_weight``: the stage-2 gradient plus ``sft_weight`` x the gradient of the SFT-VDM
+    flow-matching loss (``train.sft.sft_vdm_loss``, no text dropout, no model dropout) on ``sft``, the
+    step's ground truth: ``latents`` (B, z, T, h, w) of the target videos, ``context`` of their
+    captions, ``ref_latents``, ``null_context``, ``rng``. The loss becomes the stage-2 loss plus
+    ``sft_weight`` x it (``loss``); ``sft_loss`` is the flow-matching term alone. ``sft`` None: unchanged."""
+    if sft is None or sft_weight == 0.0:
+        return grads, m
+    fm = functools.partial(sft_vdm_loss, shift=shift, text_dropout=0.0, dropout=False)
+    (l_sft, _), g_sft = jax.value_and_grad(fm, has_aux=True)(params, graphdef, frozen, sft, sft["rng"])
+    grads = jax.tree.map(lambda a, b: a + sft_weight * b.astype(a.dtype), grads, g_sft)
+    return grads, dict(m, loss=m["loss"] + sft_weight * l_sft, sft_loss=l_sft)
+
+
 def make_stage2_update(graphdef, optimizer, *, beta, clip_eps, advantage_clip, noise_level, std_form,
-                       aggregation="sequence_mean", timestep_weight="none", shardings=None):
+                       aggregation="sequence_mean", timestep_weight="none", sft_weight=0.0, shift=5.0,
+                       shardings=None):
     """jit(update)(state, frozen, ref_params, batch) -> (state, metrics): ``rl.stages.stage2_grads``
-    then one optimizer update (skipped on a non-finite loss or gradient). ``shardings``: (state,
-    frozen, ref_params) shardings for explicit in/out shardings (the batch's taken from the batch,
-    ``core.jit_sharded``; metrics replicated); None: inferred."""
+    (plus ``with_sft_term`` on ``batch["sft"]`` when ``sft_weight`` > 0) then one optimizer update
+    (skipped on a non-finite loss or gradient). ``shardings``: (state, frozen, ref_params) shardings
+    for explicit in/out shardings (the batch's taken from the batch, ``core.jit_sharded``; metrics
+    replicated); None: inferred."""
     grads_fn = functools.partial(stage2_grads, graphdef=graphdef, beta=beta, clip_eps=clip_eps,
                                  advantage_clip=advantage_clip, noise_level=noise_level, std_form=std_form,
                                  aggregation=aggregation, timestep_weight=timestep_weight)
 
     def update(state: TrainState, frozen, ref_params, batch):
+        batch = dict(batch)
+        sft = batch.pop("sft", None)
         grads, m = grads_fn(state.params, frozen=frozen, ref_params=ref_params, batch=batch)
+        grads, m = with_sft_term(grads, m, state.params, graphdef, frozen, sft, sft_weight=sft_weight, shift=shift)
         new, extra = apply_gradients(state, grads, m["loss"], optimizer)
         return new, dict(m, **extra)
 
@@ -148,13 +168,15 @@ def make_stage2_update(graphdef, optimizer, *, beta, clip_eps, advantage_clip, n
 
 
 def make_stage2_accumulated_update(graphdef, optimizer, *, beta, clip_eps, advantage_clip, noise_level, std_form,
-                                   aggregation="sequence_mean", timestep_weight="none", shardings=None):
+                                   aggregation="sequence_mean", timestep_weight="none", sft_weight=0.0, shift=5.0,
+                                   shardings=None):
     """``train.grpo.grad_accum``: update(state, frozen, ref_params, batches) -> (state, metrics) with
     ``batches`` a list of K stage-2 batches (K rollout batches): the mean of their
     ``rl.stages.stage2_grads`` (each accumulated into a donated buffer by one compiled program, one
     batch's gradient live at a time), then one optimizer update (one compiled program); the
     metrics are the batches' mean. Equal to ``make_stage2_update`` on the K batches as one when
-    every batch has as many rollouts (tested)."""
+    every batch has as many rollouts (tested). ``sft_weight`` > 0: the first batch's ``sft`` (the
+    step's ground truth) adds ``with_sft_term`` once, to the accumulated gradient."""
     grads_fn = functools.partial(stage2_grads, graphdef=graphdef, beta=beta, clip_eps=clip_eps,
                                  advantage_clip=advantage_clip, noise_level=noise_level, std_form=std_form,
                                  aggregation=aggregation, timestep_weight=timestep_weight)
@@ -166,18 +188,27 @@ def make_stage2_accumulated_update(graphdef, optimizer, *, beta, clip_eps, advan
     def apply(state: TrainState, grads, loss):
         return apply_gradients(state, grads, loss, optimizer)
 
+    def add_sft(grads, params, frozen, sft):
+        g, m = with_sft_term(grads, {"loss": jnp.float32(0.0)}, params, graphdef, frozen, sft,
+                             sft_weight=sft_weight, shift=shift)
+        return g, m["sft_loss"]
+
     if shardings is None:
         acc_fn = jax.jit(accumulate, donate_argnums=(0,))
         apply_fn = jax.jit(apply, donate_argnums=(0,))
+        sft_fn = jax.jit(add_sft, donate_argnums=(0,))
     else:
         st, fr, ref = shardings
         rep = replicated(st)
         acc_fn = jit_sharded(accumulate, (st.params, st.params, fr, ref, None, rep), (st.params, rep),
                              donate_argnums=(0,))
         apply_fn = jit_sharded(apply, (st, st.params, rep), (st, rep), donate_argnums=(0,))
+        sft_fn = jit_sharded(add_sft, (st.params, st.params, fr, None), (st.params, rep), donate_argnums=(0,))
 
     def update(state: TrainState, frozen, ref_params, batches):
         k = len(batches)
+        sft = batches[0].get("sft")
+        batches = [{key: v for key, v in b.items() if key != "sft"} for b in batches]
         acc = jax.tree.map(jnp.zeros_like, state.params)
         scale = jnp.float32(1.0 / k)
         ms = []
@@ -185,6 +216,9 @@ def make_stage2_accumulated_update(graphdef, optimizer, *, beta, clip_eps, advan
             acc, m = acc_fn(acc, state.params, frozen, ref_params, b, scale)
             ms.append(m)
         m = {key: jnp.mean(jnp.stack([x[key] for x in ms]), axis=0) for key in ms[0]}
+        if sft is not None and sft_weight > 0:
+            acc, l_sft = sft_fn(acc, state.params, frozen, sft)
+            m = dict(m, loss=m["loss"] + sft_weight * l_sft, sft_loss=l_sft)
         state, extra = apply_fn(state, acc, m["loss"])
         return state, dict(m, **extra)
 
@@ -344,14 +378,31 @@ class JointGRPO:
                              f"grpo_vdm) accumulate rollout batches, not {s.mode}")
         accum = s.grad_accum > 1
         key = ("stage2_accum" if accum else "stage2", s.beta, s.clip_eps, s.advantage_clip, r.noise_level,
-               r.std_form, s.aggregation, s.timestep_weight, self.dit.cache_key())
+               r.std_form, s.aggregation, s.timestep_weight, float(s.sft_weight), float(r.shift), self.dit.cache_key())
         if key not in _STEPS:
             _STEPS[key] = (make_stage2_accumulated_update if accum else make_stage2_update)(
                 self.dit.graphdef, self.dit.optimizer, beta=s.beta, clip_eps=s.clip_eps,
                 advantage_clip=s.advantage_clip, noise_level=r.noise_level, std_form=r.std_form,
-                aggregation=s.aggregation, timestep_weight=s.timestep_weight,
+                aggregation=s.aggregation, timestep_weight=s.timestep_weight, sft_weight=float(s.sft_weight),
+                shift=float(r.shift),
                 shardings=(self.dit.state_shardings, self.dit.frozen_shardings, self.dit.state_shardings.params))
         return _STEPS[key]
+
+    def _sft_batch(self, examples, ref_lat, rng) -> dict:
+        """``train.grpo.sft_weight``: the step's ground truth for the flow-matching term: the VAE
+        latents of the target videos, the embeddings of their captions, the reference latents (one
+        row a prompt, global arrays) and the key of its noise and timesteps."""
+        target = np.stack([np.asarray(e["target"]) for e in examples])
+        want = (self.r.num_frames, self.r.height, self.r.width)
+        if target.shape[1:4] != want:
+            raise ValueError(f"train.grpo.sft_weight: the examples' target videos are {target.shape[1:4]} "
+                             f"(frames, height, width); the flow-matching term needs the render geometry {want}")
+        env = self.env
+        return dict(latents=wp.encode_video(self.vdm, env.rows(clip_to_video(target))),
+                    context=wp.encode_text(self.vdm, [e["caption"] for e in examples], to_device=env.rows),
+                    null_context=self.vdm.negative_embeddings("", 1), ref_latents=ref_lat,
+                    rng=env.const(np.asarray(jax.random.key_data(rng)) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+                                  else np.asarray(rng)))
 
     def _initial_noise(self, rng, n: int):
         """The initial latents of ``n`` = prompts x G stage-2 rollouts: None (``render_sde`` draws
@@ -397,6 +448,9 @@ class JointGRPO:
             if jax.process_count() > 1:   # the whole global batch's, on every process
                 target = ro.host_values(env.rows(target))
             gt_feat = env.gt_frame_feats(target)
+        sft = None
+        if self.train_dit and s.sft_weight > 0:    # the flow-matching term's ground truth (checked before rollouts)
+            sft = self._sft_batch(examples, ref_lat, jax.random.fold_in(k_vid, 11))
         new_tokens = 0
         if self.train_vlm:
             out = self._generate(self._policy_sampling)(prompt, k_gen)
@@ -486,10 +540,12 @@ class JointGRPO:
                 upd.setdefault("vlm", []).append(m)
         if self.train_dit:
             dbs = [self._stage2_batch(tr, cx, uc, ref_rep, ad) for tr, cx, uc, ad in rollouts]
+            if sft is not None:        # the flow-matching term on the step's ground truth (one per update)
+                dbs[0]["sft"] = sft
             db = dbs[0]
             ref_params = self.dit.ref_params()
             if s.diagnostics_every > 0 and (int(step_index) - 1) % s.diagnostics_every == 0:
-                metrics.update(self._stage2_diagnostics(db, adv, ref_params, caps, ref_rep, gt_feat, target,
+                metrics.update(self._stage2_diagnostics({k: v for k, v in db.items() if k != "sft"}, adv, ref_params, caps, ref_rep, gt_feat, target,
                                                         jax.random.fold_in(k_vid, 7), step_index))
             for u in range(s.num_updates):
                 self.dit.state, m = self._dit_update_fn()(self.dit.state, self.dit.frozen, ref_params,

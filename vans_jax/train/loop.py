@@ -233,7 +233,8 @@ def grpo_settings(cfg, mode) -> GRPOSettings:
                         diagnostics_noises=int(g.get("diagnostics_noises", 4)),
                         diagnostics_sde_draws=int(g.get("diagnostics_sde_draws", 4)),
                         grad_accum=int(g.get("grad_accum", 1)), same_noise=bool(g.get("same_noise", False)),
-                        timestep_weight=str(g.get("timestep_weight", "none") or "none"))
+                        timestep_weight=str(g.get("timestep_weight", "none") or "none"),
+                        sft_weight=float(g.get("sft_weight", 0.0) or 0.0))
 
 
 # ----------------------------------------------------------------------------- SFT runners
