@@ -39,6 +39,11 @@ def pytest_configure(config):
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    # a size limit turns on JAX's file lock around every cache read and write: without it the two
+    # workers (and subprocess tests) can read an entry another process is still writing, a torn
+    # executable that crashed a worker (segfault in compilation_cache.get_executable_and_time)
+    from vans_jax.apps.compile_cache import DEFAULT_MAX_BYTES
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(DEFAULT_MAX_BYTES))
 
 
 @pytest.fixture(scope="session")

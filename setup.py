@@ -18,6 +18,7 @@ RUNTIME = [
     "av",
     "rouge-score",
     "scipy",
+    "filelock",   # JAX's compilation-cache lock (apps.compile_cache sets a size limit, which turns it on)
 ]
 TFDS = ["tensorflow-datasets"]  # builder only; no TensorFlow needed (array_record format)
 APP = ["gradio>=5"]  # `vans-jax serve`, the web demo (imported only by it)
