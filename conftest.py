@@ -44,6 +44,10 @@ def pytest_configure(config):
     # executable that crashed a worker (segfault in compilation_cache.get_executable_and_time)
     from vans_jax.apps.compile_cache import DEFAULT_MAX_BYTES
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(DEFAULT_MAX_BYTES))
+    # off unless VANS_TEST_JAX_CACHE_ON=1: with it on, 4 of 5 local CI runs (2026-12-04) had a worker
+    # segfault in jaxlib, 3 of them inside the cache's executable (de)serialization; cause not found
+    if os.environ.get("VANS_TEST_JAX_CACHE_ON", "") != "1":   # VANS_TEST_JAX_CACHE_ON=1: the cache on
+        os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
 
 
 @pytest.fixture(scope="session")
