@@ -93,6 +93,7 @@ def get_config():
                   # truth (target video, caption, reference latents; flow_grpo's auxiliary ``sft`` term)
                   sft_weight=0.0,
                   vlm_lr=None, dit_lr=None,    # per-part learning rates (None: lr)
-                  ema_decay=0.0),              # > 0: a parameter EMA of the trained parts: what is evaluated and exported
+                  ema_decay=0.0,               # > 0: a parameter EMA of the trained parts: what is evaluated and exported
+                  vlm_ema_decay=None, dit_ema_decay=None),   # per-part EMA decays (None: ema_decay; 0: none)
     ))
     return c

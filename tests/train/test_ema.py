@@ -57,3 +57,19 @@ def test_sft_vdm_exports_the_ema(tiny_world, tmp_path):
         np.testing.assert_allclose(e1[k], 0.1 * init[k] + 0.9 * p1[k], rtol=1e-5, atol=1e-6, err_msg=k)
         moved += not np.array_equal(p1[k], init[k])
     assert moved > 0
+
+
+def test_per_part_ema_decay_and_lr():
+    """``train.grpo.dit_ema_decay`` / ``vlm_ema_decay`` (and ``*_lr``) set one part's optimizer only;
+    unset (None) parts keep the section's values."""
+    from ml_collections import ConfigDict
+
+    from vans_jax.train.grpo import part_optim_cfg
+    cfg = ConfigDict(dict(lr=1e-4, ema_decay=0.0, vlm_lr=1e-3, dit_lr=None, vlm_ema_decay=None, dit_ema_decay=0.9))
+    dit, vlm = part_optim_cfg(cfg, "dit"), part_optim_cfg(cfg, "vlm")
+    assert (dit.lr, dit.ema_decay) == (1e-4, 0.9)
+    assert (vlm.lr, vlm.ema_decay) == (1e-3, 0.0)
+    assert cfg.ema_decay == 0.0 and cfg.lr == 1e-4            # the section itself untouched
+    params = {"w": jnp.ones((2,))}
+    assert core.ema_params(core.init_state(params, core.make_optimizer(dit), seed=0)) is not None
+    assert core.ema_params(core.init_state(params, core.make_optimizer(vlm), seed=0)) is None

@@ -225,17 +225,23 @@ def make_stage2_accumulated_update(graphdef, optimizer, *, beta, clip_eps, advan
     return update
 
 
+PART_OPTIM_KEYS = ("lr", "ema_decay")
+
+
 def part_optim_cfg(optim_cfg, part: str):
-    """The optimizer settings of one part: ``optim_cfg`` with ``lr`` replaced by ``<part>_lr`` when that
-    is set (``train.grpo.vlm_lr`` / ``dit_lr``: the VLM's LoRA and the DiT's full weights usually want
-    different rates)."""
+    """The optimizer settings of one part: ``optim_cfg`` with ``lr`` / ``ema_decay`` replaced by
+    ``<part>_lr`` / ``<part>_ema_decay`` where those are set (``train.grpo.vlm_lr``, ``dit_lr``,
+    ``vlm_ema_decay``, ``dit_ema_decay``: the VLM's LoRA and the DiT's full weights usually want
+    different rates, and an evaluation EMA may suit one part and not the other)."""
     if optim_cfg is None:
         return None
-    lr = optim_cfg.get(f"{part}_lr", None)
-    if lr is None or lr == "":
+    found = {k: optim_cfg.get(f"{part}_{k}", None) for k in PART_OPTIM_KEYS}
+    found = {k: float(v) for k, v in found.items() if v is not None and v != ""}
+    if not found:
         return optim_cfg
     c = copy.deepcopy(optim_cfg)
-    c.lr = float(lr)
+    for k, v in found.items():
+        c[k] = v
     return c
 
 
