@@ -32,8 +32,11 @@ def get_config():
                        out_channels=16, text_dim=64, freq_dim=64, eps=1e-6, text_len=32)
     c.clip.path = os.path.join(WORLD, "clip")
     c.generation.update(dict(max_new_tokens=96, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=1))
-    c.video.update(dict(height=64, width=64, num_frames=9, fps=4, n_ref=3, num_steps=10, cfg_scale=3.0, shift=3.0,
+    c.video.update(dict(height=64, width=64, num_frames=9, fps=4, n_ref=3, num_steps=10, cfg_scale=2.0, shift=3.0,
                         negative_prompt=""))
+    # CFG 2, not 3: renders of the true caption by the shipped DiT, 96 eval clips x 3 noise seeds: CLIP-V
+    # 0.5955 vs 0.5908, render IoU 0.473 vs 0.457, object colour 0.510 vs 0.486 (better in every seed;
+    # 1.5 and 2.5 in between or below); the stage-2 rollouts render at the same CFG as the evaluation
     c.data.pipeline = dict(reference_frames=9)
     c.train.update(dict(batch_size=2, log_every=5, checkpoint_every=50, steps=0, pad_multiple=64, log_media_every=12))
     # a plain `vans-jax train` SFT run on the world; the shipped models were trained in the phases of
@@ -51,7 +54,7 @@ def get_config():
     # section); at 2 updates stage 2 lowered CLIP-V in every seed, below its null
     c.train.grpo.update(dict(group_size=4, lr=1e-4, vlm_lr=1e-3, dit_lr=1e-5, stage1_steps=48, stage2_steps=24,
                              num_updates=1,
-                             train_sampling_steps=8, train_cfg=3.0, clip_eps=1e-3, beta=0.01,
+                             train_sampling_steps=8, train_cfg=2.0, clip_eps=1e-3, beta=0.01,
                              anchor_max_tries=3, render_sampler="euler", sde_noise_level=0.3))
     # the demo: evaluate the SFT models, Joint-GRPO stage 1 then stage 2, evaluate again
     c.demo = dict(eval_samples=32, rl_samples=200, eval_batch=8, seeds=(0,))
