@@ -36,7 +36,8 @@ def get_config():
                         negative_prompt=""))
     # CFG 2, not 3: renders of the true caption by the shipped DiT, 96 eval clips x 3 noise seeds: CLIP-V
     # 0.5955 vs 0.5908, render IoU 0.473 vs 0.457, object colour 0.510 vs 0.486 (better in every seed;
-    # 1.5 and 2.5 in between or below); the stage-2 rollouts render at the same CFG as the evaluation
+    # 2.5 in between; 1.5 a little better in IoU and colour, worse in CLIP-V); the stage-2 rollouts
+    # render at the same CFG as the evaluation
     c.data.pipeline = dict(reference_frames=9)
     c.train.update(dict(batch_size=2, log_every=5, checkpoint_every=50, steps=0, pad_multiple=64, log_media_every=12))
     # a plain `vans-jax train` SFT run on the world; the shipped models were trained in the phases of
