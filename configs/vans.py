@@ -92,6 +92,10 @@ def get_config():
                   # > 0: every DiT update adds this x the SFT-VDM flow-matching loss on the step's ground
                   # truth (target video, caption, reference latents; flow_grpo's auxiliary ``sft`` term)
                   sft_weight=0.0,
+                  # the DiT's RL objective: "flow_grpo" (the paper's: SDE rollouts, per-timestep log-prob ratio)
+                  # | "nft" (DiffusionNFT: the policy's own ODE renders, a reward-weighted flow-matching step on
+                  # their final latents with nft_timesteps forward-noise draws; rl.stages.nft_grads)
+                  dit_objective="flow_grpo", nft_beta=1.0, nft_timesteps=4,
                   vlm_lr=None, dit_lr=None,    # per-part learning rates (None: lr)
                   ema_decay=0.0,               # > 0: a parameter EMA of the trained parts: what is evaluated and exported
                   vlm_ema_decay=None, dit_ema_decay=None),   # per-part EMA decays (None: ema_decay; 0: none)

@@ -7,6 +7,8 @@
 * Stage 2 (DiT tuned, anchored by the stage-1 VLM): ``stage2_grads``, the per-timestep Flow-GRPO
   loss with the closed-form Gaussian KL to the reference DiT, its gradient accumulated timestep by
   timestep.
+* Stage 2 with ``dit_objective="nft"``: ``nft_grads``, DiffusionNFT's negative-aware flow-matching
+  objective on the final latents of ODE rollouts (no SDE, no log-probs), the opt-in alternative.
 * All-in-one (ablation): both, on one joint reward.
 
 The rollouts that feed them are in ``rl.rollouts``; the trainer that owns the optimizer states
@@ -99,8 +101,27 @@ class GRPOSettings:
     same_noise: bool = False          # stage 2: one initial noise for all G rollouts of a group (DanceGRPO)
     timestep_weight: str = "none"     # stage 2: "none" | "std_dt" (policy term x std_t / sqrt(-dt), flow_grpo's Wan)
     sft_weight: float = 0.0           # DiT updates: + this x the SFT-VDM flow-matching loss on the step's ground truth
+    dit_objective: str = "flow_grpo"  # stage 2: "flow_grpo" (SDE rollouts, log-prob ratio) | "nft" (ODE rollouts, nft_grads)
+    nft_beta: float = 1.0             # nft: the implicit policies' step (v+- = v_old +- nft_beta (v - v_old))
+    nft_timesteps: int = 4            # nft: forward-process timesteps drawn per rollout and update
 
     def __post_init__(self):
+        if self.dit_objective not in DIT_OBJECTIVES:
+            raise ValueError(f"unknown train.grpo.dit_objective {self.dit_objective!r}; expected one of "
+                             f"{DIT_OBJECTIVES}")
+        if self.dit_objective == "nft":
+            if not float(self.nft_beta) > 0.0:
+                raise ValueError(f"train.grpo.nft_beta must be > 0, got {self.nft_beta}")
+            if int(self.nft_timesteps) < 1:
+                raise ValueError(f"train.grpo.nft_timesteps must be >= 1, got {self.nft_timesteps}")
+            if int(self.num_updates) != 1:
+                raise ValueError(f"train.grpo.dit_objective='nft' runs one update a rollout (its old policy is "
+                                 f"the sampling one); got num_updates={self.num_updates}")
+            for k, off in (("grad_accum", int(self.grad_accum) == 1), ("diagnostics_every", self.diagnostics_every == 0),
+                           ("timestep_weight", self.timestep_weight == "none"), ("same_noise", not self.same_noise)):
+                if not off:
+                    raise ValueError(f"train.grpo.{k} is a Flow-GRPO (SDE) setting; it has no meaning with "
+                                     f"dit_objective='nft'")
         if int(self.grad_accum) < 1:
             raise ValueError(f"train.grpo.grad_accum must be >= 1, got {self.grad_accum}")
         if not float(self.sft_weight) >= 0.0:
@@ -111,6 +132,7 @@ class GRPOSettings:
 
 
 TIMESTEP_WEIGHTS = ("none", "std_dt")
+DIT_OBJECTIVES = ("flow_grpo", "nft")
 
 
 def timestep_weights(sigmas, steps, *, noise_level, std_form, kind: str = "none"):
@@ -201,6 +223,73 @@ def stage2_grads(params, graphdef, frozen, ref_params, batch, *, beta, clip_eps,
     # per trained timestep (S,): its ratio and clip fraction, and the norm of its gradient term
     return grads, dict(loss=m[0], kl=m[1], clip_fraction=m[2], ratio=m[3], policy_objective=m[4],
                        ratio_per_step=per[:, 0], clip_fraction_per_step=per[:, 1], grad_norm_per_step=per[:, 2])
+
+
+def nft_optimality(advantages, advantage_clip):
+    """DiffusionNFT's optimality probability of each rollout from its group-normalized advantage:
+    r = 0.5 + 0.5 clip(A / c, -1, 1) with c = ``advantage_clip`` (r = 0.5, no pull, at the group mean)."""
+    c = jnp.float32(max(float(advantage_clip), 1e-6))
+    return 0.5 + 0.5 * jnp.clip(jnp.asarray(advantages, jnp.float32) / c, -1.0, 1.0)
+
+
+def nft_grads(params, graphdef, frozen, ref_params, batch, rng, *, nft_beta, beta, shift, num_timesteps,
+              group_size, advantage_clip):
+    """Stage-2 gradient of DiffusionNFT (Zheng et al. 2025, "Online Diffusion Reinforcement with
+    Forward Process"): the final latents ``batch["x0"]`` (N, C, T, h, w) of the policy's own ODE
+    rollouts are noised by the forward process, x_t = (1 - s) x0 + s n, target v = n - x0 (the SFT
+    parametrization), and each rollout pulls an implicit positive policy towards its target and
+    pushes an implicit negative one away, weighted by its optimality r (``nft_optimality``):
+
+        loss = mean[ r |v+ - v|^2 + (1 - r) |v- - v|^2 ],  v+- = v_old +- nft_beta (v_theta - v_old)
+
+    with v_theta the guided (CFG ``batch["cfg"]``) velocity given the clean reference latents, and
+    v_old the sampling policy's: one update a rollout, so v_old = stop_gradient(v_theta) and the
+    gradient is 2 nft_beta (2r - 1)(v_old - v) dv_theta, an advantage-weighted flow-matching step.
+    The G rollouts of a group share the timestep and the forward noise (common random numbers: the
+    group's terms differ by their x0 alone). ``beta`` > 0 adds beta |v_theta - v_ref|^2 (the
+    velocity-space KL to ``ref_params``). ``num_timesteps`` draws (sigma ~ Wan's shifted uniform)
+    are accumulated one at a time in a ``lax.scan``. Returns (gradient, metrics)."""
+    x0 = batch["x0"].astype(jnp.float32)
+    n = x0.shape[0]
+    if n % group_size:
+        raise ValueError(f"nft_grads: {n} rollouts is not a multiple of the group size {group_size}")
+    ctx, unc, g, ref_lat = batch["context"], batch.get("uncond_context"), batch["cfg"], batch.get("ref_latents")
+    r = nft_optimality(batch["advantages"], advantage_clip)
+    rb = r[:, None, None, None, None]
+    groups = n // group_size
+
+    def one(carry, k):
+        gsum, msum = carry
+        k_t, k_n = jax.random.split(k)
+        u = jax.random.uniform(k_t, (groups,), jnp.float32, 1e-3, 1.0)
+        sig = jnp.repeat(flow.shift_sigmas(u, shift), group_size)
+        noise = jnp.repeat(jax.random.normal(k_n, (groups,) + x0.shape[1:], jnp.float32), group_size, axis=0)
+        s = sig[:, None, None, None, None]
+        xt = (1.0 - s) * x0 + s * noise
+        target = noise - x0
+
+        def lossf(p):
+            v = _dit_velocity(graphdef, p, frozen, xt, sig * 1000.0, ctx, unc, g, ref_lat)   # a timestep per row
+            old = jax.lax.stop_gradient(v)
+            pos = old + nft_beta * (v - old)
+            neg = old - nft_beta * (v - old)
+            lp = jnp.mean(rb * (pos - target) ** 2 + (1.0 - rb) * (neg - target) ** 2)
+            kl = jnp.float32(0.0)
+            if beta > 0:
+                v_ref = jax.lax.stop_gradient(_dit_velocity(graphdef, ref_params, frozen, xt, sig * 1000.0, ctx, unc,
+                                                            g, ref_lat))
+                kl = jnp.mean((v - v_ref) ** 2)
+            fm = jnp.mean((old - target) ** 2)
+            return (lp + beta * kl) / num_timesteps, (lp, kl, fm)
+
+        (_, (lp, kl, fm)), grads = jax.value_and_grad(lossf, has_aux=True)(params)
+        m = jnp.stack([lp + beta * kl, kl, fm]) / num_timesteps
+        return (jax.tree.map(jnp.add, gsum, grads), msum + m), tree_norm(grads)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, m), norms = jax.lax.scan(one, (zeros, jnp.zeros(3, jnp.float32)), jax.random.split(rng, num_timesteps))
+    return grads, dict(loss=m[0], kl=m[1], flow_matching=m[2], optimality_mean=jnp.mean(r),
+                       optimality_spread=jnp.mean(jnp.abs(2.0 * r - 1.0)), grad_norm_mean_draw=jnp.mean(norms))
 
 
 def tree_norm(tree):

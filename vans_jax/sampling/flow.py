@@ -226,7 +226,7 @@ def cfg_combine(cond, uncond, guidance_scale):
 
 def guided_velocity(model: Callable, x, timestep, context, uncond_context=None, guidance_scale=1.0,
                     ref_latents=None):
-    """Velocity for the target latents x (B, C, T, H, W) at a scalar timestep.
+    """Velocity for the target latents x (B, C, T, H, W) at a timestep (a scalar, or one per row (B,)).
 
     Prepends the clean ``ref_latents`` on the time axis (their outputs are dropped by the model
     via ``n_ref``). With ``uncond_context`` the conditional and unconditional passes run as one
@@ -238,12 +238,12 @@ def guided_velocity(model: Callable, x, timestep, context, uncond_context=None, 
     if ref_latents is not None:
         n_ref = ref_latents.shape[2]
         x_in = jnp.concatenate([ref_latents.astype(x.dtype), x], axis=2)
+    t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (b,))
     if uncond_context is None:
-        t = jnp.full((b,), timestep, jnp.float32)
         return model(x_in, t, context, n_ref=n_ref).astype(jnp.float32)
     x2 = jnp.concatenate([x_in, x_in], axis=0)
     ctx2 = jnp.concatenate([context, uncond_context.astype(context.dtype)], axis=0)
-    out = model(x2, jnp.full((2 * b,), timestep, jnp.float32), ctx2, n_ref=n_ref)
+    out = model(x2, jnp.concatenate([t, t]), ctx2, n_ref=n_ref)
     return cfg_combine(out[:b], out[b:], guidance_scale)
 
 

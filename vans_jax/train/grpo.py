@@ -33,7 +33,8 @@ from ..models.lora import without_lora
 from ..rl import rollouts as ro
 from ..rl.rewards import RewardInputs, compute_rewards, stage_advantages
 from ..rl.stages import (GRPO_MODES, GRPOSettings, finite_rewards, reward_config, reward_metrics,
-                         reward_variance_split, stage1_loss, stage2_grads, stage2_half_batch_agreement)
+                         nft_grads, reward_variance_split, stage1_loss, stage2_grads,
+                         stage2_half_batch_agreement)
 from ..sampling import wan as wp
 from ..sampling.text import SamplingSettings
 from . import media
@@ -225,6 +226,35 @@ def make_stage2_accumulated_update(graphdef, optimizer, *, beta, clip_eps, advan
     return update
 
 
+def make_nft_update(graphdef, optimizer, *, nft_beta, beta, shift, num_timesteps, group_size, advantage_clip,
+                    sft_weight=0.0, shardings=None):
+    """``train.grpo.dit_objective="nft"``: jit(update)(state, frozen, ref_params, batch) -> (state,
+    metrics): ``rl.stages.nft_grads`` on ``batch`` (``x0`` the rollouts' final latents, ``context``,
+    ``uncond_context``, ``cfg``, ``ref_latents``, ``advantages``, ``rng`` key data), plus
+    ``with_sft_term`` on ``batch["sft"]`` when ``sft_weight`` > 0, then one optimizer update."""
+    grads_fn = functools.partial(nft_grads, graphdef=graphdef, nft_beta=nft_beta, beta=beta, shift=shift,
+                                 num_timesteps=num_timesteps, group_size=group_size, advantage_clip=advantage_clip)
+
+    def update(state: TrainState, frozen, ref_params, batch):
+        batch = dict(batch)
+        sft = batch.pop("sft", None)
+        rng = batch.pop("rng")
+        grads, m = grads_fn(state.params, frozen=frozen, ref_params=ref_params, batch=batch, rng=rng)
+        grads, m = with_sft_term(grads, m, state.params, graphdef, frozen, sft, sft_weight=sft_weight, shift=shift)
+        new, extra = apply_gradients(state, grads, m["loss"], optimizer)
+        return new, dict(m, **extra)
+
+    if shardings is None:
+        return jax.jit(update, donate_argnums=(0,))
+    st, fr, ref = shardings
+    return jit_sharded(update, (st, fr, ref, None), (st, replicated(st)), donate_argnums=(0,))
+
+
+def _key_data(rng) -> np.ndarray:
+    """A PRNG key (typed or raw uint32) as raw key data on the host."""
+    return np.asarray(jax.random.key_data(rng)) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else np.asarray(rng)
+
+
 PART_OPTIM_KEYS = ("lr", "ema_decay")
 
 
@@ -382,6 +412,16 @@ class JointGRPO:
         if s.grad_accum > 1 and s.mode not in ("grpo_stage2", "grpo_vdm"):
             raise ValueError(f"train.grpo.grad_accum={s.grad_accum}: only the DiT-only modes (grpo_stage2, "
                              f"grpo_vdm) accumulate rollout batches, not {s.mode}")
+        shardings = (self.dit.state_shardings, self.dit.frozen_shardings, self.dit.state_shardings.params)
+        if s.dit_objective == "nft":
+            key = ("nft", s.nft_beta, s.nft_timesteps, s.group_size, s.beta, s.advantage_clip, float(s.sft_weight),
+                   float(r.shift), self.dit.cache_key())
+            if key not in _STEPS:
+                _STEPS[key] = make_nft_update(
+                    self.dit.graphdef, self.dit.optimizer, nft_beta=float(s.nft_beta), beta=s.beta,
+                    shift=float(r.shift), num_timesteps=int(s.nft_timesteps), group_size=s.group_size,
+                    advantage_clip=s.advantage_clip, sft_weight=float(s.sft_weight), shardings=shardings)
+            return _STEPS[key]
         accum = s.grad_accum > 1
         key = ("stage2_accum" if accum else "stage2", s.beta, s.clip_eps, s.advantage_clip, r.noise_level,
                r.std_form, s.aggregation, s.timestep_weight, float(s.sft_weight), float(r.shift), self.dit.cache_key())
@@ -390,8 +430,7 @@ class JointGRPO:
                 self.dit.graphdef, self.dit.optimizer, beta=s.beta, clip_eps=s.clip_eps,
                 advantage_clip=s.advantage_clip, noise_level=r.noise_level, std_form=r.std_form,
                 aggregation=s.aggregation, timestep_weight=s.timestep_weight, sft_weight=float(s.sft_weight),
-                shift=float(r.shift),
-                shardings=(self.dit.state_shardings, self.dit.frozen_shardings, self.dit.state_shardings.params))
+                shift=float(r.shift), shardings=shardings)
         return _STEPS[key]
 
     def _sft_batch(self, examples, ref_lat, rng) -> dict:
@@ -407,8 +446,7 @@ class JointGRPO:
         return dict(latents=wp.encode_video(self.vdm, env.rows(clip_to_video(target))),
                     context=wp.encode_text(self.vdm, [e["caption"] for e in examples], to_device=env.rows),
                     null_context=self.vdm.negative_embeddings("", 1), ref_latents=ref_lat,
-                    rng=env.const(np.asarray(jax.random.key_data(rng)) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-                                  else np.asarray(rng)))
+                    rng=env.const(_key_data(rng)))
 
     def _initial_noise(self, rng, n: int):
         """The initial latents of ``n`` = prompts x G stage-2 rollouts: None (``render_sde`` draws
@@ -484,7 +522,10 @@ class JointGRPO:
         frames = traj = None
         if self.needs_video:
             ref_rep = jnp.repeat(ref_lat, g, axis=0)
-            if self.train_dit:
+            if self.train_dit and s.dit_objective == "nft":    # the policy's own ODE renders (no SDE)
+                frames, traj, ctx, unc = env.render_ode(caps, ref_rep, k_vid, dit=self._dit_module(),
+                                                        return_latents=True)
+            elif self.train_dit:
                 frames, traj, ctx, unc = env.render_sde(self._dit_module(), caps, ref_rep, k_vid,
                                                         noise=self._initial_noise(k_vid, len(caps)))
             else:
@@ -545,7 +586,15 @@ class JointGRPO:
                                                      dict(vb, update_index=env.const(np.int32(u))))
                 upd.setdefault("vlm", []).append(m)
         if self.train_dit:
-            dbs = [self._stage2_batch(tr, cx, uc, ref_rep, ad) for tr, cx, uc, ad in rollouts]
+            if s.dit_objective == "nft":   # traj: the final latents
+                dbs = [dict(x0=tr, context=cx, uncond_context=uc, cfg=env.const(np.float32(self.r.cfg_scale)),
+                            ref_latents=ref_rep, advantages=env.whole(ad),
+                            rng=env.const(_key_data(jax.random.fold_in(k_vid, 13))))
+                       for tr, cx, uc, ad in rollouts]
+                if dbs[0]["uncond_context"] is None:
+                    dbs[0].pop("uncond_context")
+            else:
+                dbs = [self._stage2_batch(tr, cx, uc, ref_rep, ad) for tr, cx, uc, ad in rollouts]
             if sft is not None:        # the flow-matching term on the step's ground truth (one per update)
                 dbs[0]["sft"] = sft
             db = dbs[0]

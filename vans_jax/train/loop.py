@@ -234,7 +234,9 @@ def grpo_settings(cfg, mode) -> GRPOSettings:
                         diagnostics_sde_draws=int(g.get("diagnostics_sde_draws", 4)),
                         grad_accum=int(g.get("grad_accum", 1)), same_noise=bool(g.get("same_noise", False)),
                         timestep_weight=str(g.get("timestep_weight", "none") or "none"),
-                        sft_weight=float(g.get("sft_weight", 0.0) or 0.0))
+                        sft_weight=float(g.get("sft_weight", 0.0) or 0.0),
+                        dit_objective=str(g.get("dit_objective", "flow_grpo") or "flow_grpo"),
+                        nft_beta=float(g.get("nft_beta", 1.0)), nft_timesteps=int(g.get("nft_timesteps", 4)))
 
 
 # ----------------------------------------------------------------------------- SFT runners
