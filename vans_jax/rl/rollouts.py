@@ -246,14 +246,13 @@ class RolloutEnv:
         unc = self.vdm.negative_embeddings(self.r.negative_prompt, n) if self.r.cfg_scale > 1.0 else None
         return ctx, unc
 
-    def render_ode(self, captions, ref_lat, rng, *, dit=None, noise=None, return_latents=False):
+    def render_ode(self, captions, ref_lat, rng, *, dit=None, return_latents=False):
         """ODE rendering (the render sampler ``r.mode``) with the frozen VDM (stage 1) or ``dit`` (the
         policy of ``dit_objective="nft"``): uint8 frames (a device array), or with ``return_latents``
-        (frames, final latents, text contexts). ``noise``: the initial latents (default from ``rng``)."""
+        (frames, final latents, text contexts)."""
         n = len(captions)
         ctx, unc = self.context(captions, n)
-        if noise is None:
-            noise = self.normal(rng, latent_shape(self.vdm, n, self.r))
+        noise = self.normal(rng, latent_shape(self.vdm, n, self.r))
         lat = flow.sample(self.vdm.dit if dit is None else dit, noise, ctx, uncond_context=unc,
                           guidance_scale=self.r.cfg_scale, ref_latents=ref_lat, num_steps=self.r.num_steps,
                           shift=self.r.shift, mode=self.r.mode)

@@ -153,7 +153,13 @@ def make_stage2_update(graphdef, optimizer, *, beta, clip_eps, advantage_clip, n
     grads_fn = functools.partial(stage2_grads, graphdef=graphdef, beta=beta, clip_eps=clip_eps,
                                  advantage_clip=advantage_clip, noise_level=noise_level, std_form=std_form,
                                  aggregation=aggregation, timestep_weight=timestep_weight)
+    return _dit_update(grads_fn, graphdef, optimizer, sft_weight=sft_weight, shift=shift, shardings=shardings)
 
+
+def _dit_update(grads_fn, graphdef, optimizer, *, sft_weight, shift, shardings):
+    """The compiled DiT update around ``grads_fn(params, frozen=, ref_params=, batch=)`` -> (gradient,
+    metrics): ``with_sft_term`` on ``batch["sft"]``, one optimizer update, donated state, explicit
+    shardings when given (``make_stage2_update``)."""
     def update(state: TrainState, frozen, ref_params, batch):
         batch = dict(batch)
         sft = batch.pop("sft", None)
@@ -232,22 +238,13 @@ def make_nft_update(graphdef, optimizer, *, nft_beta, beta, shift, num_timesteps
     metrics): ``rl.stages.nft_grads`` on ``batch`` (``x0`` the rollouts' final latents, ``context``,
     ``uncond_context``, ``cfg``, ``ref_latents``, ``advantages``, ``rng`` key data), plus
     ``with_sft_term`` on ``batch["sft"]`` when ``sft_weight`` > 0, then one optimizer update."""
-    grads_fn = functools.partial(nft_grads, graphdef=graphdef, nft_beta=nft_beta, beta=beta, shift=shift,
-                                 num_timesteps=num_timesteps, group_size=group_size, advantage_clip=advantage_clip)
-
-    def update(state: TrainState, frozen, ref_params, batch):
+    def grads_fn(params, *, frozen, ref_params, batch):
         batch = dict(batch)
-        sft = batch.pop("sft", None)
         rng = batch.pop("rng")
-        grads, m = grads_fn(state.params, frozen=frozen, ref_params=ref_params, batch=batch, rng=rng)
-        grads, m = with_sft_term(grads, m, state.params, graphdef, frozen, sft, sft_weight=sft_weight, shift=shift)
-        new, extra = apply_gradients(state, grads, m["loss"], optimizer)
-        return new, dict(m, **extra)
+        return nft_grads(params, graphdef, frozen, ref_params, batch, rng, nft_beta=nft_beta, beta=beta, shift=shift,
+                         num_timesteps=num_timesteps, group_size=group_size, advantage_clip=advantage_clip)
 
-    if shardings is None:
-        return jax.jit(update, donate_argnums=(0,))
-    st, fr, ref = shardings
-    return jit_sharded(update, (st, fr, ref, None), (st, replicated(st)), donate_argnums=(0,))
+    return _dit_update(grads_fn, graphdef, optimizer, sft_weight=sft_weight, shift=shift, shardings=shardings)
 
 
 def _key_data(rng) -> np.ndarray:
@@ -472,6 +469,16 @@ class JointGRPO:
             db.pop("uncond_context")
         return db
 
+    def _nft_batch(self, lat, ctx, unc, ref_rep, adv, rng) -> dict:
+        """The ``dit_objective="nft"`` loss's batch: the ODE renders' final latents, their contexts and
+        reference latents, the advantages and the key of the forward-process draws."""
+        env = self.env
+        db = dict(x0=lat, context=ctx, uncond_context=unc, cfg=env.const(np.float32(self.r.cfg_scale)),
+                  ref_latents=ref_rep, advantages=env.whole(adv), rng=env.const(_key_data(rng)))
+        if unc is None:
+            db.pop("uncond_context")
+        return db
+
     # -- one step
 
     def step(self, examples: Sequence[dict], step_index: int, rng) -> dict:
@@ -586,13 +593,9 @@ class JointGRPO:
                                                      dict(vb, update_index=env.const(np.int32(u))))
                 upd.setdefault("vlm", []).append(m)
         if self.train_dit:
-            if s.dit_objective == "nft":   # traj: the final latents
-                dbs = [dict(x0=tr, context=cx, uncond_context=uc, cfg=env.const(np.float32(self.r.cfg_scale)),
-                            ref_latents=ref_rep, advantages=env.whole(ad),
-                            rng=env.const(_key_data(jax.random.fold_in(k_vid, 13))))
-                       for tr, cx, uc, ad in rollouts]
-                if dbs[0]["uncond_context"] is None:
-                    dbs[0].pop("uncond_context")
+            if s.dit_objective == "nft":   # one rollout batch; its "trajectory" is the final latents
+                (lat, cx, uc, ad), = rollouts
+                dbs = [self._nft_batch(lat, cx, uc, ref_rep, ad, jax.random.fold_in(k_vid, 13))]
             else:
                 dbs = [self._stage2_batch(tr, cx, uc, ref_rep, ad) for tr, cx, uc, ad in rollouts]
             if sft is not None:        # the flow-matching term on the step's ground truth (one per update)
