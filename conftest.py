@@ -12,13 +12,24 @@
   XLA's defaults, any other value replaces these flags.
 * The ``vans-jax`` command's own XLA defaults (``vans_jax.apps.xla_env``), so that the suite runs
   what users run (``VANS_JAX_DEFAULT_XLA_FLAGS=0`` turns them off, as for the command).
+* Compiled programs released between test files when the worker nears the kernel's limit on memory
+  mappings (``vm.max_map_count``, 65530 by default). Every program XLA:CPU compiles maps its code
+  (about 6-30 mappings each), and jit caches keep them for the life of the process: a worker that
+  ran half the suite reached 63,700 mappings and segfaulted inside ``backend_compile_and_load`` when
+  the next mmap failed (the crash of the 2026-12-04 CI runs). After each test file, when more than
+  ``RELEASE_FRACTION`` of the limit is in use, ``jax.clear_caches()`` and a garbage collection
+  give the mappings back; a later test that needs a program compiles it again.
 * Session-scoped tiny models and data (``tests/tiny.py``), built once per run: ``tiny_vans``
   (a Qwen2.5-VL and a diffusers Wan directory plus input clips, for the pipeline / predict tests)
   and ``tiny_world`` (the trainer tests' synthetic world with VLM / VDM / CLIP directories).
 """
+import gc
 import os
+import sys
 
 import pytest
+
+from tests.utils import memory_maps
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -40,14 +51,32 @@ def pytest_configure(config):
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     # a size limit turns on JAX's file lock around every cache read and write: without it the two
-    # workers (and subprocess tests) can read an entry another process is still writing, a torn
-    # executable that crashed a worker (segfault in compilation_cache.get_executable_and_time)
+    # workers (and subprocess tests) can read an entry another process is still writing
     from vans_jax.apps.compile_cache import DEFAULT_MAX_BYTES
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(DEFAULT_MAX_BYTES))
-    # off unless VANS_TEST_JAX_CACHE_ON=1: with it on, 4 of 5 local CI runs (2026-12-04) had a worker
-    # segfault in jaxlib, 3 of them inside the cache's executable (de)serialization; cause not found
+    # off unless VANS_TEST_JAX_CACHE_ON=1 (the suite's worker segfaults of 2026-12-04, first blamed on
+    # the cache, were the mapping limit: _release_compiled_programs below)
     if os.environ.get("VANS_TEST_JAX_CACHE_ON", "") != "1":   # VANS_TEST_JAX_CACHE_ON=1: the cache on
         os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
+
+
+# clear JAX's caches after a test file once a worker holds more than this fraction of the mapping limit
+RELEASE_FRACTION = float(os.environ.get("VANS_TEST_RELEASE_FRACTION", "0.25"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test file: hand back the compiled programs' memory mappings when many are in use
+    (module docstring). Torn down after the file's own module fixtures, so what they held is free."""
+    yield
+    if "jax" not in sys.modules:
+        return
+    used, limit = memory_maps()
+    if used is not None and used > RELEASE_FRACTION * limit:
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
