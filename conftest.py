@@ -23,13 +23,9 @@
   (a Qwen2.5-VL and a diffusers Wan directory plus input clips, for the pipeline / predict tests)
   and ``tiny_world`` (the trainer tests' synthetic world with VLM / VDM / CLIP directories).
 """
-import gc
 import os
-import sys
 
 import pytest
-
-from tests.utils import memory_maps
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -69,14 +65,9 @@ def _release_compiled_programs():
     """After each test file: hand back the compiled programs' memory mappings when many are in use
     (module docstring). Torn down after the file's own module fixtures, so what they held is free."""
     yield
-    if "jax" not in sys.modules:
-        return
-    used, limit = memory_maps()
-    if used is not None and used > RELEASE_FRACTION * limit:
-        import jax
+    from vans_jax.apps.compile_cache import release_compiled_programs
 
-        jax.clear_caches()
-        gc.collect()
+    release_compiled_programs(RELEASE_FRACTION)
 
 
 @pytest.fixture(scope="session")

@@ -9,21 +9,6 @@ def xla_flags(*extra: str) -> str:
     return " ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip()
 
 
-def memory_maps() -> tuple[int | None, int]:
-    """(memory mappings this process holds, the kernel's per-process limit ``vm.max_map_count``);
-    the count is None where ``/proc`` is absent (not Linux)."""
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            limit = int(f.read().strip())
-    except (OSError, ValueError):
-        limit = 65530                       # the kernel's default
-    try:
-        with open("/proc/self/maps", "rb") as f:
-            return sum(1 for _ in f), limit
-    except OSError:
-        return None, limit
-
-
 def rel_err(a, b):
     """The parity measure used throughout: max |a - b| / max |b| (float64)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -87,9 +87,12 @@ def test_compare_order_handover_and_resume(tmp_path, monkeypatch):
         return {"step": 2, "reward/total": 1.0, "exports": exports, "models": new}
 
     stub_compare(monkeypatch, fake_train, sft, lambda vlm, vdm: scored.append((vlm, vdm)) or len(vlm) + 3 * len(vdm))
+    releases = []                                         # after each variant: compiled programs released
+    monkeypatch.setattr(demo.compile_cache, "release_compiled_programs", lambda: releases.append(len(scored)))
     out = tmp_path / "cmp"
     args = ["demo", "--compare", "--quick", "--seeds", "3", "--output_dir", str(out)]
     assert cli.main(args) == 0
+    assert releases == [2, 3, 4]                          # after each variant's score (the first is SFT's)
 
     assert [(m, s) for m, s, _, _ in trained] == [("grpo_vlm", 3), ("grpo_stage1", 3), ("grpo_stage2", 3)]
     assert trained[0][2] is sft and trained[1][2] is sft

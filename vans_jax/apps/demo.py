@@ -44,6 +44,7 @@ import numpy as np
 
 from vans_jax import parallel
 from vans_jax._files import write_json
+from vans_jax.apps import compile_cache
 from vans_jax.data import synthetic
 from vans_jax.data.csv_format import read_vnep_csv
 from vans_jax.data.video_io import read_video, target_clip
@@ -511,6 +512,11 @@ def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bo
             m = result["runs"][variant][str(seed)]
             say(f"[compare] seed {seed} {variant}: " + ", ".join(f"{k}={m[k]:.4f}" for k in METRICS))
             save()
+            # each variant compiles its own programs (~3,400 memory mappings); many variants x seeds in
+            # one process would reach the kernel's mapping limit and crash inside XLA's compiler
+            released = compile_cache.release_compiled_programs()
+            if released:
+                say(f"[compare] released compiled programs: {released[0]} -> {released[1]} memory mappings")
     save()
     say(compare_markdown(result))
     say(f"[compare] wrote {result_path} and compare.md in {result['wall_s']:.0f}s")
