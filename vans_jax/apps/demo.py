@@ -512,8 +512,9 @@ def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bo
             m = result["runs"][variant][str(seed)]
             say(f"[compare] seed {seed} {variant}: " + ", ".join(f"{k}={m[k]:.4f}" for k in METRICS))
             save()
-            # each variant compiles its own programs (~3,400 memory mappings); many variants x seeds in
-            # one process would reach the kernel's mapping limit and crash inside XLA's compiler
+            # each variant compiles its own programs (10,300 memory mappings after the SFT evaluation and
+            # three variants): many variants x seeds in one process would reach the kernel's mapping
+            # limit and crash inside XLA's compiler
             released = compile_cache.release_compiled_programs()
             if released:
                 say(f"[compare] released compiled programs: {released[0]} -> {released[1]} memory mappings")
