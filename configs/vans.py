@@ -81,6 +81,9 @@ def get_config():
                   # the stage-2 gate logs each group's gradient agreement: diag/grad_cos_halves/<group>)
                   vlm_trainable="lora", dit_trainable="full", disabled_rewards="",
                   rewards="",   # "": the mode's paper rewards; else e.g. "v2,c2=0.5,world,my.module:fn,path/r.py:fn"
+                  # grpo_stage2's own list when set (the demo's Joint-GRPO runs stage 1 and stage 2 from
+                  # one config: `rewards` would set both), e.g. "v2,c2,world"; "": `rewards`
+                  stage2_rewards="",
                   shuffle_advantages=False,   # the control: advantages permuted within each group
                   # stage 2 every N steps (0: off): half-batch gradient cosine vs its shuffled control,
                   # reward variance split (K initial noises x M SDE draws of one anchor)

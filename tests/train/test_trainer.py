@@ -449,3 +449,16 @@ def test_sft_weight_in_a_stage2_step(stage_runners, monkeypatch):
     bad = [dict(e, target=np.asarray(e["target"])[:1]) for e in examples]
     with pytest.raises(ValueError, match=r"sft_weight: the examples' target videos are \(1, "):
         runner.step(bad, 2, jax.random.key(9))
+
+
+def test_stage2_rewards_set_only_stage_2s_list():
+    """train.grpo.stage2_rewards: grpo_stage2's list when set (the demo runs both stages from one
+    config); every other mode keeps train.grpo.rewards; empty: rewards for stage 2 too."""
+    from vans_jax.apps.configlib import load_config
+
+    cfg = load_config("tiny_world", ["--config.train.grpo.rewards=c2", "--config.train.grpo.stage2_rewards=v2,c2,world"])
+    assert loop.grpo_settings(cfg, "grpo_stage2").rewards == "v2,c2,world"
+    for mode in ("grpo_stage1", "grpo_vlm", "grpo_vdm", "grpo_all_in_one"):
+        assert loop.grpo_settings(cfg, mode).rewards == "c2", mode
+    cfg.train.grpo.stage2_rewards = ""
+    assert loop.grpo_settings(cfg, "grpo_stage2").rewards == "c2"

@@ -217,6 +217,15 @@ def render_settings(cfg) -> RenderSettings:
                           sde_window=tuple(g.sde_window) if g.sde_window else None, n_ref=int(v.n_ref))
 
 
+def reward_spec(cfg, mode) -> str:
+    """The reward list of a GRPO mode: ``train.grpo.stage2_rewards`` for grpo_stage2 when set, else
+    ``train.grpo.rewards`` ("": the mode's paper rewards)."""
+    g = cfg.train.grpo
+    if mode == "grpo_stage2" and str(g.get("stage2_rewards", "") or "").strip():
+        return str(g.stage2_rewards)
+    return str(g.get("rewards", "") or "")
+
+
 def grpo_settings(cfg, mode) -> GRPOSettings:
     g, gen = cfg.train.grpo, cfg.generation
     disabled = tuple(x for x in str(g.disabled_rewards).replace(" ", "").split(",") if x)
@@ -227,7 +236,7 @@ def grpo_settings(cfg, mode) -> GRPOSettings:
                         anchor_rouge_threshold=float(g.anchor_rouge_threshold), anchor_max_tries=int(g.anchor_max_tries),
                         anchor_temperature=float(g.anchor_temperature), caption_fallback=str(g.caption_fallback),
                         disabled_rewards=disabled, pad_multiple=int(cfg.train.pad_multiple),
-                        rewards=str(g.get("rewards", "") or ""),
+                        rewards=reward_spec(cfg, mode),
                         shuffle_advantages=bool(g.get("shuffle_advantages", False)),
                         diagnostics_every=int(g.get("diagnostics_every", 0)),
                         diagnostics_noises=int(g.get("diagnostics_noises", 4)),
