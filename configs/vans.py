@@ -84,6 +84,7 @@ def get_config():
                   # grpo_stage2's own list when set (the demo's Joint-GRPO runs stage 1 and stage 2 from
                   # one config: `rewards` would set both), e.g. "v2,c2,world"; "": `rewards`
                   stage2_rewards="",
+                  stage2_batch_size=0,   # grpo_stage2's prompts a step when > 0; 0: train.batch_size
                   shuffle_advantages=False,   # the control: advantages permuted within each group
                   # stage 2 every N steps (0: off): half-batch gradient cosine vs its shuffled control,
                   # reward variance split (K initial noises x M SDE draws of one anchor)

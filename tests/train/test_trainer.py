@@ -462,3 +462,21 @@ def test_stage2_rewards_set_only_stage_2s_list():
         assert loop.grpo_settings(cfg, mode).rewards == "c2", mode
     cfg.train.grpo.stage2_rewards = ""
     assert loop.grpo_settings(cfg, "grpo_stage2").rewards == "c2"
+
+
+def test_stage2_batch_size_sets_only_stage_2s_batch():
+    """train.grpo.stage2_batch_size: grpo_stage2's prompts a step when > 0; an impossible one is an
+    error that names it."""
+    from vans_jax.apps.configlib import load_config
+
+    cfg = load_config("tiny_world", ["--config.train.batch_size=2", "--config.train.grpo.stage2_batch_size=4"])
+    assert loop.global_batch(cfg, "grpo_stage2") == (4, "train.grpo.stage2_batch_size")
+    for mode in ("grpo_stage1", "grpo_vdm", "sft_vlm"):
+        assert loop.global_batch(cfg, mode) == (2, "train.batch_size"), mode
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    assert loop.check_batching(cfg, "grpo_stage2", mesh)[0] == 4
+    cfg.train.grpo.stage2_batch_size = -1
+    with pytest.raises(ValueError, match="train.grpo.stage2_batch_size must be >= 0"):
+        loop.check_batching(cfg, "grpo_stage2", mesh)
+    cfg.train.grpo.stage2_batch_size = 0
+    assert loop.global_batch(cfg, "grpo_stage2") == (2, "train.batch_size")

@@ -467,7 +467,8 @@ def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bo
                                   vlm_lr=cfg.train.grpo.get("vlm_lr"), dit_lr=cfg.train.grpo.get("dit_lr"),
                                   num_updates=int(cfg.train.grpo.num_updates), clip_eps=float(cfg.train.grpo.clip_eps),
                                   **{k: cfg.train.grpo.get(k) for k in ("ema_decay", "vlm_ema_decay", "dit_ema_decay", "dit_objective",
-                                                          "nft_beta", "nft_timesteps", "rewards", "stage2_rewards")},
+                                                          "nft_beta", "nft_timesteps", "rewards", "stage2_rewards",
+                                                          "stage2_batch_size")},
                                   prompts_per_step=int(cfg.train.batch_size), eval_samples=int(d["eval_samples"]),
                                   quick=bool(quick))
         result["variants"] = {v: dict(name=ALL_VARIANTS[v][0],

@@ -543,20 +543,31 @@ def steps_for(cfg, mode) -> int:
 SFT_MODES = ("sft_vlm", "sft_vdm")
 
 
+def global_batch(cfg, mode) -> tuple[int, str]:
+    """(the global batch of ``mode``, the setting it comes from): ``train.grpo.stage2_batch_size`` for
+    grpo_stage2 when above 0 (the demo runs both stages from one config), else ``train.batch_size``."""
+    s2 = int(cfg.train.grpo.get("stage2_batch_size", 0) or 0)
+    if s2 < 0:
+        raise ValueError(f"train.grpo.stage2_batch_size must be >= 0 (0: train.batch_size), got {s2}")
+    if mode == "grpo_stage2" and s2 > 0:
+        return s2, "train.grpo.stage2_batch_size"
+    return int(cfg.train.batch_size), "train.batch_size"
+
+
 def check_batching(cfg, mode, mesh) -> tuple[int, int]:
     """(global batch size, data shards), or a ValueError saying what does not divide."""
-    bs, pc = int(cfg.train.batch_size), jax.process_count()
+    (bs, name), pc = global_batch(cfg, mode), jax.process_count()
     if bs < 1:
-        raise ValueError(f"train.batch_size must be >= 1, got {bs}")
+        raise ValueError(f"{name} must be >= 1, got {bs}")
     if bs % pc:
-        raise ValueError(f"train.batch_size={bs} (the global batch) is not divisible by the {pc} processes: each "
+        raise ValueError(f"{name}={bs} (the global batch) is not divisible by the {pc} processes: each "
                          f"reads batch_size / process_count examples a step")
     if pc > 1:      # one process replicates a batch over the axes that do not divide it; hosts' rows cannot be
         axes = parallel.batch_spec(mesh)[0] or ()
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
         shards = int(np.prod([mesh.shape[a] for a in axes]))
         if bs % shards:
-            raise ValueError(f"train.batch_size={bs} is not divisible by the {shards} batch shards of the mesh "
+            raise ValueError(f"{name}={bs} is not divisible by the {shards} batch shards of the mesh "
                              f"({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}): the global batch is split "
                              f"over them; use a multiple of {shards} or move devices to mesh.tensor / mesh.sequence")
     return bs, int(cfg.data.get("num_shards", 0)) or pc

@@ -21,6 +21,8 @@ MAIN_KEYS = (
     ("train.sft_vdm.latent_cache", "auto (<workdir>/latent_cache) | DIR | off"),
     ("train.grpo.group_size, .beta, .clip_eps, .num_updates, .disabled_rewards", "Joint-GRPO knobs"),
     ("train.grpo.rewards, .shuffle_advantages", "reward list (built-ins, user functions, =weight); the control"),
+    ("train.grpo.stage2_rewards, .stage2_batch_size", "grpo_stage2's own reward list / prompts a step ('' / 0: "
+                                                      "train.grpo.rewards / train.batch_size)"),
     ("train.grpo.diagnostics_every", "stage 2: half-batch gradient agreement vs control, reward variance split"),
     ("train.grpo.grad_accum, .same_noise, .timestep_weight",
      "stage 2: rollout batches per update; one initial noise per group; none | std_dt timestep weights"),
