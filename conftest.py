@@ -12,13 +12,10 @@
   XLA's defaults, any other value replaces these flags.
 * The ``vans-jax`` command's own XLA defaults (``vans_jax.apps.xla_env``), so that the suite runs
   what users run (``VANS_JAX_DEFAULT_XLA_FLAGS=0`` turns them off, as for the command).
-* Compiled programs released between test files when the worker nears the kernel's limit on memory
-  mappings (``vm.max_map_count``, 65530 by default). Every program XLA:CPU compiles maps its code
-  (about 6-30 mappings each), and jit caches keep them for the life of the process: a worker that
-  ran half the suite reached 63,700 mappings and segfaulted inside ``backend_compile_and_load`` when
-  the next mmap failed (the crash of the 2026-12-04 CI runs). After each test file, when more than
-  ``RELEASE_FRACTION`` of the limit is in use, ``jax.clear_caches()`` and a garbage collection
-  give the mappings back; a later test that needs a program compiles it again.
+* Compiled programs released after each test file once a worker holds more than
+  ``RELEASE_FRACTION`` of the kernel's memory-mapping limit (``vans_jax.apps.compile_cache``
+  explains why): a worker that kept them all reached 63,700 mappings and segfaulted inside
+  ``backend_compile_and_load`` (the crashes of the 2026-12-04 CI runs).
 * Session-scoped tiny models and data (``tests/tiny.py``), built once per run: ``tiny_vans``
   (a Qwen2.5-VL and a diffusers Wan directory plus input clips, for the pipeline / predict tests)
   and ``tiny_world`` (the trainer tests' synthetic world with VLM / VDM / CLIP directories).

@@ -42,6 +42,8 @@ def test_quick_demo_writes_everything(tmp_path, capsys):
     assert (out / "runs" / "grpo_stage2" / "export" / "vdm" / "transformer").is_dir()
     assert "vlm/loss" in m["training"]["stage1"] and "dit/loss" in m["training"]["stage2"]
     assert "Joint-GRPO (after)" in (out / "metrics.md").read_text()
+    st = m["settings"]                             # the training settings recorded (demo.training_settings)
+    assert st["stage2_steps"] == 2 and st["stage2_batch_size"] == 0 and st["stage2_rewards"] == "" and st["quick"]
 
 
 # ----------------------------------------------------------------------------- --compare, stubbed

@@ -14,8 +14,9 @@ it a process can load an entry another is still writing (a torn executable: a se
 In memory: every program XLA:CPU compiles maps its code into the process (6-30 memory mappings a
 program) and JAX's jit caches keep it while the process lives. A process that compiles without end
 (``vans-jax demo --compare`` over many variants and seeds: 10,300 mappings after the SFT evaluation
-and three variants; the test suite's workers) reaches the kernel's per-process limit (``vm.max_map_count``, 65,530 by default) and
-segfaults inside XLA's compiler when the next ``mmap`` fails. :func:`release_compiled_programs`
+and three variants; the test suite's workers) reaches the kernel's per-process limit
+(``vm.max_map_count``, 65,530 by default) and segfaults inside XLA's compiler when the next ``mmap``
+fails. :func:`release_compiled_programs`
 gives the mappings back (``jax.clear_caches()``) once a fraction of the limit is in use; a program
 needed again is compiled again (or loaded from this cache).
 """

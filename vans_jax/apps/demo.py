@@ -68,6 +68,16 @@ def settings_from_config(cfg) -> dict:
                 temperature=0.0, top_p=1.0, negative_prompt=str(v.get("negative_prompt", "")), sampler="euler")
 
 
+def training_settings(cfg) -> dict:
+    """The Joint-GRPO settings a demo's ``metrics.json`` / ``compare.json`` record."""
+    g = cfg.train.grpo
+    return dict(stage1_steps=int(g.stage1_steps), stage2_steps=int(g.stage2_steps), group_size=int(g.group_size),
+                lr=float(g.lr), vlm_lr=g.get("vlm_lr"), dit_lr=g.get("dit_lr"), num_updates=int(g.num_updates),
+                clip_eps=float(g.clip_eps), prompts_per_step=int(cfg.train.batch_size),
+                **{k: g.get(k) for k in ("ema_decay", "vlm_ema_decay", "dit_ema_decay", "dit_objective", "nft_beta",
+                                         "nft_timesteps", "rewards", "stage2_rewards", "stage2_batch_size")})
+
+
 def eval_config(settings) -> eval_runner.EvalConfig:
     """The evaluation geometry of the demo: the generated videos' own (``VANSSettings``)."""
     return eval_runner.EvalConfig(num_frames=int(settings.num_frames), height=int(settings.height),
@@ -344,9 +354,7 @@ def run(cfg, output_dir: str, *, quick: bool = False, progress: bool = True) -> 
     timings["total_s"] = time.perf_counter() - t_start
     result = {"before": before["metrics"], "after": after["metrics"],
               "training": {"stage1": _last(f1), "stage2": _last(f2)},
-              "settings": dict(settings, stage1_steps=int(cfg.train.grpo.stage1_steps),
-                               stage2_steps=int(cfg.train.grpo.stage2_steps), group_size=int(cfg.train.grpo.group_size),
-                               prompts_per_step=int(cfg.train.batch_size), quick=bool(quick)),
+              "settings": dict(settings, **training_settings(cfg), quick=bool(quick)),
               "timings": {k: round(v, 1) for k, v in timings.items()},
               "files": {"contact_sheet": sheet, "before": os.path.join(output_dir, "before"),
                         "after": os.path.join(output_dir, "after"), "tensorboard": [os.path.join(runs, r, "tb")
@@ -461,15 +469,7 @@ def compare(cfg, output_dir: str, *, seeds: Sequence[int] = (0, 1, 2), quick: bo
 
     def save():
         result["summary"] = summarize(result)
-        result["settings"] = dict(settings, stage1_steps=int(cfg.train.grpo.stage1_steps),
-                                  stage2_steps=int(cfg.train.grpo.stage2_steps),
-                                  group_size=int(cfg.train.grpo.group_size), lr=float(cfg.train.grpo.lr),
-                                  vlm_lr=cfg.train.grpo.get("vlm_lr"), dit_lr=cfg.train.grpo.get("dit_lr"),
-                                  num_updates=int(cfg.train.grpo.num_updates), clip_eps=float(cfg.train.grpo.clip_eps),
-                                  **{k: cfg.train.grpo.get(k) for k in ("ema_decay", "vlm_ema_decay", "dit_ema_decay", "dit_objective",
-                                                          "nft_beta", "nft_timesteps", "rewards", "stage2_rewards",
-                                                          "stage2_batch_size")},
-                                  prompts_per_step=int(cfg.train.batch_size), eval_samples=int(d["eval_samples"]),
+        result["settings"] = dict(settings, **training_settings(cfg), eval_samples=int(d["eval_samples"]),
                                   quick=bool(quick))
         result["variants"] = {v: dict(name=ALL_VARIANTS[v][0],
                                       runs=[dict(mode=m, overrides=dict(o)) for m, o in ALL_VARIANTS[v][1]])
