@@ -167,3 +167,19 @@ def test_bf16_load_runs(vae_dir, vae):
     a = np.asarray(_encode(vb, jnp.asarray(x)).mean.astype(jnp.float32))
     b = np.asarray(_encode(vae, jnp.asarray(x)).mean)
     assert np.isfinite(a).all() and rel_err(a, b) < 5e-2
+
+
+def test_single_frame_conv_is_the_padded_conv():
+    """A causal conv's first frame (zero cache) runs as its last time tap's 2D conv: the same numbers
+    and the same new cache as the 3-tap conv over the zero-padded frame, for stride 1 and 2 in space."""
+    from vans_jax.models.wan.vae import CausalConv3d
+
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 1, 9, 7, 3)).astype(np.float32))
+    for stride in (1, (1, 2, 2)):
+        conv = CausalConv3d(3, 5, 3, stride=stride, padding=1, dtype=jnp.float32, rngs=nnx.Rngs(2))
+        y, cache = conv(x)
+        xp = jnp.concatenate([jnp.zeros((2, 2) + x.shape[2:]), x], axis=1)
+        ref = conv.conv(xp)
+        assert y.shape == ref.shape
+        np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(cache), np.asarray(xp[:, -2:]))
