@@ -165,13 +165,15 @@ class CausalConv3d(nnx.Module):
         self.front = 2 * p[0]          # causal time padding
         self.spatial_pad = (p[1], p[2])
 
-    def conv(self, x):
-        """The convolution on an already time-padded input (no time padding added).
+    def conv(self, x, kernel=None):
+        """The convolution on an already time-padded input (no time padding added); ``kernel``: these
+        time taps instead of the whole kernel (kT', kH, kW, in, out).
 
         Computed as ONE per-frame 2D conv whose input channels are the ``kT`` time taps stacked
         (kernel (kH, kW, kT * in, out)): the same sum as a 3D conv, but XLA's CPU backend runs 3D
         convolutions (and their gradients) about 5x slower than 2D ones."""
-        kt, kh, kw, cin, cout = self.kernel.shape
+        kernel = self.kernel[...] if kernel is None else kernel
+        kt, kh, kw, cin, cout = kernel.shape
         st, sh, sw = self.stride
         b, t = x.shape[:2]
         t_out = (t - kt) // st + 1
@@ -180,19 +182,11 @@ class CausalConv3d(nnx.Module):
         taps = [x[:, i:i + st * (t_out - 1) + 1:st] for i in range(kt)]
         xs = taps[0] if kt == 1 else jnp.concatenate(taps, axis=-1)             # (B, T_out, H, W, kT * in)
         xs = xs.reshape((b * t_out,) + xs.shape[2:])
-        k = self.kernel[...].astype(x.dtype).transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * cin, cout)
+        k = kernel.astype(x.dtype).transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * cin, cout)
         ph, pw = self.spatial_pad
         y = jax.lax.conv_general_dilated(xs, k, (sh, sw), [(ph, ph), (pw, pw)], dimension_numbers=_CONV2D_DN)
         y = y.reshape((b, t_out) + y.shape[1:])
         return y + self.bias[...].astype(x.dtype)
-
-    def _last_tap_conv(self, x):
-        """The conv of a single frame ``x`` (B, 1, H, W, C) with the kernel's last time tap only."""
-        _, sh, sw = self.stride
-        k = self.kernel[...][-1].astype(x.dtype)                                  # (kH, kW, in, out)
-        ph, pw = self.spatial_pad
-        y = jax.lax.conv_general_dilated(x[:, 0], k, (sh, sw), [(ph, ph), (pw, pw)], dimension_numbers=_CONV2D_DN)
-        return y[:, None] + self.bias[...].astype(x.dtype)
 
     def __call__(self, x, cache=None):
         """-> (y, new cache). cache: the previous chunk's last ``front`` padded-input frames, None = zeros
@@ -205,7 +199,7 @@ class CausalConv3d(nnx.Module):
                 # one frame after the zero padding: only the kernel's last time tap sees non-zero input, so
                 # the conv is that tap's 2D conv (the same sum, a third of the work: the first frame of
                 # every clip, and every step of the VAE's single-frame training)
-                return self._last_tap_conv(x), jnp.concatenate([cache, x], axis=1)[:, -self.front:]
+                return self.conv(x, self.kernel[...][-1:]), jnp.concatenate([cache, x], axis=1)[:, -self.front:]
         xp = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
         return self.conv(xp), xp[:, -self.front:]
 
