@@ -138,3 +138,28 @@ def test_reference_clip_modes():
     assert list(short[:, 0, 0, 0]) == [0, 0, 0, 1, 2] and valid == 3
     with pytest.raises(ValueError, match="4k\\+1"):
         reference_clip(frames, 10, num_frames=6, height=8, width=8)
+
+
+def test_scan_cache_reuses_timelines_until_the_file_changes(tmp_path, monkeypatch):
+    from vans_jax.data import video_io
+
+    calls = []
+    real = video_io.scan_video
+    monkeypatch.setattr(video_io, "scan_video", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(video_io, "_scan_cache", video_io.collections.OrderedDict())
+    p = write_video(tmp_path / "a.mp4", _clip(), fps=8)
+    first = video_io.sample_video(p, {"x": ("clip", 4, 8.0)})
+    again = video_io.sample_video(p, {"x": ("clip", 4, 8.0)})
+    assert len(calls) == 1 and again.timeline is first.timeline
+    np.testing.assert_array_equal(first.frames["x"], again.frames["x"])
+    write_video(p, _clip(t=13), fps=8)                       # rewritten: scanned again
+    assert video_io.sample_video(p, {"x": ("clip", 4, 8.0)}).timeline.num_frames == 13 and len(calls) == 2
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 64)
+    for _ in range(2):                                       # errors are not cached
+        with pytest.raises(VideoError):
+            video_io.sample_video(bad, {"x": ("clip", 4, 8.0)})
+    assert calls.count(str(bad)) == 2
+    monkeypatch.setattr(video_io, "SCAN_CACHE_SIZE", 1)
+    video_io.sample_video(write_video(tmp_path / "b.mp4", _clip(), fps=8), {"x": ("clip", 4, 8.0)})
+    assert list(video_io._scan_cache) and all(k[0].endswith("b.mp4") for k in video_io._scan_cache)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from vans_jax.convert.safetensors_io import Checkpoint, CheckpointError, save_file
 from vans_jax.convert.wan_dit import check_coverage, export_dit_diffusers, key_table, load_dit
-from vans_jax.models.wan import WanConfig, WanLoRAConfig
+from vans_jax.models.wan import WanConfig, WanLoRAConfig, trim_text_context
 from tests.utils import rel_err
 
 diffusers = pytest.importorskip("diffusers")
@@ -103,6 +103,81 @@ def test_forward_matches_diffusers(ours, ref_out, inputs):
     out = run_ours(ours, x, t, ctx)
     assert out.shape == ref_out.shape == x.shape
     assert rel_err(out, ref_out) < 1e-4
+
+
+def _padded_context(lengths, total=40, seed=1):
+    """(B, total, 48) text contexts as Wan's encoder gives them: row i nonzero on its first lengths[i]
+    positions, zero after (the caption's padding to 512 positions)."""
+    rng = np.random.default_rng(seed)
+    ctx = np.zeros((len(lengths), total, 48), np.float32)
+    for i, n in enumerate(lengths):
+        ctx[i, :n] = rng.standard_normal((n, 48))
+    return ctx
+
+
+def test_trimmed_text_context_matches_diffusers(ours, ref_model, inputs):
+    """The DiT on the used text positions plus one pad key (logit + log n) == diffusers on all of them."""
+    x, refs, t, _ = inputs
+    ctx = _padded_context([5, 9])
+    ref = run_ref(ref_model, x, t, ctx)
+    (tc,), pad = trim_text_context(jnp.asarray(ctx), multiple=4)
+    assert tc.shape == (2, 12, 48) and pad == 28
+    fwd = nnx.jit(lambda m, x, t, c, p, n_ref: m(x, t, c, n_ref=n_ref, context_pad=p), static_argnums=5)
+    out = np.asarray(fwd(ours, jnp.asarray(x), jnp.asarray(t), tc, jnp.float32(pad), 0))
+    assert rel_err(out, ref) < 1e-4
+    assert rel_err(out, run_ours(ours, x, t, ctx)) < 1e-5
+    # with reference frames, and pad 0 (the appended key then carries no weight)
+    full = np.concatenate([refs, x], axis=2)
+    np.testing.assert_allclose(fwd(ours, jnp.asarray(full), jnp.asarray(t), tc, jnp.float32(pad), 2),
+                               run_ours(ours, full, t, ctx, n_ref=2), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fwd(ours, jnp.asarray(x), jnp.asarray(t), tc, jnp.float32(0.0), 0),
+                               run_ours(ours, x, t, ctx[:, :12]), rtol=1e-4, atol=1e-5)
+
+
+def test_trimmed_text_context_gradient(ours, inputs):
+    """Training on the trimmed context: the same loss and parameter gradient."""
+    x, _, t, _ = inputs
+    ctx = jnp.asarray(_padded_context([3, 6]))
+    (tc,), pad = trim_text_context(ctx)
+    assert tc.shape[1] == 16 and pad == 24
+
+    def loss(m, c, p):
+        return jnp.mean(m(jnp.asarray(x), jnp.asarray(t), c, context_pad=p) ** 2)
+
+    l_full, g_full = nnx.value_and_grad(loss)(ours, ctx, None)
+    l_trim, g_trim = nnx.value_and_grad(loss)(ours, tc, jnp.float32(pad))
+    assert abs(float(l_full) - float(l_trim)) < 1e-5 * abs(float(l_full))
+    a = np.concatenate([np.ravel(v) for v in jax.tree.leaves(g_full)])
+    b = np.concatenate([np.ravel(v) for v in jax.tree.leaves(g_trim)])
+    assert np.abs(a).max() > 0 and rel_err(b, a) < 1e-4
+
+
+def test_trim_text_context_rules():
+    c = jnp.asarray(_padded_context([5, 9]))
+    u = jnp.asarray(_padded_context([1], seed=2))
+    (tc, tu, none), pad = trim_text_context(c, u, None)          # one length for both, None passes
+    assert tc.shape == (2, 16, 48) and tu.shape == (1, 16, 48) and none is None and pad == 24
+    np.testing.assert_array_equal(np.asarray(tc), np.asarray(c)[:, :16])
+    # a value anywhere in the last position of any row: nothing to trim
+    full = np.asarray(c).copy()
+    full[1, -1, 0] = 1e-3
+    assert trim_text_context(full)[1] is None
+    assert trim_text_context(c, jnp.zeros((1, 32, 48)))[1] is None           # lengths differ
+    assert trim_text_context(np.zeros((2, 64, 48), np.float32))[0][0].shape == (2, 16, 48)   # all zero
+    np.testing.assert_array_equal(trim_text_context(np.asarray(c), multiple=8)[0][0], np.asarray(c)[:, :16])
+    assert jax.jit(lambda c: trim_text_context(c)[0][0])(c).shape == c.shape   # under a trace: unchanged
+
+
+def test_trims_text_context_only_where_exact(ours):
+    assert ours.trims_text_context() and ours.trims_text_context(training=True)
+    splash = nnx.clone(ours)
+    splash.cfg = dataclasses.replace(ours.cfg, attn_impl="splash")
+    assert not splash.trims_text_context()
+    cfg = dataclasses.replace(ours.cfg, num_layers=1)
+    with_dropout = type(ours)(cfg, rngs=nnx.Rngs(0), lora=WanLoRAConfig(rank=2, dropout=0.1))
+    assert with_dropout.trims_text_context() and not with_dropout.trims_text_context(training=True)
+    no_cross = type(ours)(cfg, rngs=nnx.Rngs(0), lora=WanLoRAConfig(rank=2, dropout=0.1, cross_attn=False))
+    assert no_cross.trims_text_context(training=True)
 
 
 def test_remat_and_grad(ours, inputs):

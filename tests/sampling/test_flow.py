@@ -10,8 +10,8 @@ import torch
 from flax import nnx
 
 from vans_jax.models.wan import WanConfig, WanTransformer3D
-from vans_jax.sampling.flow import (cfg_combine, euler_step, flow_sigmas, gaussian_kl, guided_velocity, sample,
-                                    sde_std_t, sde_step, unipc_init, unipc_step)
+from vans_jax.sampling.flow import (_sample_jit, cfg_combine, euler_step, flow_sigmas, gaussian_kl, guided_velocity,
+                                    sample, sde_std_t, sde_step, unipc_init, unipc_step)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -194,3 +194,33 @@ def test_sample_sde_trajectory(tiny):
     assert np.abs(np.asarray(x2) - np.asarray(x)).max() > 1e-3
     xe = sample(model, noise, ctx, num_steps=n, mode="euler")
     assert xe.shape == noise.shape and bool(jnp.all(jnp.isfinite(xe)))
+
+
+def test_sample_on_trimmed_text_context(tiny, monkeypatch):
+    """``sample`` runs the DiT on the positions the captions use (``trim_text_context``): the same
+    latents and SDE trajectory as on all of them (Wan zero-pads each caption to 512 positions)."""
+    model, noise, refs, _, _ = tiny
+    rng = np.random.default_rng(5)
+    ctx = np.zeros((2, 64, 48), np.float32)
+    ctx[0, :6], ctx[1, :11] = rng.standard_normal((6, 48)), rng.standard_normal((11, 48))
+    uctx = np.zeros((2, 64, 48), np.float32)
+    uctx[:, :1] = rng.standard_normal((1, 48))
+    ctx, uctx = jnp.asarray(ctx), jnp.asarray(uctx)
+    assert model.trims_text_context()
+    kw = dict(uncond_context=uctx, guidance_scale=3.0, ref_latents=refs, num_steps=4, shift=5.0)
+    seen = []           # the context lengths the DiT is traced with
+    original = WanTransformer3D.text_context
+    monkeypatch.setattr(WanTransformer3D, "text_context",
+                        lambda self, c, pad=None: seen.append((c.shape[1], pad is not None)) or original(self, c, pad))
+    _sample_jit.clear_cache()
+    out = sample(model, noise, ctx, mode="unipc", **kw)
+    assert seen == [(16, True)]                  # 11 used positions -> 16 kept, plus the pad key
+    _sample_jit.clear_cache()
+    ref = sample(model, noise, ctx, mode="unipc", trim_context=False, **kw)
+    assert seen[-1] == (64, False)
+    assert np.abs(np.asarray(out - ref)).max() / np.abs(np.asarray(ref)).max() < 1e-5
+    x, tr = sample(model, noise, ctx, mode="sde", rng=jax.random.key(1), return_trajectory=True, **kw)
+    xr, trr = sample(model, noise, ctx, mode="sde", rng=jax.random.key(1), return_trajectory=True,
+                     trim_context=False, **kw)
+    np.testing.assert_allclose(np.asarray(tr.log_probs), np.asarray(trr.log_probs), rtol=1e-4, atol=1e-3)
+    assert np.abs(np.asarray(x - xr)).max() / np.abs(np.asarray(xr)).max() < 1e-5

@@ -48,9 +48,11 @@ Conventions
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
+import threading
 import warnings
 from fractions import Fraction
 from typing import Literal
@@ -681,6 +683,34 @@ def scan_video(path) -> VideoTimeline:
     return VideoTimeline(path, p, tb, keyframes, int(last), float(fps), expected, exp_dur, by_index, err)
 
 
+SCAN_CACHE_SIZE = 4096     # timelines kept per process (``scan_video_cached``)
+_scan_cache: "collections.OrderedDict[tuple, VideoTimeline]" = collections.OrderedDict()
+_scan_lock = threading.Lock()
+
+
+def scan_video_cached(path) -> VideoTimeline:
+    """``scan_video`` through a per-process cache of the last ``SCAN_CACHE_SIZE`` files, keyed by the
+    path and the file's size, modification time and inode (a rewritten file is scanned again): a
+    clip read again (each epoch of a training run) is not demuxed again. Errors are not cached."""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return scan_video(path)            # its error names the file
+    key = (path, st.st_size, st.st_mtime_ns, st.st_ino)
+    with _scan_lock:
+        tl = _scan_cache.get(key)
+        if tl is not None:
+            _scan_cache.move_to_end(key)
+            return tl
+    tl = scan_video(path)
+    with _scan_lock:
+        _scan_cache[key] = tl
+        while len(_scan_cache) > SCAN_CACHE_SIZE:
+            _scan_cache.popitem(last=False)
+    return tl
+
+
 # -- which frames: the sampling rules on timestamps (constant-rate clips: the index rules above) --
 
 def vlm_indices(tl: VideoTimeline, num_frames: int = 6, sample_fps: float = 1.0) -> tuple[np.ndarray, float]:
@@ -915,7 +945,7 @@ def sample_video(path, requests: dict, *, max_pixels: int | None = None,
     all of it (more than one frame short) sets ``report.warning`` (and warns when ``warn``).
     """
     path = os.fspath(path)
-    tl = scan_video(path)
+    tl = scan_video_cached(path)
     plans: dict[str, tuple[np.ndarray, float, int]] = {}
     for name, req in requests.items():
         kind = req[0]

@@ -172,8 +172,8 @@ def stage1_loss(params, graphdef, frozen, batch, rng, *, beta, clip_eps, tempera
                     "policy_objective": t.policy_objective}
 
 
-def _dit_velocity(graphdef, params, frozen, x, t, ctx, unc, g, ref_lat):
-    return flow.guided_velocity(nnx.merge(graphdef, params, frozen), x, t, ctx, unc, g, ref_lat)
+def _dit_velocity(graphdef, params, frozen, x, t, ctx, unc, g, ref_lat, pad=None):
+    return flow.guided_velocity(nnx.merge(graphdef, params, frozen), x, t, ctx, unc, g, ref_lat, pad)
 
 
 def stage2_grads(params, graphdef, frozen, ref_params, batch, *, beta, clip_eps, advantage_clip, noise_level,
@@ -185,6 +185,7 @@ def stage2_grads(params, graphdef, frozen, ref_params, batch, *, beta, clip_eps,
     term unweighted). Returns (gradient, metrics: loss, kl, clip_fraction, ratio, policy_objective)."""
     s = batch["x"].shape[0]
     ctx, unc, g, ref_lat = batch["context"], batch.get("uncond_context"), batch["cfg"], batch.get("ref_latents")
+    pad = batch.get("context_pad")      # the contexts trimmed (sampling.wan.trim_batch_text)
     sigmas, adv = batch["sigmas"], batch["advantages"]
     weights = timestep_weights(sigmas, batch["steps"], noise_level=noise_level, std_form=std_form,
                                kind=timestep_weight)
@@ -194,10 +195,10 @@ def stage2_grads(params, graphdef, frozen, ref_params, batch, *, beta, clip_eps,
         x, xn, olp, j, t, w = xs
 
         def lossf(params):
-            v = _dit_velocity(graphdef, params, frozen, x, t, ctx, unc, g, ref_lat)
+            v = _dit_velocity(graphdef, params, frozen, x, t, ctx, unc, g, ref_lat, pad)
             out = flow.sde_step(x, v, sigmas, j, prev_sample=xn, noise_level=noise_level, std_form=std_form)
             if beta > 0:
-                v_ref = _dit_velocity(graphdef, ref_params, frozen, x, t, ctx, unc, g, ref_lat)
+                v_ref = _dit_velocity(graphdef, ref_params, frozen, x, t, ctx, unc, g, ref_lat, pad)
                 ref_mean = jax.lax.stop_gradient(
                     flow.sde_step(x, v_ref, sigmas, j, prev_sample=xn, noise_level=noise_level,
                                   std_form=std_form).mean)
@@ -254,6 +255,7 @@ def nft_grads(params, graphdef, frozen, ref_params, batch, rng, *, nft_beta, bet
     if n % group_size:
         raise ValueError(f"nft_grads: {n} rollouts is not a multiple of the group size {group_size}")
     ctx, unc, g, ref_lat = batch["context"], batch.get("uncond_context"), batch["cfg"], batch.get("ref_latents")
+    pad = batch.get("context_pad")      # the contexts trimmed (sampling.wan.trim_batch_text)
     r = nft_optimality(batch["advantages"], advantage_clip)
     rb = r[:, None, None, None, None]
     groups = n // group_size
@@ -269,7 +271,7 @@ def nft_grads(params, graphdef, frozen, ref_params, batch, rng, *, nft_beta, bet
         target = noise - x0
 
         def lossf(p):
-            v = _dit_velocity(graphdef, p, frozen, xt, sig * 1000.0, ctx, unc, g, ref_lat)   # a timestep per row
+            v = _dit_velocity(graphdef, p, frozen, xt, sig * 1000.0, ctx, unc, g, ref_lat, pad)   # a timestep per row
             old = jax.lax.stop_gradient(v)
             pos = old + nft_beta * (v - old)
             neg = old - nft_beta * (v - old)
@@ -277,7 +279,7 @@ def nft_grads(params, graphdef, frozen, ref_params, batch, rng, *, nft_beta, bet
             kl = jnp.float32(0.0)
             if beta > 0:
                 v_ref = jax.lax.stop_gradient(_dit_velocity(graphdef, ref_params, frozen, xt, sig * 1000.0, ctx, unc,
-                                                            g, ref_lat))
+                                                            g, ref_lat, pad))
                 kl = jnp.mean((v - v_ref) ** 2)
             fm = jnp.mean((old - target) ** 2)
             return (lp + beta * kl) / num_timesteps, (lp, kl, fm)

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..models.wan.dit import trim_text_context
+
 # ----------------------------------------------------------------------------- schedule
 
 
@@ -225,13 +227,15 @@ def cfg_combine(cond, uncond, guidance_scale):
 
 
 def guided_velocity(model: Callable, x, timestep, context, uncond_context=None, guidance_scale=1.0,
-                    ref_latents=None):
+                    ref_latents=None, context_pad=None):
     """Velocity for the target latents x (B, C, T, H, W) at a timestep (a scalar, or one per row (B,)).
 
     Prepends the clean ``ref_latents`` on the time axis (their outputs are dropped by the model
     via ``n_ref``). With ``uncond_context`` the conditional and unconditional passes run as one
-    batch of 2B and are combined with ``cfg_combine``.
+    batch of 2B and are combined with ``cfg_combine``. ``context_pad``: the contexts were trimmed by
+    ``models.wan.trim_text_context`` (both to one length), the number of zero rows dropped.
     """
+    kw = {} if context_pad is None else {"context_pad": context_pad}
     b = x.shape[0]
     n_ref = 0
     x_in = x
@@ -240,10 +244,10 @@ def guided_velocity(model: Callable, x, timestep, context, uncond_context=None, 
         x_in = jnp.concatenate([ref_latents.astype(x.dtype), x], axis=2)
     t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (b,))
     if uncond_context is None:
-        return model(x_in, t, context, n_ref=n_ref).astype(jnp.float32)
+        return model(x_in, t, context, n_ref=n_ref, **kw).astype(jnp.float32)
     x2 = jnp.concatenate([x_in, x_in], axis=0)
     ctx2 = jnp.concatenate([context, uncond_context.astype(context.dtype)], axis=0)
-    out = model(x2, jnp.concatenate([t, t]), ctx2, n_ref=n_ref)
+    out = model(x2, jnp.concatenate([t, t]), ctx2, n_ref=n_ref, **kw)
     return cfg_combine(out[:b], out[b:], guidance_scale)
 
 
@@ -265,14 +269,15 @@ MODES = ("unipc", "euler", "sde")
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "std_form", "return_trajectory"))
 def _sample_jit(graphdef, state, noise, context, uncond_context, guidance_scale, ref_latents, sigmas, timesteps,
-                sde_mask, rng, noise_level, *, mode, std_form, return_trajectory):
+                sde_mask, rng, noise_level, context_pad, *, mode, std_form, return_trajectory):
     model = nnx.merge(graphdef, state)
     n = timesteps.shape[0]
     x = noise.astype(jnp.float32)
 
     def step(carry, i):
         x, ustate = carry
-        v = guided_velocity(model, x, timesteps[i], context, uncond_context, guidance_scale, ref_latents)
+        v = guided_velocity(model, x, timesteps[i], context, uncond_context, guidance_scale, ref_latents,
+                            context_pad)
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         lp = jnp.zeros((x.shape[0],), jnp.float32)
         if mode == "unipc":
@@ -303,7 +308,7 @@ def _sample_jit(graphdef, state, noise, context, uncond_context, guidance_scale,
 def sample(model, noise, context, *, uncond_context=None, guidance_scale: float = 5.0, ref_latents=None,
            num_steps: int = 50, shift: float = 5.0, mode: str = "unipc", rng=None,
            sde_window: tuple[int, int] | None = None, noise_level: float = 0.7, std_form: str = "flow_grpo",
-           return_trajectory: bool = False, sigmas=None, timesteps=None):
+           return_trajectory: bool = False, sigmas=None, timesteps=None, trim_context: bool = True):
     """Denoises ``noise`` (B, C, T, H, W) with the DiT ``model`` in one jitted ``lax.scan``.
 
     context / uncond_context: (B, L, text_dim) text embeddings; uncond_context=None disables
@@ -312,6 +317,9 @@ def sample(model, noise, context, *, uncond_context=None, guidance_scale: float 
     mode: "unipc" (diffusers-equal UniPC), "euler" (deterministic ODE) or "sde" (Flow-GRPO SDE
     on the steps in ``sde_window`` = [start, end), default all, Euler elsewhere; needs ``rng``).
     sigmas/timesteps: override the ``flow_sigmas(num_steps, shift)`` schedule.
+    trim_context: run the DiT on the contexts without their shared all-zero tail
+    (``models.wan.trim_text_context``; the same velocities) when the model allows it
+    (``trims_text_context``); False: on all L positions.
     Returns the final latents (fp32), or (latents, Trajectory) with ``return_trajectory``.
     """
     if mode not in MODES:
@@ -332,8 +340,12 @@ def sample(model, noise, context, *, uncond_context=None, guidance_scale: float 
         raise ValueError("mode 'sde' needs rng")
     if rng is None:
         rng = jax.random.key(0)
+    pad = None
+    if trim_context and getattr(model, "trims_text_context", lambda: False)():
+        (context, uncond_context), pad = trim_text_context(context, uncond_context)
     graphdef, state = nnx.split(model)
     return _sample_jit(graphdef, state, noise, context, uncond_context, jnp.asarray(guidance_scale, jnp.float32),
                        ref_latents, sigmas, timesteps, jnp.asarray(mask), rng,
-                       jnp.asarray(noise_level, jnp.float32), mode=mode, std_form=std_form,
+                       jnp.asarray(noise_level, jnp.float32), None if pad is None else jnp.float32(pad),
+                       mode=mode, std_form=std_form,
                        return_trajectory=return_trajectory)

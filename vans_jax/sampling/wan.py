@@ -303,6 +303,24 @@ def encode_text(models: WanModels, captions: Sequence[str], max_sequence_length:
     return encode_prompts(models.text_encoder, models.tokenizer, list(captions), L, to_device=to_device)
 
 
+def trim_batch_text(dit, batch: dict, keys=("context", "uncond_context", "null_context"), *, training: bool,
+                    place=None) -> dict:
+    """``batch`` with its text contexts ``keys`` (those present) cut to the positions any row uses and
+    ``context_pad`` set (``models.wan.trim_text_context``: the DiT computes the same function on
+    fewer keys), when the DiT allows it (``dit.trims_text_context(training)``); else unchanged.
+    ``place``: puts the host scalar ``context_pad`` on the devices (default ``jnp.asarray``)."""
+    from ..models.wan.dit import trim_text_context
+    present = [k for k in keys if batch.get(k) is not None]
+    if not present or not getattr(dit, "trims_text_context", lambda training: False)(training):
+        return batch
+    trimmed, pad = trim_text_context(*(batch[k] for k in present))
+    if pad is None:
+        return batch
+    out = dict(batch, **dict(zip(present, trimmed)))
+    out["context_pad"] = (place or jnp.asarray)(np.float32(pad))
+    return out
+
+
 def decode_latents(models: WanModels, latents, output_type: str = "uint8", *, to_host: bool = True):
     """Normalized latents (B, z, T, h, w) -> video (B, 1+4(T-1), 8h, 8w, 3) as numpy:
     uint8 (``round(255 x)``) or float in [0, 1] (diffusers' ``output_type="np"``).

@@ -440,10 +440,11 @@ class JointGRPO:
             raise ValueError(f"train.grpo.sft_weight: the examples' target videos are {target.shape[1:4]} "
                              f"(frames, height, width); the flow-matching term needs the render geometry {want}")
         env = self.env
-        return dict(latents=wp.encode_video(self.vdm, env.rows(clip_to_video(target))),
-                    context=wp.encode_text(self.vdm, [e["caption"] for e in examples], to_device=env.rows),
-                    null_context=self.vdm.negative_embeddings("", 1), ref_latents=ref_lat,
-                    rng=env.const(_key_data(rng)))
+        sft = dict(latents=wp.encode_video(self.vdm, env.rows(clip_to_video(target))),
+                   context=wp.encode_text(self.vdm, [e["caption"] for e in examples], to_device=env.rows),
+                   null_context=self.vdm.negative_embeddings("", 1), ref_latents=ref_lat,
+                   rng=env.const(_key_data(rng)))
+        return wp.trim_batch_text(self.vdm.dit, sft, training=True, place=env.const)
 
     def _initial_noise(self, rng, n: int):
         """The initial latents of ``n`` = prompts x G stage-2 rollouts: None (``render_sde`` draws
@@ -467,7 +468,7 @@ class JointGRPO:
                   ref_latents=ref_rep, advantages=env.whole(adv))
         if unc is None:
             db.pop("uncond_context")
-        return db
+        return wp.trim_batch_text(self.vdm.dit, db, training=True, place=env.const)   # the used text positions
 
     def _nft_batch(self, lat, ctx, unc, ref_rep, adv, rng) -> dict:
         """The ``dit_objective="nft"`` loss's batch: the ODE renders' final latents, their contexts and
@@ -477,7 +478,7 @@ class JointGRPO:
                   ref_latents=ref_rep, advantages=env.whole(adv), rng=env.const(_key_data(rng)))
         if unc is None:
             db.pop("uncond_context")
-        return db
+        return wp.trim_batch_text(self.vdm.dit, db, training=True, place=env.const)   # the used text positions
 
     # -- one step
 

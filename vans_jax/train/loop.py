@@ -331,6 +331,10 @@ class SFTVDM:
                 out[k] = parallel.host_local_batch_to_global(np.stack(got[k]), self.mesh)
         return out
 
+    def _replicated(self, x):
+        from jax.sharding import NamedSharding, PartitionSpec
+        return parallel.device_put_global(np.asarray(x), NamedSharding(self.mesh, PartitionSpec()))
+
     def _local_rows(self, x):
         if jax.process_count() == 1:
             return np.asarray(x)
@@ -344,6 +348,9 @@ class SFTVDM:
         batch = dict(latents=enc["latents"], context=enc["context"], null_context=self.vdm.negative_embeddings("", 1))
         if self.n_ref:
             batch["ref_latents"] = enc["ref"]
+        # the captions' shared zero tail cut off (the same loss on the positions used: Wan pads to 512)
+        from ..sampling.wan import trim_batch_text
+        batch = trim_batch_text(self.vdm.dit, batch, training=True, place=self._replicated)
         self.part.state, m = self._update(self.part.state, self.part.frozen, batch)
         dt = time.perf_counter() - t0
         m = dict(m, **{"time/step_s": dt, "frames_in_batch": float(enc["latents"].shape[0] * np.shape(examples[0]["target"])[0])})

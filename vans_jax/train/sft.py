@@ -99,7 +99,8 @@ def sample_sigmas(rng, batch: int, shift: float):
 def sft_vdm_loss(params, graphdef, frozen, batch, rng, *, shift: float = 5.0, text_dropout: float = 0.1,
                  dropout: bool = True):
     """Velocity MSE: x_t = (1 - s) x0 + s n, target v = n - x0, timestep = 1000 s; the clean
-    ``ref_latents`` (B, C, n_ref, h, w) go in front on the time axis and their outputs are dropped."""
+    ``ref_latents`` (B, C, n_ref, h, w) go in front on the time axis and their outputs are dropped;
+    ``context_pad`` (optional): ``context`` and ``null_context`` were trimmed (``sampling.wan.trim_batch_text``)."""
     model = nnx.merge(graphdef, params, frozen)
     x0 = batch["latents"].astype(jnp.float32)
     b = x0.shape[0]
@@ -116,7 +117,8 @@ def sft_vdm_loss(params, graphdef, frozen, batch, rng, *, shift: float = 5.0, te
     ref = batch.get("ref_latents")
     n_ref = 0 if ref is None else ref.shape[2]
     x_in = xt if ref is None else jnp.concatenate([ref.astype(xt.dtype), xt], axis=2)
-    v = model(x_in, sigma * 1000.0, ctx, n_ref=n_ref, rng=k_m if dropout else None).astype(jnp.float32)
+    kw = {} if batch.get("context_pad") is None else {"context_pad": batch["context_pad"]}   # trimmed text
+    v = model(x_in, sigma * 1000.0, ctx, n_ref=n_ref, rng=k_m if dropout else None, **kw).astype(jnp.float32)
     err = (v - (noise - x0)) ** 2
     loss = jnp.mean(err)
     return loss, {"sigma_mean": jnp.mean(sigma)}

@@ -5,7 +5,7 @@ The generation pipeline (``WanModels``, ``from_pretrained``, ``generate``, ``ref
 lives in ``vans_jax.sampling.wan`` and is re-exported lazily under these public names."""
 from ..._lazy import lazy_exports
 from .dit import (WanAttention, WanBlock, WanConfig, WanLoRAConfig, WanTransformer3D, apply_rope_interleaved,
-                  patchify, rope_angles, timestep_sinusoid, unpatchify)
+                  patchify, rope_angles, timestep_sinusoid, trim_text_context, unpatchify)
 from .umt5 import UMT5Config, UMT5Encoder
 from .vae import DiagonalGaussian, WanVAE, WanVAEConfig
 
@@ -18,5 +18,6 @@ def __dir__():
 
 
 __all__ = ["WanAttention", "WanBlock", "WanConfig", "WanLoRAConfig", "WanTransformer3D", "apply_rope_interleaved",
-           "patchify", "rope_angles", "timestep_sinusoid", "unpatchify", "UMT5Config", "UMT5Encoder",
+           "patchify", "rope_angles", "timestep_sinusoid", "trim_text_context", "unpatchify", "UMT5Config",
+           "UMT5Encoder",
            "DiagonalGaussian", "WanVAE", "WanVAEConfig", *_facade]

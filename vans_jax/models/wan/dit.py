@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from ...parallel import SEQ_PARALLEL, constrain, sequence_parallel_attention
-from ..layers import (LayerNorm, Linear, RMSNorm, attention, layer_norm, resolve_dtype, loop_layers, scan_layers,
+from ..layers import (LayerNorm, Linear, RMSNorm, attention, layer_norm, resolve_attention_impl, resolve_dtype,
+                      loop_layers, scan_layers,
                       stack_layers)
 
 # Logical axes of activations (sharding constraints under ``jax.set_mesh``; no-ops without a mesh).
@@ -272,7 +273,9 @@ class WanAttention(nnx.Module):
         self.norm_q = RMSNorm(d, eps=cfg.eps, dtype=dtype)
         self.norm_k = RMSNorm(d, eps=cfg.eps, dtype=dtype)
 
-    def __call__(self, x, context=None, rope=None, keys=None):
+    def __call__(self, x, context=None, rope=None, keys=None, bias=None):
+        """``bias``: an additive logit bias broadcastable to (B, heads, Lq, Lk) (the trimmed text
+        context's pad key, ``WanTransformer3D.text_context``); None: none."""
         keys = keys if keys is not None else (None,) * 4
         context = x if context is None else context
         b, lq, d = x.shape
@@ -285,7 +288,7 @@ class WanAttention(nnx.Module):
             cos, sin = rope
             q = apply_rope_interleaved(q, cos, sin)
             k = apply_rope_interleaved(k, cos, sin)
-        attend = lambda q, k, v: attention(q, k, v, impl=self.attn_impl, block_sizes=self.attn_block_size)
+        attend = lambda q, k, v: attention(q, k, v, bias=bias, impl=self.attn_impl, block_sizes=self.attn_block_size)
         if self.seq_parallel != "none" and context is x:
             # self-attention: keys/values stay sharded over `sequence` (a ring, or all-to-all over heads)
             q, k, v = constrain(q, QUERY_HEADS), constrain(k, QUERY_HEADS), constrain(v, QUERY_HEADS)
@@ -315,8 +318,9 @@ class WanBlock(nnx.Module):
         self.scale_shift_table = nnx.Param(
             jax.random.normal(rngs.params(), (1, 6, d), jnp.float32) / d ** 0.5, axes=(None, None, "modulation"))
 
-    def __call__(self, x, context, mod, rope, rng=None):
-        """x (B, L, d) in the compute dtype; mod (B, 6, d) fp32 time projection."""
+    def __call__(self, x, context, mod, rope, rng=None, context_bias=None):
+        """x (B, L, d) in the compute dtype; mod (B, 6, d) fp32 time projection; ``context_bias``: the
+        cross-attention logit bias of a trimmed text context (``WanTransformer3D.text_context``)."""
         keys = [None] * 10 if rng is None else list(jax.random.split(rng, 10))
         e = self.scale_shift_table[...].astype(jnp.float32) + mod
         shift, scale, gate, c_shift, c_scale, c_gate = (e[:, i:i + 1] for i in range(6))
@@ -325,7 +329,7 @@ class WanBlock(nnx.Module):
         a = self.attn1(h, None, rope, keys[0:4])
         x = (x.astype(jnp.float32) + a.astype(jnp.float32) * gate).astype(dtype)
         h = (self.norm2(x) if self.norm2 is not None else x).astype(dtype)
-        x = x + self.attn2(h, context, None, keys[4:8]).astype(dtype)
+        x = x + self.attn2(h, context, None, keys[4:8], bias=context_bias).astype(dtype)
         h = (layer_norm(x, self.eps) * (1.0 + c_scale) + c_shift).astype(dtype)
         f = constrain(jax.nn.gelu(self.ffn_in(h, keys[8]), approximate=True), FFN_HIDDEN)
         f = self.ffn_out(f, keys[9])
@@ -353,6 +357,10 @@ class WanTransformer3D(nnx.Module):
                                dtype=dtype, rngs=rngs)
         self.scale_shift_table = nnx.Param(
             jax.random.normal(rngs.params(), (1, 2, d), f32) / d ** 0.5, axes=(None, None, "modulation"))
+        # LoRA dropout on the cross-attention's keys/values (training): then the padding positions
+        # of the text are not identical keys and the text context is not trimmed (``trims_text_context``)
+        self.cross_kv_dropout = float(lora.dropout) if (lora is not None and lora.cross_attn and any(
+            t in lora.targets for t in ("to_k", "to_v"))) else 0.0
 
     # -- pieces, public so that callers (e.g. caching the text projection) can reuse them
     def embed_time(self, timestep, batch: int):
@@ -368,7 +376,36 @@ class WanTransformer3D(nnx.Module):
         h = self.text_linear_1(encoder_hidden_states.astype(dtype))
         return self.text_linear_2(jax.nn.gelu(h, approximate=True)).astype(dtype)
 
-    def __call__(self, hidden_states, timestep, encoder_hidden_states, n_ref: int = 0, *, rng=None):
+    def text_context(self, encoder_hidden_states, context_pad=None):
+        """The cross-attention keys' input: (context (B, L, d), logit bias or None).
+
+        ``context_pad`` None: ``embed_text`` of the L rows. Otherwise ``encoder_hidden_states`` is a
+        text context whose all-zero tail of ``context_pad`` rows (a scalar or (B,)) was dropped
+        (``trim_text_context``): one zero row is appended, standing for all of them. Every zero row
+        gives the same key and value, so attending to n of them is attending to one with its logit
+        raised by log n: the bias (B, 1, 1, L + 1) is 0 on the kept rows and log n on the appended
+        one (a large negative number when n = 0). The same function as the untrimmed context, at
+        the cost of the kept rows (Wan pads every caption to 512 positions)."""
+        if context_pad is None:
+            return self.embed_text(encoder_hidden_states), None
+        b, _, dt = encoder_hidden_states.shape
+        ctx = jnp.concatenate([encoder_hidden_states, jnp.zeros((b, 1, dt), encoder_hidden_states.dtype)], axis=1)
+        n = jnp.broadcast_to(jnp.asarray(context_pad, jnp.float32).reshape(-1), (b,))
+        pad_logit = jnp.where(n > 0, jnp.log(jnp.maximum(n, 1.0)), jnp.float32(-1e30))
+        bias = jnp.concatenate([jnp.zeros((b, ctx.shape[1] - 1), jnp.float32), pad_logit[:, None]], axis=1)
+        return self.embed_text(ctx), bias[:, None, None, :]
+
+    def trims_text_context(self, training: bool = False) -> bool:
+        """Whether a trimmed text context (``text_context``) gives exactly this model's function: with
+        the xla / chunked attention (splash takes no bias; cudnn's bias path is not checked here), and
+        in training not with LoRA dropout on the cross-attention's keys or values."""
+        impl = resolve_attention_impl(self.cfg.attn_impl, resolve_dtype(self.cfg.dtype))
+        return impl in ("xla", "chunked") and not (training and self.cross_kv_dropout > 0)
+
+    def __call__(self, hidden_states, timestep, encoder_hidden_states, n_ref: int = 0, *, rng=None,
+                 context_pad=None):
+        """``context_pad``: the number of all-zero rows trimmed off the end of
+        ``encoder_hidden_states`` (``trim_text_context``; see ``text_context``), None: untrimmed."""
         cfg = self.cfg
         dtype = resolve_dtype(cfg.dtype)
         b, _, t, h, w = hidden_states.shape
@@ -383,12 +420,13 @@ class WanTransformer3D(nnx.Module):
         ang = rope_angles(cfg, *grid)
         rope = (jnp.asarray(np.cos(ang), jnp.float32), jnp.asarray(np.sin(ang), jnp.float32))
         temb, mod = self.embed_time(timestep, b)
-        context = constrain(self.embed_text(encoder_hidden_states), TEXT)
+        context, context_bias = self.text_context(encoder_hidden_states, context_pad)
+        context = constrain(context, TEXT)
 
         layer_keys = None if rng is None else jax.random.split(rng, cfg.num_layers)
 
         def body(layer, carry, key):
-            return layer(carry, context, mod, rope, key), None
+            return layer(carry, context, mod, rope, key, context_bias), None
 
         if cfg.unrolled:
             x = loop_layers(self.blocks, body, x, layer_keys, remat=cfg.remat)
@@ -403,3 +441,42 @@ class WanTransformer3D(nnx.Module):
         x = (layer_norm(x, cfg.eps) * (1.0 + scale) + shift).astype(dtype)
         x = self.proj_out(x)
         return unpatchify(x, grid, cfg.patch_size, cfg.out_channels)
+
+
+TEXT_TRIM_MULTIPLE = 16   # a trimmed text context keeps a multiple of this many rows (few compiled shapes)
+
+
+def _nonzero_positions(context) -> np.ndarray:
+    """(L,) bool on the host: whether position l of the (B, L, d) ``context`` is nonzero in any row
+    (reduced where the array lives; a replicated result when it spans processes)."""
+    if isinstance(context, np.ndarray):
+        return np.any(context != 0, axis=(0, 2))
+    if not context.is_fully_addressable:
+        from jax.sharding import NamedSharding, PartitionSpec
+        rep = NamedSharding(context.sharding.mesh, PartitionSpec())
+        nz = jax.jit(lambda c: jnp.any(c != 0, axis=(0, 2)), out_shardings=rep)(context)
+        return np.asarray(nz.addressable_data(0))
+    return np.asarray(jnp.any(context != 0, axis=(0, 2)))
+
+
+def trim_text_context(*contexts, multiple: int = TEXT_TRIM_MULTIPLE):
+    """Drops the tail of positions that is zero in every row of every context (B_i, L, d) (Wan's text
+    encoder zeroes each caption's padding to 512 positions), keeping a multiple of ``multiple`` rows.
+    Returns (the contexts, pad): pad = the number of rows dropped, to pass to the DiT as
+    ``context_pad`` (``WanTransformer3D.text_context``: the same outputs); (the contexts unchanged,
+    None) when nothing can be dropped, when the contexts differ in length, or under a trace (the
+    kept length must be known on the host). None entries pass through."""
+    given = [c for c in contexts if c is not None]
+    if not given or any(isinstance(c, jax.core.Tracer) for c in given):
+        return contexts, None
+    length = given[0].shape[1]
+    if any(c.ndim != 3 or c.shape[1] != length for c in given):
+        return contexts, None
+    nz = np.zeros(length, bool)
+    for c in given:
+        nz |= _nonzero_positions(c)
+    used = int(np.nonzero(nz)[0][-1]) + 1 if nz.any() else 0
+    keep = max(multiple, -(-used // multiple) * multiple)
+    if keep >= length:
+        return contexts, None
+    return tuple(None if c is None else c[:, :keep] for c in contexts), length - keep
