@@ -43,9 +43,10 @@ def test_quick_demo_writes_everything(tmp_path, capsys):
     assert "vlm/loss" in m["training"]["stage1"] and "dit/loss" in m["training"]["stage2"]
     assert "Joint-GRPO (after)" in (out / "metrics.md").read_text()
     st = m["settings"]                             # the training settings recorded (demo.training_settings)
-    # the world's stage 2 (configs/tiny_world.py): 4 prompts a step, the exact render metric as a third reward
-    assert st["stage2_steps"] == 2 and st["stage2_batch_size"] == 4 and st["stage2_rewards"] == "v2,c2,world"
+    # the world's stage 2 (configs/tiny_world.py): 4 prompts a step, rewards r_c2 + the exact render metric
+    assert st["stage2_steps"] == 2 and st["stage2_batch_size"] == 4 and st["stage2_rewards"] == "c2,world"
     assert st["quick"] and "reward/world" in m["training"]["stage2"] and "reward/world" not in m["training"]["stage1"]
+    assert "reward/c2" in m["training"]["stage2"] and "reward/v2" not in m["training"]["stage2"]
 
 
 # ----------------------------------------------------------------------------- --compare, stubbed
