@@ -35,6 +35,7 @@ from ..data.loader import PipelineConfig, VNEPSource, make_dataset, skip_stats
 from ..rl.rollouts import RenderSettings, reference_latents
 from ..rl.stages import GRPO_MODES, GRPOSettings
 from .checkpoint import Checkpointer
+from .core import place
 from . import media
 from .grpo import JointGRPO, Part, cached_update_step
 from .sft import build_sft_vlm_batch, clip_to_video, sft_vdm_loss, sft_vlm_loss
@@ -331,10 +332,6 @@ class SFTVDM:
                 out[k] = parallel.host_local_batch_to_global(np.stack(got[k]), self.mesh)
         return out
 
-    def _replicated(self, x):
-        from jax.sharding import NamedSharding, PartitionSpec
-        return parallel.device_put_global(np.asarray(x), NamedSharding(self.mesh, PartitionSpec()))
-
     def _local_rows(self, x):
         if jax.process_count() == 1:
             return np.asarray(x)
@@ -350,7 +347,7 @@ class SFTVDM:
             batch["ref_latents"] = enc["ref"]
         # the captions' shared zero tail cut off (the same loss on the positions used: Wan pads to 512)
         from ..sampling.wan import trim_batch_text
-        batch = trim_batch_text(self.vdm.dit, batch, training=True, place=self._replicated)
+        batch = trim_batch_text(self.vdm.dit, batch, training=True, place=lambda x: place(x, self.mesh)[0])
         self.part.state, m = self._update(self.part.state, self.part.frozen, batch)
         dt = time.perf_counter() - t0
         m = dict(m, **{"time/step_s": dt, "frames_in_batch": float(enc["latents"].shape[0] * np.shape(examples[0]["target"])[0])})
