@@ -304,3 +304,25 @@ def test_bf16_forward_close(diffusers_dir, ref_out, inputs):
     assert model.blocks.attn1.to_q.kernel[...].dtype == jnp.bfloat16
     assert model.scale_shift_table[...].dtype == jnp.float32
     assert rel_err(run_ours(model, x, t, ctx), ref_out) < 5e-2
+
+
+def test_trim_decided_on_host_copies():
+    """``trim_text_context(..., host=)``: the decision read from host copies is the device one; a copy
+    of the wrong shape is an error naming both shapes."""
+    from vans_jax.models.wan.dit import trim_text_context
+    c = np.zeros((2, 64, 4), np.float32)
+    c[0, :5] = 1.0
+    c[1, :19] = 2.0
+    n = np.zeros((1, 64, 4), np.float32)
+    n[0, :1] = 3.0
+    dev = (jnp.asarray(c), jnp.asarray(n))
+    (a, b), pad = trim_text_context(*dev)
+    (a2, b2), pad2 = trim_text_context(*dev, host=[c, None])
+    assert pad == pad2 == 32 and a2.shape == (2, 32, 4) and b2.shape == (1, 32, 4)
+    np.testing.assert_array_equal(np.asarray(a2), c[:, :32])
+    # the host copy decides: a copy that says more rows are used keeps them
+    wider = c.copy()
+    wider[0, 40] = 1.0
+    assert trim_text_context(*dev, host=[wider, n])[1] == 64 - 48
+    with pytest.raises(ValueError, match=r"host copy of shape \(2, 8, 4\)"):
+        trim_text_context(*dev, host=[c[:, :8], None])

@@ -304,16 +304,18 @@ def encode_text(models: WanModels, captions: Sequence[str], max_sequence_length:
 
 
 def trim_batch_text(dit, batch: dict, keys=("context", "uncond_context", "null_context"), *, training: bool,
-                    place=None) -> dict:
+                    place=None, host: dict | None = None) -> dict:
     """``batch`` with its text contexts ``keys`` (those present) cut to the positions any row uses and
     ``context_pad`` set (``models.wan.trim_text_context``: the DiT computes the same function on
     fewer keys), when the DiT allows it (``dit.trims_text_context(training)``); else unchanged.
-    ``place``: puts the host scalar ``context_pad`` on the devices (default ``jnp.asarray``)."""
+    ``place``: puts the host scalar ``context_pad`` on the devices (default ``jnp.asarray``). ``host``:
+    host (numpy) copies of some of the contexts, by key, read for the decision instead of the devices
+    (the whole global batch's values: with several processes, only a copy every process holds)."""
     from ..models.wan.dit import trim_text_context
     present = [k for k in keys if batch.get(k) is not None]
     if not present or not getattr(dit, "trims_text_context", lambda training: False)(training):
         return batch
-    trimmed, pad = trim_text_context(*(batch[k] for k in present))
+    trimmed, pad = trim_text_context(*(batch[k] for k in present), host=[(host or {}).get(k) for k in present])
     if pad is None:
         return batch
     out = dict(batch, **dict(zip(present, trimmed)))

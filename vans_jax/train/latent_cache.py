@@ -26,9 +26,20 @@ may write one entry: they write the same bytes). Turn it on with ``train.sft_vdm
 Several processes: each looks up its own rows; when any process misses one, every process runs the
 uncached (global, collective) encode of the whole batch and stores its own rows, so the collectives
 stay in step.
+
+Skipping the decode (``CachedSource``). With every entry of an example cached, its clips are needed
+only for their keys, so decoding them is wasted. ``CachedSource`` wraps the data source: each example
+the step has cached leaves an alias, ``<namespace>/sources/<key[:2]>/<key>.json``, from a source key
+(both video files' absolute paths, sizes, modification times and inodes, the sampling settings
+``PipelineConfig``, the decoding code and PyAV's version) to the content keys of its clips; an example whose alias
+and entries exist is then given without its clips (``target`` and ``reference`` None, the content
+keys in ``cached_keys``). A rewritten video is a new source key (decoded again); an entry gone from
+the cache makes the step decode the example after all (``CachedSource.load_full``).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -158,6 +169,131 @@ class LatentCache:
                 "memory_mb": round(self._mem_used / 2 ** 20, 1), "dir": self.dir}
 
 
+@functools.lru_cache(maxsize=1)
+def decoder_fingerprint() -> str:
+    """What a decoded clip depends on besides the file and the settings: the decoding and resizing
+    code (``data.video_io``, ``data.loader``: their source files' bytes) and PyAV's version."""
+    import av
+    from ..data import loader, video_io
+
+    h = hashlib.sha1(f"av:{av.__version__}:".encode())
+    for mod in (video_io, loader):
+        with open(mod.__file__, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+# what an aliased example takes from its CSV row or from the wrapper, not from its alias
+_OWN_FIELDS = ("index", "question", "think", "caption", "kind", "source_key", "cached_keys", "source_index")
+# the example fields a latent-cache alias stands for (the clips are not decoded) and what it keeps of them
+ALIASED = {"latents": "target", "ref": "reference"}
+
+
+class CachedSource:
+    """A data source (``data.loader.VNEPSource``) whose examples already in the latent cache
+    ``namespace_dir`` (``LatentCache.dir``) come without their clips: see the module docstring.
+    Picklable (grain's worker processes read through it); ``kinds`` are the cached kinds a step needs."""
+
+    def __init__(self, source, namespace_dir: str, kinds=("latents", "context", "ref")):
+        self.source = source
+        self.dir = os.fspath(namespace_dir)
+        self.kinds = tuple(kinds)
+        self.skipped_decodes = 0          # this process's examples given from their aliases
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __repr__(self) -> str:
+        return f"CachedSource({self.source!r}, {self.dir!r})"
+
+    def __getattr__(self, name):          # the wrapped source's attributes (rows, csv_report, ...)
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def source_key(self, i: int) -> str | None:
+        """The key of example ``i``'s files as they are now and of how they are sampled, or None when a
+        file cannot be read (the example is then loaded, and its error reported, as without the cache)."""
+        row = self.source.rows[int(i)]
+        files = []
+        for rel in (row.input_video_path, row.output_video_path):
+            path = os.path.abspath(self.source.path(rel))
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            files.append([path, st.st_size, st.st_mtime_ns, st.st_ino])
+        cfg = self.source.config
+        settings = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg)
+        blob = json.dumps({"files": files, "pipeline": settings, "decoder": decoder_fingerprint(),
+                           "version": 1}, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()
+
+    def alias_path(self, key: str) -> str:
+        return os.path.join(self.dir, "sources", key[:2], key + ".json")
+
+    def entry_path(self, kind: str, key: str) -> str:
+        return os.path.join(self.dir, kind, key[:2], key + ".npy")
+
+    def _alias(self, key: str) -> dict | None:
+        try:
+            with open(self.alias_path(key)) as f:
+                alias = json.load(f)
+        except (OSError, ValueError):
+            return None
+        keys = alias.get("keys") if isinstance(alias, dict) else None
+        need = [k for k in self.kinds if k in ALIASED]
+        if not isinstance(keys, dict) or any(not isinstance(keys.get(k), str) for k in need):
+            return None
+        if not all(os.path.exists(self.entry_path(k, keys[k])) for k in need):
+            return None
+        return alias
+
+    def __getitem__(self, i: int) -> dict:
+        key = self.source_key(i)
+        alias = self._alias(key) if key else None
+        if alias is None:
+            ex = self.source[int(i)]
+            if "error" not in ex:
+                ex.update(source_key=key, cached_keys=None, source_index=int(i))
+                if ex.get("target") is not None:
+                    ex["target_frames"] = int(np.shape(ex["target"])[0])
+            return ex
+        row = self.source.rows[int(i)]
+        self.skipped_decodes += 1
+        out = {"index": int(row.index), "question": row.question, "think": row.think, "caption": row.caption,
+               "kind": row.kind}
+        out.update(alias.get("fields", {}))
+        out.update({k: None for k in alias.get("arrays", [])})     # the same fields as a decoded example
+        out.update(source_key=key, cached_keys=dict(alias["keys"]), source_index=int(i))
+        return out
+
+    def load_full(self, example: dict) -> dict:
+        """``example`` with its clips (decoded now) when it came from its alias; as it is otherwise."""
+        if example.get("cached_keys") is None:
+            return example
+        full = self.source.load(int(example["source_index"]))      # a VideoError names the file
+        full.update(source_key=example.get("source_key"), cached_keys=None, source_index=example["source_index"],
+                    target_frames=int(np.shape(full["target"])[0]))
+        return full
+
+    def remember(self, example: dict, keys: dict) -> None:
+        """Writes ``example``'s alias: its source key -> ``keys`` (the content keys of its cached
+        entries), its scalar fields and the names of the fields an aliased example gives as None."""
+        sk = example.get("source_key")
+        if not sk or example.get("cached_keys") is not None:
+            return
+        arrays = sorted(k for k, v in example.items() if isinstance(v, np.ndarray))
+        fields = {k: v.item() if isinstance(v, np.generic) else v for k, v in example.items()
+                  if k not in arrays and k not in _OWN_FIELDS and isinstance(v, (int, float, str, bool, np.generic))}
+        fields["target_frames"] = int(np.shape(example["target"])[0])
+        arrays += sorted(k for k in example if k not in arrays and k not in fields and k not in _OWN_FIELDS)
+        alias = {"keys": {k: keys[k] for k in ALIASED if k in keys}, "fields": fields, "arrays": arrays}
+        p = self.alias_path(sk)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        write_atomic(p, json.dumps(alias).encode())
+
+
 def cache_dir(setting: str, workdir: str) -> str | None:
     """``train.sft_vdm.latent_cache`` -> a directory or None: ``"off"``/``""`` -> None, ``"auto"`` ->
     ``<workdir>/latent_cache``, anything else is the directory."""
@@ -169,4 +305,4 @@ def cache_dir(setting: str, workdir: str) -> str | None:
     return os.path.expanduser(s)
 
 
-__all__ = ["LatentCache", "content_key", "weights_fingerprint", "cache_dir", "SOURCES"]
+__all__ = ["LatentCache", "CachedSource", "content_key", "weights_fingerprint", "cache_dir", "SOURCES"]

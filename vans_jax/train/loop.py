@@ -294,6 +294,8 @@ class SFTVDM:
         from .latent_cache import LatentCache, cache_dir
         d = cache_dir(sc.get("latent_cache", "auto"), str(cfg.train.workdir or ""))
         self.cache = LatentCache(d, self.vdm, self.render) if d else None
+        self.source = None                   # the CachedSource of cached_source(), when the loop uses it
+        self._host_context = self._null_host = None
         self.media_every = int(sc.get("log_media_every", cfg.train.get("log_media_every", 0)) or 0)   # a render each
         self.media = media.SFTVDMMedia(int(cfg.train.get("media_samples", 2)), seed=int(cfg.seed))
 
@@ -317,11 +319,14 @@ class SFTVDM:
         """``_encode`` through the latent cache (``train.latent_cache``): every process looks up its
         rows; a kind that any process misses is encoded for the whole batch (collective) and stored."""
         from .latent_cache import SOURCES, content_key
-        keys = {k: [content_key(e[SOURCES[k]]) for e in examples] for k in kinds}
+        keys = {k: [(e.get("cached_keys") or {}).get(k) or content_key(e[SOURCES[k]]) for e in examples]
+                for k in kinds}
         got = {k: [self.cache.get(k, key) for key in keys[k]] for k in kinds}
         missing = [k for k in kinds if any(a is None for a in got[k])]
         if jax.process_count() > 1:          # the same decision on every process (collectives follow)
             missing = sorted(set().union(*parallel.process_allgather_objects(missing)))
+        if missing:                          # an entry gone since its alias was read: decode after all
+            examples = self._full(examples)
         out = self._encode(examples, missing) if missing else {}
         for k in missing:
             rows = self._local_rows(out[k])
@@ -330,7 +335,28 @@ class SFTVDM:
         for k in kinds:
             if k not in out:
                 out[k] = parallel.host_local_batch_to_global(np.stack(got[k]), self.mesh)
+                if k == "context" and jax.process_count() == 1:      # the whole batch's, for the trim
+                    self._host_context = np.stack(got[k])
+        if self.source is not None:          # the next epoch gives these examples without decoding them
+            for i, e in enumerate(examples):
+                self.source.remember(e, {k: keys[k][i] for k in kinds})
         return out
+
+    def cached_source(self, source):
+        """``source`` wrapped so that examples already in the latent cache are not decoded
+        (``latent_cache.CachedSource``); ``source`` itself without a cache."""
+        if self.cache is None:
+            return source
+        from .latent_cache import CachedSource
+        kinds = ("latents", "context") + (("ref",) if self.n_ref else ())
+        self.source = CachedSource(source, self.cache.dir, kinds)
+        return self.source
+
+    def _full(self, examples):
+        """The examples with their clips (those given from their cache aliases decoded now)."""
+        if self.source is None:
+            return examples
+        return [self.source.load_full(e) for e in examples]
 
     def _local_rows(self, x):
         if jax.process_count() == 1:
@@ -341,20 +367,33 @@ class SFTVDM:
     def step(self, examples, step_index, rng):
         t0 = time.perf_counter()
         kinds = ("latents", "context") + (("ref",) if self.n_ref else ())
+        self._host_context = None
         enc = self._encode(examples, kinds) if self.cache is None else self._cached(examples, kinds)
-        batch = dict(latents=enc["latents"], context=enc["context"], null_context=self.vdm.negative_embeddings("", 1))
+        null = self.vdm.negative_embeddings("", 1)
+        batch = dict(latents=enc["latents"], context=enc["context"], null_context=null)
         if self.n_ref:
             batch["ref_latents"] = enc["ref"]
-        # the captions' shared zero tail cut off (the same loss on the positions used: Wan pads to 512)
+        # the captions' shared zero tail cut off (the same loss on the positions used: Wan pads to 512),
+        # decided on host copies where there are some (the cached contexts): reading the device's would
+        # wait for the previous step's update, every step
         from ..sampling.wan import trim_batch_text
-        batch = trim_batch_text(self.vdm.dit, batch, training=True, place=lambda x: place(x, self.mesh)[0])
+        host = None
+        if jax.process_count() == 1:
+            if self._null_host is None or self._null_host[0] is not null:
+                self._null_host = (null, np.asarray(null))
+            host = {"null_context": self._null_host[1], "context": self._host_context}
+        batch = trim_batch_text(self.vdm.dit, batch, training=True, place=lambda x: place(x, self.mesh)[0], host=host)
         self.part.state, m = self._update(self.part.state, self.part.frozen, batch)
         dt = time.perf_counter() - t0
-        m = dict(m, **{"time/step_s": dt, "frames_in_batch": float(enc["latents"].shape[0] * np.shape(examples[0]["target"])[0])})
+        e0 = examples[0]
+        frames = np.shape(e0["target"])[0] if e0.get("target") is not None else e0["target_frames"]
+        m = dict(m, **{"time/step_s": dt, "frames_in_batch": float(enc["latents"].shape[0] * frames)})
         if self.cache is not None:
             m["cache/hit_rate"] = self.cache.hits / max(1, self.cache.hits + self.cache.misses)
+        if self.source is not None:          # this step's examples given without decoding their clips
+            m["cache/decode_skipped"] = float(np.mean([e.get("cached_keys") is not None for e in examples]))
         if media.due(self.media_every, step_index):     # renders of fixed captions (train.media)
-            m["media"] = self.media(self.vdm, self.part.model(), self.render, examples, self.mesh)
+            m["media"] = self.media(self.vdm, self.part.model(), self.render, self._full(examples), self.mesh)
         return m
 
 
@@ -703,6 +742,8 @@ def train(cfg, *, progress: bool = True, stop_after: int | None = None,
         return saved
     used = prepare_models(cfg, mode, mesh, models)
     runner = build_runner(cfg, mode, mesh, used)
+    if isinstance(runner, SFTVDM):           # cached examples are not decoded (train.sft_vdm.latent_cache)
+        source = runner.cached_source(source)
     data = HostBatches(source, batch_size=bs, num_shards=num_shards, seed=int(cfg.seed),
                        num_workers=int(cfg.data.num_workers))
     start = 0

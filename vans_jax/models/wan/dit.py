@@ -459,22 +459,31 @@ def _nonzero_positions(context) -> np.ndarray:
     return np.asarray(jnp.any(context != 0, axis=(0, 2)))
 
 
-def trim_text_context(*contexts, multiple: int = TEXT_TRIM_MULTIPLE):
+def trim_text_context(*contexts, multiple: int = TEXT_TRIM_MULTIPLE, host=None):
     """Drops the tail of positions that is zero in every row of every context (B_i, L, d) (Wan's text
     encoder zeroes each caption's padding to 512 positions), keeping a multiple of ``multiple`` rows.
     Returns (the contexts, pad): pad = the number of rows dropped, to pass to the DiT as
     ``context_pad`` (``WanTransformer3D.text_context``: the same outputs); (the contexts unchanged,
     None) when nothing can be dropped, when the contexts differ in length, or under a trace (the
-    kept length must be known on the host). None entries pass through."""
+    kept length must be known on the host). None entries pass through. ``host`` (optional): for each
+    context, a host (numpy) copy of its values or None; the decision reads a given copy instead of the
+    device array (no transfer, and no wait for the computations queued before it)."""
     given = [c for c in contexts if c is not None]
     if not given or any(isinstance(c, jax.core.Tracer) for c in given):
         return contexts, None
     length = given[0].shape[1]
     if any(c.ndim != 3 or c.shape[1] != length for c in given):
         return contexts, None
+    copies = list(host) if host is not None else [None] * len(contexts)
+    if len(copies) != len(contexts):
+        raise ValueError(f"trim_text_context: {len(copies)} host copies for {len(contexts)} contexts")
     nz = np.zeros(length, bool)
-    for c in given:
-        nz |= _nonzero_positions(c)
+    for c, h in zip(contexts, copies):
+        if c is None:
+            continue
+        if h is not None and tuple(np.shape(h)) != tuple(c.shape):
+            raise ValueError(f"trim_text_context: host copy of shape {np.shape(h)} for a context of shape {c.shape}")
+        nz |= _nonzero_positions(np.asarray(h) if h is not None else c)
     used = int(np.nonzero(nz)[0][-1]) + 1 if nz.any() else 0
     keep = max(multiple, -(-used // multiple) * multiple)
     if keep >= length:
