@@ -98,8 +98,6 @@ SFT_PHASES = {
                 {"steps": 3000, "batch_size": 8, "lr": 5e-5, "ema_decay": 0.999, "warmup_steps": 100},
                 {"steps": 4000, "batch_size": 8, "lr": 5e-5, "ema_decay": 0.999, "warmup_steps": 100},
                 {"steps": 8000, "batch_size": 8, "lr": 5e-5, "ema_decay": 0.999, "warmup_steps": 100},
-                {"steps": 8000, "batch_size": 8, "lr": 5e-5, "ema_decay": 0.999, "warmup_steps": 100},
-                {"steps": 8000, "batch_size": 8, "lr": 5e-5, "ema_decay": 0.999, "warmup_steps": 100},
                 {"steps": 8000, "batch_size": 8, "lr": 5e-5, "ema_decay": 0.999, "warmup_steps": 100}),
 }
 
