@@ -229,3 +229,31 @@ def test_bad_finetune_config(trained, world, tmp_path):
                            ({"init_from": str(tmp_path / "missing")}, FileNotFoundError, "no VAE directory at")):
         with pytest.raises(err, match=match):
             vt.train_vae(world, str(tmp_path / "x"), spec=SPEC, train_config=vt.VAETrainConfig(**kw), log=None)
+
+
+def test_training_resumes_exactly(world, tmp_path):
+    """A run stopped (in the image phase, then at the phase boundary) and resumed from its checkpoint
+    ends with the same weights and history as the uninterrupted run; other settings are refused."""
+    cfg = vt.VAETrainConfig(image_steps=5, image_batch_size=2, steps=3, batch_size=2, lr=3e-3, warmup_steps=2)
+    kw = dict(spec=SPEC, train_config=cfg, num_frames=5, stats_clips=4, seed=0, log=None, max_train_samples=8,
+              max_eval_samples=2)
+    whole = vt.train_vae(world, str(tmp_path / "whole"), **kw)
+    ck = str(tmp_path / "ck")
+    assert vt.train_vae(world, str(tmp_path / "part"), checkpoint_dir=ck, checkpoint_every=2, stop_after=3,
+                        **kw) == {"stopped_at": {"phase": "image", "step": 3}}
+    assert json.load(open(os.path.join(ck, "meta.json")))["step"] == 3
+    assert vt.train_vae(world, str(tmp_path / "part"), checkpoint_dir=ck, stop_after=2,
+                        **kw) == {"stopped_at": {"phase": "clip", "step": 0}}
+    assert not os.path.exists(os.path.join(tmp_path, "part", "config.json"))     # nothing exported yet
+    m = vt.train_vae(world, str(tmp_path / "part"), checkpoint_dir=ck, **kw)
+    for k in ("image_loss_first", "image_loss_last", "clip_loss_last", "eval_psnr_target", "latents_mean"):
+        np.testing.assert_allclose(m[k], whole[k], rtol=1e-6, err_msg=k)
+    a, b = Checkpoint(str(tmp_path / "whole")), Checkpoint(str(tmp_path / "part"))
+    for k in a.keys():
+        np.testing.assert_allclose(b.get(k), a.get(k), rtol=1e-6, atol=1e-7, err_msg=k)
+    # a finished checkpoint: the call only exports again
+    again = vt.train_vae(world, str(tmp_path / "again"), checkpoint_dir=ck, **kw)
+    np.testing.assert_allclose(again["eval_psnr_target"], whole["eval_psnr_target"], rtol=1e-6)
+    other = dict(kw, train_config=vt.VAETrainConfig(image_steps=6, image_batch_size=2, steps=3, batch_size=2))
+    with pytest.raises(ValueError, match=r"another VAE run \(it differs in \['train_config'\]\)"):
+        vt.train_vae(world, str(tmp_path / "x"), checkpoint_dir=ck, **other)

@@ -383,7 +383,9 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
     print("[build] 4/5 VAE + text encoder + random DiT", flush=True)
     vae_dir = os.path.join(work, "vae")
     vae_quick = {"train_config": VAETrainConfig(image_steps=4, steps=4, batch_size=2)} if quick else {}
-    report["vae"] = stage("vae", lambda: _timed(train_vae, data, vae_dir, seed=seed, **vae_quick))
+    # resumable inside the stage too: a killed VAE run continues from its last checkpoint (every 500 steps)
+    report["vae"] = stage("vae", lambda: _timed(train_vae, data, vae_dir, seed=seed,
+                                                checkpoint_dir=os.path.join(work, "vae_ckpt"), **vae_quick))
     vdm_init = os.path.join(work, "vdm_init")
     write_vdm_dir(vdm_init, dit_config=dict(cfg.vdm.model), vae_dir=vae_dir, texts=synthetic.world_texts(wc),
                   seed=seed, shift=float(cfg.video.shift))

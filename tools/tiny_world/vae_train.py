@@ -309,11 +309,60 @@ def _schedule(cfg: VAETrainConfig, steps: int, lr: float | None = None):
                                               lr * cfg.lr_end_ratio)
 
 
+# --------------------------------------------------------------------------------------------
+# resumable training: the trained variables, the optimizer state, the batch sampler's state and the
+# loss history after a step, in ``<checkpoint_dir>/{state.npz, meta.json}`` (each written atomically)
+
+
+def _run_fingerprint(spec: TinyVAESpec, cfg: VAETrainConfig, seed: int, n: int, f: int, frames_shape) -> dict:
+    """What a checkpoint must share with the run that resumes it (the same steps would follow)."""
+    return json.loads(json.dumps({"spec": dataclasses.asdict(spec), "train_config": dataclasses.asdict(cfg),
+                                  "seed": int(seed), "clips": [int(n), int(f)],
+                                  "frames": [int(x) for x in frames_shape]}, default=str))
+
+
+def _save_checkpoint(d: str, params, opt_state, meta: dict) -> None:
+    from vans_jax._files import atomic_path, write_atomic
+    os.makedirs(d, exist_ok=True)
+    leaves = [np.asarray(jax.device_get(x)) for x in jax.tree.leaves((params, opt_state))]
+    with atomic_path(os.path.join(d, "state.npz")) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, *leaves)
+    write_atomic(os.path.join(d, "meta.json"), json.dumps(meta))
+
+
+def _load_checkpoint(d: str, params, opt_state, fingerprint: dict):
+    """(params, opt_state, meta) from ``d``, or None when it holds no checkpoint. A checkpoint of
+    another run (other settings or data) is an error naming the directory and the settings."""
+    mp, sp = os.path.join(d, "meta.json"), os.path.join(d, "state.npz")
+    if not (os.path.exists(mp) and os.path.exists(sp)):
+        return None
+    with open(mp) as fh:
+        meta = json.load(fh)
+    if meta.get("fingerprint") != fingerprint:
+        theirs = meta.get("fingerprint") or {}
+        diff = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
+        raise ValueError(f"{d} holds a checkpoint of another VAE run (it differs in {diff}): resume it with "
+                         f"its settings, or remove it / use another checkpoint_dir")
+    treedef = jax.tree.structure((params, opt_state))
+    with np.load(sp, allow_pickle=False) as z:
+        leaves = [z[f"arr_{i}"] for i in range(len(z.files))]
+    if len(leaves) != treedef.num_leaves:
+        raise ValueError(f"{sp}: {len(leaves)} arrays, this run's state has {treedef.num_leaves}")
+    like = jax.tree.leaves((params, opt_state))
+    for i, (a, b) in enumerate(zip(leaves, like)):
+        if a.shape != np.shape(b):
+            raise ValueError(f"{sp}: array {i} has shape {a.shape}, this run's has {np.shape(b)}")
+    params, opt_state = jax.tree.unflatten(treedef, [jnp.asarray(a, dtype=np.asarray(b).dtype)
+                                                     for a, b in zip(leaves, like)])
+    return params, opt_state, meta
+
+
 def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: int = 0, batch_size: int | None = None,
               spec: TinyVAESpec = TinyVAESpec(), train_config: VAETrainConfig | None = None,
               train_clips: WorldClips | None = None, eval_clips: WorldClips | None = None,
               max_train_samples: int | None = None, max_eval_samples: int | None = 200, stats_clips: int = 512,
               num_frames: int | None = None, train_source: str = "render",
+              checkpoint_dir: str | None = None, checkpoint_every: int = 500, stop_after: int | None = None,
               log: Callable[[str], None] | None = print) -> dict:
     """Trains the tiny VAE on ``<world_dir>``'s train split, measures its latent statistics (on up
     to ``stats_clips`` training clips), writes the diffusers ``AutoencoderKLWan`` directory
@@ -326,7 +375,14 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
     ``steps`` / ``batch_size`` override the clip phase of ``train_config``.
     The training clips are rendered from the scenes (``train_source="render"``, ~25x faster than
     decoding the mp4s; ``"video"`` decodes them); the eval clips are the decoded mp4s, what the
-    pipeline encodes. ``train_clips`` / ``eval_clips`` (``clips.load_world_clips``) skip loading."""
+    pipeline encodes. ``train_clips`` / ``eval_clips`` (``clips.load_world_clips``) skip loading.
+
+    ``checkpoint_dir``: the run is resumable. Every ``checkpoint_every`` steps and at the end of each
+    phase the trained variables, the optimizer state, the batch sampler's state and the history are
+    written there; a later call with the same settings and data continues from the last one (the
+    same batches and updates as an uninterrupted run: tested), one with other settings is an error.
+    ``stop_after``: return ``{"stopped_at": ...}`` after that many steps of this call, without
+    exporting (a run spread over several sittings; tests)."""
     t0 = time.time()
     log = log or (lambda s: None)
     cfg = train_config or VAETrainConfig()
@@ -386,22 +442,50 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
     phases = (("image", cfg.image_steps, min(cfg.image_batch_size, frames.shape[0] * frames.shape[1]), image_batch),
               ("clip", cfg.steps, min(cfg.batch_size, n), clip_batch))
     history, seconds = {}, {}
+    order = [p[0] for p in phases]
+    ck_phase, ck_step, ck_opt = None, 0, None      # where the checkpoint this call continues stopped
+    if checkpoint_dir:
+        fingerprint = _run_fingerprint(spec, cfg, seed, n, f, frames.shape)
+        like = optax.chain(optax.clip_by_global_norm(1.0),          # the optimizer state's layout (both phases')
+                           optax.adam(_schedule(cfg, 2))).init(params)
+        got = _load_checkpoint(checkpoint_dir, params, like, fingerprint)
+        if got is not None:
+            params, ck_opt, meta = got
+            history, seconds = meta["history"], meta["seconds"]
+            rng.bit_generator.state = meta["rng"]
+            ck_phase, ck_step = meta["phase"], int(meta["step"])
+            log(f"[vae] resuming from {checkpoint_dir}: {ck_phase} step {ck_step}")
+    done_here = 0
     for phase, steps_, b, sample in phases:
-        if steps_ <= 0:
-            continue
+        if steps_ <= 0 or (ck_phase is not None and order.index(phase) < order.index(ck_phase)):
+            continue                                 # (a phase the checkpoint had finished)
         tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(cfg, steps_, _phase_lr(cfg, phase))))
-        opt_state = tx.init(params)
+        opt_state, start = tx.init(params), 0
+        if phase == ck_phase:
+            opt_state, start = ck_opt, ck_step
         step_fn = _make_step(graphdef, tx, cfg)
         hist = history.setdefault(phase, [])
-        t1 = time.time()
-        for i in range(steps_):
+        t1 = time.time() - seconds.get(phase, 0.0)
+
+        def save(i):
+            _save_checkpoint(checkpoint_dir, params, opt_state, {
+                "fingerprint": fingerprint, "phase": phase, "step": i, "history": history,
+                "seconds": dict(seconds, **{phase: time.time() - t1}), "rng": rng.bit_generator.state})
+
+        for i in range(start, steps_):
+            if stop_after is not None and done_here >= stop_after:      # (its checkpoint is written)
+                return {"stopped_at": {"phase": phase, "step": i}}
             params, opt_state, m = step_fn(params, frozen, opt_state, tuple(jnp.asarray(a) for a in sample(b)),
                                            jax.random.fold_in(key, len(hist) + (0 if phase == "image" else 1 << 20)))
             hist.append({k: float(v) for k, v in m.items()})
+            done_here += 1
             if i == 0 or (i + 1) % 100 == 0 or i + 1 == steps_:
                 el = time.time() - t1
                 log(f"[vae] {phase} step {i + 1}/{steps_} loss {hist[-1]['loss']:.4f} (l1 {hist[-1]['l1']:.4f}, "
-                    f"kl {hist[-1]['kl']:.2f})  {el:.0f}s, eta {el / (i + 1) * (steps_ - i - 1):.0f}s")
+                    f"kl {hist[-1]['kl']:.2f})  {el:.0f}s, eta {el / (i + 1 - start) * (steps_ - i - 1):.0f}s")
+            last = i + 1 == steps_
+            if checkpoint_dir and ((i + 1) % max(1, int(checkpoint_every)) == 0 or last or done_here == stop_after):
+                save(i + 1)
         seconds[phase] = time.time() - t1
 
     vae = nnx.merge(graphdef, params, frozen)
