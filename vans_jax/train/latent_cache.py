@@ -198,7 +198,6 @@ class CachedSource:
         self.source = source
         self.dir = os.fspath(namespace_dir)
         self.kinds = tuple(kinds)
-        self.skipped_decodes = 0          # this process's examples given from their aliases
 
     def __len__(self) -> int:
         return len(self.source)
@@ -260,7 +259,6 @@ class CachedSource:
                     ex["target_frames"] = int(np.shape(ex["target"])[0])
             return ex
         row = self.source.rows[int(i)]
-        self.skipped_decodes += 1
         out = {"index": int(row.index), "question": row.question, "think": row.think, "caption": row.caption,
                "kind": row.kind}
         out.update(alias.get("fields", {}))
