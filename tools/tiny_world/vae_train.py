@@ -465,7 +465,8 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
             opt_state, start = ck_opt, ck_step
         step_fn = _make_step(graphdef, tx, cfg)
         hist = history.setdefault(phase, [])
-        t1 = time.time() - seconds.get(phase, 0.0)
+        t1 = time.time() - seconds.get(phase, 0.0)       # the phase's time over every sitting
+        t_here = time.time()
 
         def save(i):
             _save_checkpoint(checkpoint_dir, params, opt_state, {
@@ -482,7 +483,7 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
             if i == 0 or (i + 1) % 100 == 0 or i + 1 == steps_:
                 el = time.time() - t1
                 log(f"[vae] {phase} step {i + 1}/{steps_} loss {hist[-1]['loss']:.4f} (l1 {hist[-1]['l1']:.4f}, "
-                    f"kl {hist[-1]['kl']:.2f})  {el:.0f}s, eta {el / (i + 1 - start) * (steps_ - i - 1):.0f}s")
+                    f"kl {hist[-1]['kl']:.2f})  {el:.0f}s, eta {(time.time() - t_here) / (i + 1 - start) * (steps_ - i - 1):.0f}s")
             last = i + 1 == steps_
             if checkpoint_dir and ((i + 1) % max(1, int(checkpoint_every)) == 0 or last or done_here == stop_after):
                 save(i + 1)
