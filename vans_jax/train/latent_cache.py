@@ -88,6 +88,11 @@ def weights_fingerprint(module) -> str:
     return h.hexdigest()
 
 
+def entry_path(namespace_dir: str, kind: str, key: str) -> str:
+    """Where an entry of ``kind`` with content key ``key`` lives in a cache namespace."""
+    return os.path.join(namespace_dir, kind, key[:2], key + ".npy")
+
+
 class LatentCache:
     """See the module docstring. ``get(kind, key)`` -> array or None; ``put(kind, key, array)``."""
 
@@ -109,7 +114,7 @@ class LatentCache:
         self._dtypes: dict = {}
 
     def _path(self, kind: str, key: str) -> str:
-        return os.path.join(self.dir, kind, key[:2], key + ".npy")
+        return entry_path(self.dir, kind, key)
 
     def _remember(self, kind, key, a):
         if self._mem_used + a.nbytes <= self.memory_bytes:
@@ -232,7 +237,7 @@ class CachedSource:
         return os.path.join(self.dir, "sources", key[:2], key + ".json")
 
     def entry_path(self, kind: str, key: str) -> str:
-        return os.path.join(self.dir, kind, key[:2], key + ".npy")
+        return entry_path(self.dir, kind, key)
 
     def _alias(self, key: str) -> dict | None:
         try:
