@@ -1,6 +1,7 @@
 """The world's tiny Wan VAE: a short training run lowers the loss, the latent statistics land in the
 config, and the exported diffusers directory loads in our loader and in diffusers with equal
 encode / decode."""
+import dataclasses
 import json
 import os
 
@@ -254,6 +255,18 @@ def test_training_resumes_exactly(world, tmp_path):
     # a finished checkpoint: the call only exports again
     again = vt.train_vae(world, str(tmp_path / "again"), checkpoint_dir=ck, **kw)
     np.testing.assert_allclose(again["eval_psnr_target"], whole["eval_psnr_target"], rtol=1e-6)
-    other = dict(kw, train_config=vt.VAETrainConfig(image_steps=6, image_batch_size=2, steps=3, batch_size=2))
-    with pytest.raises(ValueError, match=r"another VAE run \(it differs in \['train_config'\]\)"):
+    other = dict(kw, train_config=dataclasses.replace(cfg, image_steps=6, lr=2e-3))
+    with pytest.raises(ValueError, match=r"another VAE run \(it differs in \['train_config.image_steps', "
+                                         r"'train_config.lr'\]\)"):
         vt.train_vae(world, str(tmp_path / "x"), checkpoint_dir=ck, **other)
+    # other clip-phase settings only: the run continues from the end of the image phase the checkpoint kept,
+    # as the uninterrupted run with those settings
+    new = dict(kw, train_config=dataclasses.replace(cfg, steps=2, clip_lr=1e-3))
+    whole2 = vt.train_vae(world, str(tmp_path / "whole2"), **new)
+    m2 = vt.train_vae(world, str(tmp_path / "part2"), checkpoint_dir=ck, **new)
+    assert len(json.load(open(os.path.join(ck, "meta.json")))["history"]["clip"]) == 2
+    for k in ("image_loss_last", "clip_loss_first", "clip_loss_last", "eval_psnr_target"):
+        np.testing.assert_allclose(m2[k], whole2[k], rtol=1e-6, err_msg=k)
+    a, b = Checkpoint(str(tmp_path / "whole2")), Checkpoint(str(tmp_path / "part2"))
+    for k in a.keys():
+        np.testing.assert_allclose(b.get(k), a.get(k), rtol=1e-6, atol=1e-7, err_msg=k)

@@ -102,6 +102,16 @@ SFT_PHASES = {
 }
 
 
+def vae_recipe(quick: bool = False) -> dict:
+    """The build's VAE: ``spec`` (architecture) and ``train_config`` for ``train_vae`` (empty: their
+    defaults, z16 base 8, what ships). The DiT's ``in_channels`` / ``out_channels`` follow the trained
+    VAE's ``z_dim`` (``build``), so a recipe with other latent channels needs no other change.
+    Measured and not yet the recipe (README, "More latent channels"): z32 base 16, 40,000 image steps."""
+    from tools.tiny_world.vae_train import VAETrainConfig
+
+    return {"train_config": VAETrainConfig(image_steps=4, steps=4, batch_size=2)} if quick else {}
+
+
 def _train(cfg, mode, workdir, *, steps=None, batch_size=None, lr=None, **settings):
     """``vans-jax train`` in ``mode``; ``settings``: ``section__key`` set ``cfg[section][key]`` (paths),
     any other key sets ``cfg.train[mode][key]`` (e.g. ``ema_decay``, ``warmup_steps``)."""
@@ -310,7 +320,7 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
           seed: int = 0, keep=(), previous: str | None = None) -> dict:
     from vans_jax.pipeline import VANSSettings
     from tools.tiny_world.clip_train import train_clip
-    from tools.tiny_world.vae_train import VAETrainConfig, train_vae
+    from tools.tiny_world.vae_train import train_vae
     from tools.tiny_world.vlm_init import init_vlm_dir
     from vans_jax.apps.demo import settings_from_config
 
@@ -382,12 +392,14 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
 
     print("[build] 4/5 VAE + text encoder + random DiT", flush=True)
     vae_dir = os.path.join(work, "vae")
-    vae_quick = {"train_config": VAETrainConfig(image_steps=4, steps=4, batch_size=2)} if quick else {}
     # resumable inside the stage too: a killed VAE run continues from its last checkpoint (every 500 steps)
     report["vae"] = stage("vae", lambda: _timed(train_vae, data, vae_dir, seed=seed,
-                                                checkpoint_dir=os.path.join(work, "vae_ckpt"), **vae_quick))
+                                                checkpoint_dir=os.path.join(work, "vae_ckpt"), **vae_recipe(quick)))
     vdm_init = os.path.join(work, "vdm_init")
-    write_vdm_dir(vdm_init, dit_config=dict(cfg.vdm.model), vae_dir=vae_dir, texts=synthetic.world_texts(wc),
+    with open(os.path.join(vae_dir, "config.json")) as f:       # the DiT works in the VAE's latent channels
+        z_dim = int(json.load(f)["z_dim"])
+    write_vdm_dir(vdm_init, dit_config=dict(cfg.vdm.model, in_channels=z_dim, out_channels=z_dim), vae_dir=vae_dir,
+                  texts=synthetic.world_texts(wc),
                   seed=seed, shift=float(cfg.video.shift))
     from vans_jax.sampling import wan as wp
     wp.from_pretrained(vdm_init)   # loads through the real loaders

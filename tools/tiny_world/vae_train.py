@@ -321,6 +321,18 @@ def _run_fingerprint(spec: TinyVAESpec, cfg: VAETrainConfig, seed: int, n: int, 
                                   "frames": [int(x) for x in frames_shape]}, default=str))
 
 
+# settings that only the clip phase reads: a run that changes only these continues from the end of
+# an image phase trained with the rest (``<checkpoint_dir>/image_phase``, written when that phase ends)
+_CLIP_ONLY = ("steps", "batch_size", "clip_lr")
+IMAGE_PHASE_DIR = "image_phase"
+
+
+def _image_fingerprint(fingerprint: dict) -> dict:
+    """The part of a run's fingerprint the image phase depends on."""
+    return dict(fingerprint, train_config={k: v for k, v in (fingerprint.get("train_config") or {}).items()
+                                           if k not in _CLIP_ONLY})
+
+
 def _save_checkpoint(d: str, params, opt_state, meta: dict) -> None:
     from vans_jax._files import atomic_path, write_atomic
     os.makedirs(d, exist_ok=True)
@@ -332,15 +344,36 @@ def _save_checkpoint(d: str, params, opt_state, meta: dict) -> None:
 
 def _load_checkpoint(d: str, params, opt_state, fingerprint: dict):
     """(params, opt_state, meta) from ``d``, or None when it holds no checkpoint. A checkpoint of
-    another run (other settings or data) is an error naming the directory and the settings."""
+    another run (other settings or data) is an error naming the directory and the settings, unless the
+    runs differ only in the clip phase's settings (``_CLIP_ONLY``) and ``d`` kept the end of the image
+    phase (``d/image_phase``): then that is where this run continues (its clip phase from step 0)."""
     mp, sp = os.path.join(d, "meta.json"), os.path.join(d, "state.npz")
     if not (os.path.exists(mp) and os.path.exists(sp)):
         return None
     with open(mp) as fh:
         meta = json.load(fh)
     if meta.get("fingerprint") != fingerprint:
+        # only the clip phase's settings differ: a checkpoint still in the image phase continues as it is;
+        # one in the clip phase goes back to the end of the image phase it kept
+        cands = [(meta, sp)] if meta.get("phase") == "image" else []
+        img = os.path.join(d, IMAGE_PHASE_DIR)
+        if os.path.exists(os.path.join(img, "meta.json")) and os.path.exists(os.path.join(img, "state.npz")):
+            with open(os.path.join(img, "meta.json")) as fh:
+                cands.append((json.load(fh), os.path.join(img, "state.npz")))
+        for m_, s_ in cands:
+            if _image_fingerprint(m_.get("fingerprint") or {}) == _image_fingerprint(fingerprint):
+                meta, sp = dict(m_, history={"image": m_["history"].get("image", [])},
+                                seconds={"image": m_["seconds"].get("image", 0.0)}, reused_image_phase=True), s_
+                break
+    if meta.get("fingerprint") != fingerprint and not meta.get("reused_image_phase"):
         theirs = meta.get("fingerprint") or {}
-        diff = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
+        diff = []
+        for k in sorted(set(theirs) | set(fingerprint)):
+            a, b = theirs.get(k), fingerprint.get(k)
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff += [f"{k}.{kk}" for kk in sorted(set(a) | set(b)) if a.get(kk) != b.get(kk)]
+            elif a != b:
+                diff.append(k)
         raise ValueError(f"{d} holds a checkpoint of another VAE run (it differs in {diff}): resume it with "
                          f"its settings, or remove it / use another checkpoint_dir")
     treedef = jax.tree.structure((params, opt_state))
@@ -454,7 +487,9 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
             history, seconds = meta["history"], meta["seconds"]
             rng.bit_generator.state = meta["rng"]
             ck_phase, ck_step = meta["phase"], int(meta["step"])
-            log(f"[vae] resuming from {checkpoint_dir}: {ck_phase} step {ck_step}")
+            log(f"[vae] resuming from {checkpoint_dir}: {ck_phase} step {ck_step}"
+                + (" (its image phase: only the clip phase's settings changed)"
+                   if meta.get("reused_image_phase") else ""))
     done_here = 0
     for phase, steps_, b, sample in phases:
         if steps_ <= 0 or (ck_phase is not None and order.index(phase) < order.index(ck_phase)):
@@ -468,8 +503,8 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
         t1 = time.time() - seconds.get(phase, 0.0)       # the phase's time over every sitting
         t_here = time.time()
 
-        def save(i):
-            _save_checkpoint(checkpoint_dir, params, opt_state, {
+        def save(i, where=None):
+            _save_checkpoint(where or checkpoint_dir, params, opt_state, {
                 "fingerprint": fingerprint, "phase": phase, "step": i, "history": history,
                 "seconds": dict(seconds, **{phase: time.time() - t1}), "rng": rng.bit_generator.state})
 
@@ -487,6 +522,8 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
             last = i + 1 == steps_
             if checkpoint_dir and ((i + 1) % max(1, int(checkpoint_every)) == 0 or last or done_here == stop_after):
                 save(i + 1)
+                if last and phase == "image":        # kept: a run with other clip settings continues from here
+                    save(i + 1, os.path.join(checkpoint_dir, IMAGE_PHASE_DIR))
         seconds[phase] = time.time() - t1
 
     vae = nnx.merge(graphdef, params, frozen)
