@@ -145,7 +145,8 @@ def _spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, batch_size: int = 8) -> dict:
+def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, batch_size: int = 8,
+                    seeds=(0,)) -> dict:
     """What the shipped SFT models can do on the first ``num_samples`` eval clips, each part alone:
     the VLM's greedy answers (exact-caption accuracy, ROUGE-L, valid format) and the DiT's renderings
     of the ground-truth captions with the input's reference latents (seed 0 noise), scored against
@@ -153,7 +154,14 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
     (``rl.render_accuracy``: foreground IoU, object colour), next to a control that needs no
     model: the input's last frame repeated, and the ceiling the VAE sets for any DiT on its latents
     (``vae_recon_*``: the true next event encoded and decoded by the VAE, scored the same way).
-    ``vdm_clip_v_vs_iou_spearman``: how CLIP-V ranks the renders against how the exact IoU does."""
+    ``vdm_clip_v_vs_iou_spearman``: how CLIP-V ranks the renders against how the exact IoU does.
+
+    ``seeds``: the DiT's noise seeds; each clip is rendered once per seed, and the ``vdm_*`` numbers
+    are over all those renders (with several seeds also ``vdm_*_per_seed``, in the order of
+    ``noise_seeds``), so a difference between two DiTs can be told from the sampling noise."""
+    seeds = [int(x) for x in seeds]
+    if not seeds:
+        raise ValueError("measure_quality: seeds must name at least one noise seed")
     from vans_jax.data.csv_format import read_vnep_csv
     from vans_jax.data.video_io import read_video
     from vans_jax.convert import clip as clip_ckpt
@@ -176,7 +184,8 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
     clip_model = clip_ckpt.from_pretrained(paths["clip"])
     rows = list(read_vnep_csv(os.path.join(data_dir, "eval.csv")))[:num_samples]
     root = os.path.join(data_dir, "videos")
-    texts, caps, sims, sims_last, sims_rec, pairs, pairs_last, pairs_rec = [], [], [], [], [], [], [], []
+    texts, caps, sims_last, sims_rec, pairs_last, pairs_rec = [], [], [], [], [], []
+    sims, pairs = {sd: [] for sd in seeds}, {sd: [] for sd in seeds}
     s = pipe.settings
 
     def vae_roundtrip(path):
@@ -198,31 +207,42 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
         ans = pipe.answer(clips, [r.question for r in chunk])
         texts += ans.texts
         caps += ans.captions
-        gen = np.stack([eval_runner.to_eval_geometry(np.asarray(v), config)
-                        for v in pipe.render(clips, [r.caption for r in chunk], seed=0)])
         gt = np.stack([eval_runner.read_ground_truth(os.path.join(root, r.output_video_path), config)
                        for r in chunk])
+        for sd in seeds:
+            gen = np.stack([eval_runner.to_eval_geometry(np.asarray(v), config)
+                            for v in pipe.render(clips, [r.caption for r in chunk], seed=sd)])
+            f = min(gen.shape[1], gt.shape[1])
+            sims[sd] += clip_v(gen[:, :f], gt[:, :f])
+            pairs[sd] += [(g[:f], t[:f]) for g, t in zip(gen, gt)]
         last = np.stack([np.repeat(eval_runner.to_eval_geometry(c.frames[-1:], config), gt.shape[1], 0)
                          for c in clips])
         rec = np.stack([vae_roundtrip(os.path.join(root, r.output_video_path)) for r in chunk])
-        f = min(gen.shape[1], gt.shape[1])
         fr = min(rec.shape[1], gt.shape[1])
-        sims += clip_v(gen[:, :f], gt[:, :f])
         sims_last += clip_v(last, gt)
         sims_rec += clip_v(rec[:, :fr], gt[:, :fr])
-        pairs += [(g[:f], t[:f]) for g, t in zip(gen, gt)]
         pairs_last += list(zip(last, gt))
         pairs_rec += [(g[:fr], t[:fr]) for g, t in zip(rec, gt)]
     gts = [r.caption for r in rows]
-    ra, ra_last, ra_rec = mean_render_accuracy(pairs), mean_render_accuracy(pairs_last), mean_render_accuracy(pairs_rec)
+    all_sims = [x for sd in seeds for x in sims[sd]]
+    ra = mean_render_accuracy([p for sd in seeds for p in pairs[sd]])
+    ra_last, ra_rec = mean_render_accuracy(pairs_last), mean_render_accuracy(pairs_rec)
+    per_seed = {}
+    if len(seeds) > 1:
+        ra_seed = [mean_render_accuracy(pairs[sd]) for sd in seeds]
+        per_seed = {"vdm_clip_v_gt_caption_per_seed": [float(np.mean(sims[sd])) for sd in seeds],
+                    "vdm_render_iou_gt_caption_per_seed": [r["render_iou"] for r in ra_seed],
+                    "vdm_render_color_gt_caption_per_seed": [r["render_color"] for r in ra_seed]}
     return {"num_samples": len(rows),
+            "noise_seeds": seeds,
             "vlm_exact_caption": float(np.mean([c == g for c, g in zip(caps, gts)])),
             "vlm_rouge_l": float(np.mean(rouge_l_reward(caps, gts, extract=False))),
             "vlm_format": float(np.mean(format_reward(texts))),
-            "vdm_clip_v_gt_caption": float(np.mean(sims)),
+            "vdm_clip_v_gt_caption": float(np.mean(all_sims)),
             "vdm_render_iou_gt_caption": ra["render_iou"],
             "vdm_render_color_gt_caption": ra["render_color"],
-            "vdm_clip_v_vs_iou_spearman": _spearman(sims, ra["render_iou_per_clip"]),
+            **per_seed,
+            "vdm_clip_v_vs_iou_spearman": _spearman(all_sims, ra["render_iou_per_clip"]),
             "last_frame_clip_v": float(np.mean(sims_last)),
             "last_frame_render_iou": ra_last["render_iou"],
             "last_frame_render_color": ra_last["render_color"],
@@ -451,12 +471,20 @@ def main(argv=None):
                    help="only measure the models in --out on a fresh eval split (written under --work) and print "
                         "the JSON; builds nothing")
     p.add_argument("--num_samples", type=int, default=32, help="eval clips measured by --measure")
+    p.add_argument("--seeds", default="0", help="comma-separated noise seeds of the DiT's renders measured by "
+                   "--measure (each clip rendered once per seed; the numbers are over all renders, and per seed)")
     a = p.parse_args(argv)
     if a.measure:
         data = os.path.join(a.work, "measure_data")
         if not os.path.exists(os.path.join(data, "eval.csv")):
             synthetic.generate_world(data, "eval", max(a.num_samples, 8), config=synthetic.WorldConfig())
-        print(json.dumps(measure_quality(a.out, data, num_samples=a.num_samples), indent=2), flush=True)
+        try:
+            seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--seeds must be comma-separated integers, got {a.seeds!r}")
+        if not seeds:
+            p.error("--seeds names no seed")
+        print(json.dumps(measure_quality(a.out, data, num_samples=a.num_samples, seeds=seeds), indent=2), flush=True)
         return 0
     build(a.out, a.work, train_samples=a.train_samples, quick=a.quick, seed=a.seed,
           keep=[k for k in a.keep.split(",") if k], previous=a.previous)
