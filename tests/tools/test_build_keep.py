@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tools.tiny_world.build import SFT_PHASES, keep_stages
+from tools.tiny_world.build import SFT_PHASES, keep_stages, vdm_arch
 
 
 def _previous(tmp_path, **over):
@@ -71,8 +71,9 @@ def test_keep_vdm_seeds_the_vae_and_the_phases_it_ran(tmp_path):
     assert _marker(work, "vae")["report"]["eval_psnr_target"] == 24.8
     assert json.load(open(os.path.join(work, "vae", "config.json"))) == {"part": "vdm/vae"}   # the build's vae_dir
     done = _marker(work, "sft_vdm")
+    # the key the build computes (its vdm_init has the same transformer and VAE configs as the kept DiT)
     assert done["key"] == json.loads(json.dumps(dict(key, phase=SFT_PHASES["sft_vdm"][0], init=os.path.join(work, "vdm_init"),
-                                                     after=[])))
+                                                     after=[], model={"vae": {"part": "vdm/vae"}})))
     # a phase the next phase of the build starts from: the previous build's whole vdm directory
     assert os.path.isfile(os.path.join(done["report"]["exports"]["vdm"], "vae", "config.json"))
     assert done["report"]["loss"] == 0.3 and done["report"]["wall_s"] == 3.0
@@ -84,3 +85,21 @@ def test_keep_vdm_refuses_phases_that_are_not_the_recipe(tmp_path):
     os.makedirs(work)
     with pytest.raises(ValueError, match="are not the first phases of SFT_PHASES"):
         keep_stages(["vdm"], prev, work, {"train_samples": 1500, "eval_samples": 100, "quick": False, "seed": 0})
+
+
+def test_vdm_arch_tells_dit_sizes_and_vaes_apart(tmp_path):
+    """The SFT-VDM stages' keys hold ``vdm_arch`` of the DiT they start from: another DiT size or
+    another VAE (its latent statistics) gives another key, so the build trains those phases again."""
+    def vdm(name, dim, std):
+        d = tmp_path / name
+        for sub, cfg in (("transformer", {"_class_name": "WanTransformer3DModel", "num_layers": 4, "dim": dim,
+                                          "_diffusers_version": name}),
+                         ("vae", {"z_dim": 16, "latents_std": [std] * 16})):
+            (d / sub).mkdir(parents=True)
+            (d / sub / "config.json").write_text(json.dumps(cfg))
+        return str(d)
+    a = vdm("a", 128, 0.5)
+    assert vdm_arch(a) == {"transformer": {"num_layers": 4, "dim": 128}, "vae": {"z_dim": 16, "latents_std": [0.5] * 16}}
+    assert vdm_arch(vdm("b", 128, 0.5)) == vdm_arch(a)        # bookkeeping fields (_diffusers_version) aside
+    assert vdm_arch(vdm("c", 192, 0.5)) != vdm_arch(a)
+    assert vdm_arch(vdm("d", 128, 0.25)) != vdm_arch(a)

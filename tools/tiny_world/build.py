@@ -261,6 +261,20 @@ def _timed(fn, *a, **kw) -> dict:
 KEEPABLE = ("vlm", "clip", "vdm")
 
 
+def vdm_arch(vdm_dir: str) -> dict:
+    """What the DiT of an SFT-VDM stage is, read from the diffusers directory it starts from: the
+    transformer's and the VAE's configs (architecture, latent channels, latent statistics). Part of
+    those stages' keys, so a build whose DiT size or VAE changed trains the phases again instead of
+    reusing ones trained for another DiT."""
+    arch = {}
+    for sub in ("transformer", "vae"):
+        path = os.path.join(vdm_dir, sub, "config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                arch[sub] = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    return arch
+
+
 def keep_stages(parts, previous: str, work: str, key: dict) -> list[str]:
     """Seeds ``work`` with the stages of ``parts`` from a previous build's output directory ``previous``
     (its models and ``BUILD.json``), so that a rebuild reuses them and trains only the rest:
@@ -296,8 +310,9 @@ def keep_stages(parts, previous: str, work: str, key: dict) -> list[str]:
                       f, indent=2, default=str)
         seeded.append(name)
 
-    def seed_sft(mode, part, init, dst):
-        """The stages of the previous build's ``mode`` phases (a prefix of SFT_PHASES[mode])."""
+    def seed_sft(mode, part, init, dst, arch=None):
+        """The stages of the previous build's ``mode`` phases (a prefix of SFT_PHASES[mode]); ``arch``:
+        the kept DiT's ``vdm_arch`` (sft_vdm)."""
         phases, done = SFT_PHASES[mode], prev[mode]["phases"]
         n = len(done)
         if n > len(phases) or any({k: d.get(k) for k in ph} != ph for ph, d in zip(phases, done)):
@@ -310,7 +325,8 @@ def keep_stages(parts, previous: str, work: str, key: dict) -> list[str]:
             report = dict(prev[mode] if last and n == len(phases) else done[i], wall_s=done[i]["wall_s"],
                           exports={part: export})
             seed_stage(mode if i == 0 else f"{mode}_{i + 1}", report,
-                       extra={"phase": phases[i], "init": src, "after": list(phases[:i])})
+                       extra={"phase": phases[i], "init": src, "after": list(phases[:i]),
+                              **({"model": arch} if arch is not None else {})})
             src = export
 
     for part in parts:
@@ -332,7 +348,7 @@ def keep_stages(parts, previous: str, work: str, key: dict) -> list[str]:
             shutil.copytree(src, dst, dirs_exist_ok=True, symlinks=False)
             shutil.copytree(os.path.join(src, "vae"), os.path.join(work, "vae"), dirs_exist_ok=True)
             seed_stage("vae", prev["vae"])
-            seed_sft("sft_vdm", "vdm", os.path.join(work, "vdm_init"), dst)
+            seed_sft("sft_vdm", "vdm", os.path.join(work, "vdm_init"), dst, arch=vdm_arch(src))
     return seeded
 
 
@@ -381,11 +397,13 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
         the last one, with all phases listed."""
         phases = SFT_PHASES[mode] if not quick else ({"steps": 4, "batch_size": 2, "lr": 1e-3},)
         src, reps = init, []
+        # the DiT's size and VAE are part of every SFT-VDM phase's key (a changed one reruns them all)
+        arch = {"model": vdm_arch(init)} if part == "vdm" else {}
         for i, ph in enumerate(phases):
             name = mode if i == 0 else f"{mode}_{i + 1}"
             rep = stage(name, lambda: _timed(_train, cfg, mode, os.path.join(work, name), **ph,
                                              **{f"{part}__path": src}),
-                        extra={"phase": ph, "init": src, "after": list(phases[:i])})   # a changed earlier phase reruns this
+                        extra={"phase": ph, "init": src, "after": list(phases[:i]), **arch})   # a changed earlier phase reruns this
             reps.append(dict(ph, loss=rep.get("loss"), token_accuracy=rep.get("token_accuracy"),
                              wall_s=rep.get("wall_s")))
             src = rep["exports"][part]
