@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tools.tiny_world.build import SFT_PHASES, keep_stages, vdm_arch
+from tools.tiny_world.build import SFT_PHASES, keep_stages, measure_data, vdm_arch
 
 
 def _previous(tmp_path, **over):
@@ -103,3 +103,17 @@ def test_vdm_arch_tells_dit_sizes_and_vaes_apart(tmp_path):
     assert vdm_arch(vdm("b", 128, 0.5)) == vdm_arch(a)        # bookkeeping fields (_diffusers_version) aside
     assert vdm_arch(vdm("c", 192, 0.5)) != vdm_arch(a)
     assert vdm_arch(vdm("d", 128, 0.25)) != vdm_arch(a)
+
+
+def test_measure_data_grows_when_more_clips_are_asked(tmp_path):
+    """``--measure --num_samples N`` after a call that wrote fewer clips measures N clips, not the old
+    split's (before: a 32-clip split was reused for 96 silently); the split is deterministic, so the
+    clips already there stay the same."""
+    from vans_jax.data.csv_format import read_vnep_csv
+    data = measure_data(str(tmp_path), 8)
+    first = [(r.caption, r.output_video_path) for r in read_vnep_csv(os.path.join(data, "eval.csv"))]
+    assert len(first) == 8
+    assert measure_data(str(tmp_path), 5) == data          # enough clips: left alone
+    assert len(list(read_vnep_csv(os.path.join(data, "eval.csv")))) == 8
+    more = [(r.caption, r.output_video_path) for r in read_vnep_csv(os.path.join(measure_data(str(tmp_path), 10), "eval.csv"))]
+    assert len(more) == 10 and more[:8] == first

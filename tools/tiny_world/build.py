@@ -471,6 +471,20 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
     return report
 
 
+def measure_data(work: str, num_samples: int) -> str:
+    """``<work>/measure_data``: the world's eval split with at least ``num_samples`` clips (generated
+    again, larger, when an earlier call wrote fewer; the split is deterministic, so its first clips
+    stay the same). Returns the directory."""
+    from vans_jax.data.csv_format import read_vnep_csv
+
+    data = os.path.join(work, "measure_data")
+    csv = os.path.join(data, "eval.csv")
+    have = sum(1 for _ in read_vnep_csv(csv)) if os.path.exists(csv) else 0
+    if have < num_samples:
+        synthetic.generate_world(data, "eval", max(num_samples, 8), config=synthetic.WorldConfig())
+    return data
+
+
 def main(argv=None):
     from vans_jax.apps.xla_env import apply_default_xla_flags
     apply_default_xla_flags()    # vans-jax's XLA defaults (faster CPU training), before JAX starts
@@ -493,9 +507,7 @@ def main(argv=None):
                    "--measure (each clip rendered once per seed; the numbers are over all renders, and per seed)")
     a = p.parse_args(argv)
     if a.measure:
-        data = os.path.join(a.work, "measure_data")
-        if not os.path.exists(os.path.join(data, "eval.csv")):
-            synthetic.generate_world(data, "eval", max(a.num_samples, 8), config=synthetic.WorldConfig())
+        data = measure_data(a.work, a.num_samples)
         try:
             seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
         except ValueError:
