@@ -28,7 +28,7 @@ def get_config():
     ))
     c.vlm.lora.update(dict(rank=8, alpha=16.0, dropout=0.0))
     c.vdm.update(dict(path=os.path.join(WORLD, "vdm"), dtype="float32"))
-    c.vdm.model = dict(dim=128, num_layers=4, num_heads=4, ffn_dim=256, patch_size=(1, 2, 2), in_channels=16,
+    c.vdm.model = dict(dim=192, num_layers=6, num_heads=6, ffn_dim=768, patch_size=(1, 2, 2), in_channels=16,
                        out_channels=16, text_dim=64, freq_dim=64, eps=1e-6, text_len=32)
     c.clip.path = os.path.join(WORLD, "clip")
     c.generation.update(dict(max_new_tokens=96, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=1))

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from vans_jax.apps import cli
+from vans_jax.apps.configlib import load_config
 
 
 def positive(x):
@@ -26,7 +27,9 @@ def test_bench_times_sft_steps_and_predict(tmp_path):
         assert f["reference"] is None and f["verdict"] is None and f["reference_reason"], f
     vlm, vdm = figs["train_sft_vlm_step"], figs["train_sft_vdm_step"]
     assert vlm["shape"]["batch"] == vdm["shape"]["batch"] == 2 and vdm["shape"]["video"] == [9, 64, 64]
-    assert vdm["shape"]["layers"] == 4 and vlm["shape"]["layers"] == 3
+    world = load_config("tiny_world")
+    assert vdm["shape"]["layers"] == world.vdm.model.num_layers and vdm["shape"]["dim"] == world.vdm.model.dim
+    assert vlm["shape"]["layers"] == world.vlm.model.num_hidden_layers == 3
     assert positive(vlm["metrics"]["loss"]) and positive(vdm["metrics"]["loss"])
     p = figs["predict"]
     assert positive(p["ours"]["load_s"]) and {"vlm_s", "vdm_s"} <= set(p["ours"]["phases_s"])

@@ -204,3 +204,24 @@ def test_csv_bad_row_does_not_sink_its_batch(dirs, world_csv, tmp_path, capsys):
     assert predict.is_finished(os.path.join(pred, "0"))
     err = json.load(open(os.path.join(pred, "1", "error.json")))
     assert err["reason"] == "error" and "14x14 patch" in err["detail"]
+
+
+def test_world_config_describes_the_shipped_models():
+    """configs/tiny_world.py sizes the DiT and VLM that the build trains and the memory plan and bench
+    report; the shipped directories must be those sizes (a new DiT shipped without its config, or the
+    reverse, fails here)."""
+    from vans_jax.apps.configlib import load_config
+    from vans_jax.apps.tiny_world import tiny_world_paths
+
+    cfg = load_config("tiny_world")
+    paths = tiny_world_paths(os.path.dirname(cfg.vdm.path))
+    dit = json.load(open(os.path.join(paths["vdm"], "transformer", "config.json")))
+    m = cfg.vdm.model
+    assert (dit["num_attention_heads"] * dit["attention_head_dim"], dit["num_layers"], dit["num_attention_heads"],
+            dit["ffn_dim"], dit["text_dim"], dit["freq_dim"], tuple(dit["patch_size"]), dit["in_channels"]) == \
+        (m.dim, m.num_layers, m.num_heads, m.ffn_dim, m.text_dim, m.freq_dim, tuple(m.patch_size), m.in_channels)
+    text = json.load(open(os.path.join(paths["vlm"], "config.json")))["text_config"]
+    v = cfg.vlm.model
+    assert (text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"], text["num_attention_heads"],
+            text["num_key_value_heads"]) == (v.hidden_size, v.intermediate_size, v.num_hidden_layers,
+                                             v.num_attention_heads, v.num_key_value_heads)
