@@ -1,7 +1,7 @@
 """Builds the tiny VANS models of the synthetic world that ship in ``data/models/tiny_world``.
 
     python -m tools.tiny_world.build [--out data/models/tiny_world] [--work /tmp/vans_world_build]
-                                   [--train_samples 1500] [--quick]
+                                   [--train_samples 1500] [--quick] [--chains parallel|sequential]
 
 Steps (all on CPU, minutes): generate the world's train / eval splits; train a tokenizer on the
 world's text and start a random Qwen2.5-VL from it; SFT it (``vans-jax train`` mode sft_vlm); train
@@ -10,6 +10,11 @@ on the world's clips and assemble a diffusers Wan directory (random tiny DiT, a 
 scheduler); SFT the DiT (mode sft_vdm). The results are written in their real checkpoint layouts
 (Hugging Face Qwen2.5-VL + tokenizer, diffusers Wan, Hugging Face CLIP) with ``defaults.json`` (the
 world's generation settings) and ``BUILD.json`` (what was run and the measured quality).
+
+The VLM's chain (tokenizer, SFT-VLM, CLIP) and the DiT's (VAE, SFT-VDM) are independent: by default
+they run side by side in two processes on disjoint CPUs (``--chains parallel``, logs in
+``<work>/chain_vlm.log`` and ``chain_vdm.log``), so the build takes about as long as the longer chain.
+Every stage is resumable: run the same command again after a stop.
 """
 from __future__ import annotations
 
@@ -25,8 +30,8 @@ import numpy as np
 from vans_jax.apps.configlib import load_config
 from vans_jax.data import synthetic
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
-                      "tiny_world.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(REPO, "configs", "tiny_world.py")
 
 
 def write_vdm_dir(out_dir: str, *, dit_config: dict, vae_dir: str, texts, seed: int = 0, shift: float = 3.0,
@@ -252,10 +257,108 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
 
 
 def _timed(fn, *a, **kw) -> dict:
-    t = time.perf_counter()
+    start, t = time.time(), time.perf_counter()
     rep = fn(*a, **kw)
     rep["wall_s"] = time.perf_counter() - t
+    rep["started_at"], rep["ended_at"] = start, time.time()     # epoch seconds: when chains overlapped
     return rep
+
+
+# The build's two independent chains of stages (after the world's data, before the assembly): the VLM's
+# (tokenizer, SFT-VLM phases, then the CLIP reward model, which needs only the data) and the DiT's (VAE,
+# then the SFT-VDM phases on its latents). Neither reads the other's output, so ``--chains parallel`` (the
+# default) runs them side by side, each in its own process on its own cores; the build then takes as
+# long as the longer chain instead of the sum.
+CHAINS = ("vlm", "vdm")
+
+
+def split_cpus(cpus) -> dict:
+    """``{"vlm": [...], "vdm": [...]}``: the CPUs each chain runs on, the larger half to the DiT's chain
+    (the longer one: 185 min against 78 on one core each in the shipped build). Needs 2 CPUs or more."""
+    cpus = sorted(cpus)
+    if len(cpus) < 2:
+        raise ValueError(f"split_cpus: running the chains side by side needs 2 CPUs, this process may use {cpus}")
+    k = (len(cpus) + 1) // 2
+    return {"vdm": cpus[:k], "vlm": cpus[k:]}
+
+
+def chain_env(cpus, env=None) -> dict:
+    """The environment of a chain's process on ``cpus``: on one CPU, XLA's CPU backend without its
+    multi-threaded Eigen pool and OpenMP with one thread (two pools on one core slow each other), unless
+    the user's ``XLA_FLAGS`` already says; on more, the thread count of OpenMP set to them."""
+    env = dict(os.environ if env is None else env)
+    env["OMP_NUM_THREADS"] = str(len(cpus))
+    if len(cpus) == 1 and "xla_cpu_multi_thread_eigen" not in env.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+    return env
+
+
+def run_chains(commands: dict, work: str, cpus: dict, *, poll_s: float = 2.0) -> dict:
+    """Runs each chain's command (``{name: argv}``) in its own process, pinned to ``cpus[name]`` (Linux),
+    its output appended to ``<work>/chain_<name>.log``, all at once; waits for them. When one fails the
+    others are stopped (their finished stages stay done: the build resumes from them) and a
+    ``RuntimeError`` names the chain, its exit status and log, with the log's last lines. Returns
+    ``{name: {"cpus", "log", "wall_s", "started_at", "ended_at"}}``."""
+    import subprocess
+
+    procs, info = {}, {}
+    try:
+        for name, argv in commands.items():
+            log = os.path.join(work, f"chain_{name}.log")
+            mine = sorted(cpus[name])
+            f = open(log, "a")
+            f.write(f"\n[build] chain {name} on CPUs {mine}: {' '.join(argv)}\n")
+            f.flush()
+            pin = (lambda c=mine: os.sched_setaffinity(0, c)) if hasattr(os, "sched_setaffinity") else None
+            info[name] = {"cpus": mine, "log": log, "started_at": time.time(), "_t": time.perf_counter(), "_f": f}
+            procs[name] = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=chain_env(mine),
+                                           preexec_fn=pin, cwd=REPO)
+            print(f"[build] chain {name} started on CPUs {mine} (log: {log})", flush=True)
+        running = dict(procs)
+        while running:
+            time.sleep(poll_s)
+            for name, p in list(running.items()):
+                rc = p.poll()
+                if rc is None:
+                    continue
+                del running[name]
+                i = info[name]
+                i["wall_s"], i["ended_at"] = time.perf_counter() - i.pop("_t"), time.time()
+                i.pop("_f").close()
+                if rc != 0:
+                    raise RuntimeError(f"build chain {name!r} failed (exit status {rc}); its log: {i['log']}\n"
+                                       + _tail(i["log"]) + "\nthe stages finished so far are kept: run the same "
+                                       "command again to resume")
+                print(f"[build] chain {name} done in {i['wall_s']:.0f}s", flush=True)
+    finally:
+        for name, p in procs.items():
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                print(f"[build] chain {name} stopped (its finished stages are kept)", flush=True)
+            f = info.get(name, {}).pop("_f", None)
+            if f is not None:
+                f.close()
+    return {n: {k: v for k, v in i.items() if not k.startswith("_")} for n, i in info.items()}
+
+
+def _tail(path: str, n: int = 20) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-n:])
+
+
+def chain_command(name: str, *, out: str, work: str, train_samples: int, eval_samples: int, quick: bool,
+                  seed: int) -> list[str]:
+    """The command line of one chain's process (``--chain name``): this build's own world arguments, so
+    its stages' keys are the parent's."""
+    argv = [sys.executable, "-m", "tools.tiny_world.build", "--chain", name, "--out", os.path.abspath(out),
+            "--work", os.path.abspath(work),
+            "--train_samples", str(train_samples), "--eval_samples", str(eval_samples), "--seed", str(seed)]
+    return argv + (["--quick"] if quick else [])
 
 
 KEEPABLE = ("vlm", "clip", "vdm")
@@ -353,7 +456,19 @@ def keep_stages(parts, previous: str, work: str, key: dict) -> list[str]:
 
 
 def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int = 100, quick: bool = False,
-          seed: int = 0, keep=(), previous: str | None = None) -> dict:
+          seed: int = 0, keep=(), previous: str | None = None, chains: str = "sequential",
+          chain: str | None = None) -> dict:
+    """Builds (or resumes building) the world's models into ``out``, the stages' work in ``work``.
+
+    ``chains``: ``"sequential"`` runs every stage in this process; ``"parallel"`` (the command line's
+    default) runs the two chains of ``CHAINS`` side by side in two processes on disjoint CPUs
+    (``run_chains``; on one CPU it falls back to sequential), then assembles and measures here.
+    ``chain``: run only that chain's stages (and the world's data) and return their reports, without
+    assembling (what each process of a parallel build does)."""
+    if chains not in ("sequential", "parallel"):
+        raise ValueError(f"build: chains must be 'sequential' or 'parallel', got {chains!r}")
+    if chain is not None and chain not in CHAINS:
+        raise ValueError(f"build: chain must be one of {CHAINS}, got {chain!r}")
     from vans_jax.pipeline import VANSSettings
     from tools.tiny_world.clip_train import train_clip
     from tools.tiny_world.vae_train import train_vae
@@ -410,39 +525,56 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
         return dict(rep, phases=reps, wall_s=sum(float(r["wall_s"] or 0.0) for r in reps))
 
     csv = stage("world", world)
+    chain_runs = None
+    if chain is None and chains == "parallel":
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        if len(cpus) < 2:
+            print(f"[build] one CPU ({cpus}): the chains run one after the other", flush=True)
+        else:
+            chain_runs = run_chains({name: chain_command(name, out=out, work=work, train_samples=train_samples,
+                                                         eval_samples=eval_samples, quick=quick, seed=seed)
+                                     for name in CHAINS}, work, split_cpus(cpus))
+            # every stage of both chains is done now: what follows reuses them from their markers
     video_root = os.path.join(data, "videos")
     cfg.data.train_csv, cfg.data.video_root = csv["train"], video_root
     # one latent cache for every SFT-VDM phase: the VAE latents and caption embeddings once per build
     cfg.train.sft_vdm.latent_cache = os.path.join(work, "latent_cache")
     report: dict = {"train_samples": train_samples, "eval_samples": eval_samples, "seed": seed}
 
-    print("[build] 1/5 tokenizer + random Qwen2.5-VL", flush=True)
-    vlm_init = os.path.join(work, "vlm_init")
-    report["tokenizer"] = stage("vlm_init", lambda: init_vlm_dir(vlm_init, cfg.vlm.model.to_dict(),
-                                                                 synthetic.world_texts(wc), vocab_size=512, seed=seed))
-    print("[build] 2/5 SFT of the VLM", flush=True)
-    report["sft_vlm"] = sft_phases("sft_vlm", "vlm", vlm_init)
-
-    print("[build] 3/5 CLIP reward model", flush=True)
     clip_dir = os.path.join(work, "clip")
-    report["clip"] = stage("clip", lambda: _timed(train_clip, data, clip_dir, seed=seed,
-                                                  **({"steps": 10, "batch_size": 16} if quick else {})))
+    if chain in (None, "vlm"):
+        print("[build] 1/5 tokenizer + random Qwen2.5-VL", flush=True)
+        vlm_init = os.path.join(work, "vlm_init")
+        report["tokenizer"] = stage("vlm_init", lambda: init_vlm_dir(vlm_init, cfg.vlm.model.to_dict(),
+                                                                     synthetic.world_texts(wc), vocab_size=512, seed=seed))
+        print("[build] 2/5 SFT of the VLM", flush=True)
+        report["sft_vlm"] = sft_phases("sft_vlm", "vlm", vlm_init)
 
-    print("[build] 4/5 VAE + text encoder + random DiT", flush=True)
-    vae_dir = os.path.join(work, "vae")
-    # resumable inside the stage too: a killed VAE run continues from its last checkpoint (every 500 steps)
-    report["vae"] = stage("vae", lambda: _timed(train_vae, data, vae_dir, seed=seed,
-                                                checkpoint_dir=os.path.join(work, "vae_ckpt"), **vae_recipe(quick)))
-    vdm_init = os.path.join(work, "vdm_init")
-    with open(os.path.join(vae_dir, "config.json")) as f:       # the DiT works in the VAE's latent channels
-        z_dim = int(json.load(f)["z_dim"])
-    write_vdm_dir(vdm_init, dit_config=dict(cfg.vdm.model, in_channels=z_dim, out_channels=z_dim), vae_dir=vae_dir,
-                  texts=synthetic.world_texts(wc),
-                  seed=seed, shift=float(cfg.video.shift))
-    from vans_jax.sampling import wan as wp
-    wp.from_pretrained(vdm_init)   # loads through the real loaders
-    print("[build] 5/5 SFT of the DiT", flush=True)
-    report["sft_vdm"] = sft_phases("sft_vdm", "vdm", vdm_init)
+        print("[build] 3/5 CLIP reward model", flush=True)
+        report["clip"] = stage("clip", lambda: _timed(train_clip, data, clip_dir, seed=seed,
+                                                      **({"steps": 10, "batch_size": 16} if quick else {})))
+
+    if chain in (None, "vdm"):
+        print("[build] 4/5 VAE + text encoder + random DiT", flush=True)
+        vae_dir = os.path.join(work, "vae")
+        # resumable inside the stage too: a killed VAE run continues from its last checkpoint (every 500 steps)
+        report["vae"] = stage("vae", lambda: _timed(train_vae, data, vae_dir, seed=seed,
+                                                    checkpoint_dir=os.path.join(work, "vae_ckpt"), **vae_recipe(quick)))
+        vdm_init = os.path.join(work, "vdm_init")
+        with open(os.path.join(vae_dir, "config.json")) as f:       # the DiT works in the VAE's latent channels
+            z_dim = int(json.load(f)["z_dim"])
+        write_vdm_dir(vdm_init, dit_config=dict(cfg.vdm.model, in_channels=z_dim, out_channels=z_dim), vae_dir=vae_dir,
+                      texts=synthetic.world_texts(wc),
+                      seed=seed, shift=float(cfg.video.shift))
+        from vans_jax.sampling import wan as wp
+        wp.from_pretrained(vdm_init)   # loads through the real loaders
+        print("[build] 5/5 SFT of the DiT", flush=True)
+        report["sft_vdm"] = sft_phases("sft_vdm", "vdm", vdm_init)
+
+    if chain is not None:
+        report["wall_s"] = time.perf_counter() - t0
+        print(f"[build] chain {chain}: its stages are done ({report['wall_s']:.0f}s)", flush=True)
+        return report
 
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -460,6 +592,13 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
     print(f"[build] quality: {report['quality']}", flush=True)
     report["wall_s"] = time.perf_counter() - t0      # this invocation (reused stages cost nothing)
     report["stages_wall_s"] = sum(float(v.get("wall_s", 0.0)) for v in report.values() if isinstance(v, dict))
+    # what each chain's stages took (as recorded: a kept stage counts what it took when it was trained); a
+    # parallel build of everything takes about the longer chain, a sequential one their sum
+    chain_s = {"vlm": sum(float(report[k].get("wall_s") or 0.0) for k in ("tokenizer", "sft_vlm", "clip")),
+               "vdm": sum(float(report[k].get("wall_s") or 0.0) for k in ("vae", "sft_vdm"))}
+    report["chains"] = {"mode": chains if chain_runs is not None else "sequential",
+                        **{n: dict(stages_wall_s=chain_s[n], **((chain_runs or {}).get(n) or {})) for n in CHAINS}}
+    report["critical_path_s"] = max(chain_s.values())
     report["command"] = " ".join(["python -m tools.tiny_world.build"] + sys.argv[1:])
     for k in ("sft_vlm", "sft_vdm"):
         report[k].pop("exports", None)
@@ -485,15 +624,21 @@ def measure_data(work: str, num_samples: int) -> str:
     return data
 
 
-def main(argv=None):
-    from vans_jax.apps.xla_env import apply_default_xla_flags
-    apply_default_xla_flags()    # vans-jax's XLA defaults (faster CPU training), before JAX starts
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m tools.tiny_world.build``."""
     p = argparse.ArgumentParser(prog="python -m tools.tiny_world.build", description=__doc__.split("\n\n")[0])
     from vans_jax.apps.tiny_world import tiny_world_dir
     p.add_argument("--out", default=tiny_world_dir())
     p.add_argument("--work", default=os.path.join("/tmp", "vans_world_build"))
     p.add_argument("--train_samples", type=int, default=1500)
+    p.add_argument("--eval_samples", type=int, default=100)
     p.add_argument("--quick", action="store_true", help="a few steps of everything (tests)")
+    p.add_argument("--chains", choices=("parallel", "sequential"), default="parallel",
+                   help="parallel (default): the VLM's chain (tokenizer, SFT-VLM, CLIP) and the DiT's (VAE, SFT-VDM) "
+                        "side by side, each in its own process on half the CPUs (logs: <work>/chain_*.log); "
+                        "sequential: one after the other in this process")
+    p.add_argument("--chain", choices=CHAINS, default=None,
+                   help="only this chain's stages, no assembly (what each process of a parallel build runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", default="", help="comma-separated parts (vlm, clip, vdm) to take from the previous build in "
                    "--previous (default --out) instead of training them again (vdm: the VAE and the SFT-VDM phases it ran; "
@@ -505,6 +650,13 @@ def main(argv=None):
     p.add_argument("--num_samples", type=int, default=32, help="eval clips measured by --measure")
     p.add_argument("--seeds", default="0", help="comma-separated noise seeds of the DiT's renders measured by "
                    "--measure (each clip rendered once per seed; the numbers are over all renders, and per seed)")
+    return p
+
+
+def main(argv=None):
+    from vans_jax.apps.xla_env import apply_default_xla_flags
+    apply_default_xla_flags()    # vans-jax's XLA defaults (faster CPU training), before JAX starts
+    p = parser()
     a = p.parse_args(argv)
     if a.measure:
         data = measure_data(a.work, a.num_samples)
@@ -516,8 +668,10 @@ def main(argv=None):
             p.error("--seeds names no seed")
         print(json.dumps(measure_quality(a.out, data, num_samples=a.num_samples, seeds=seeds), indent=2), flush=True)
         return 0
-    build(a.out, a.work, train_samples=a.train_samples, quick=a.quick, seed=a.seed,
-          keep=[k for k in a.keep.split(",") if k], previous=a.previous)
+    if a.chain is not None and a.keep:
+        p.error("--chain runs one chain of a build whose stages --keep has already seeded; give --keep to the build")
+    build(a.out, a.work, train_samples=a.train_samples, eval_samples=a.eval_samples, quick=a.quick, seed=a.seed,
+          keep=[k for k in a.keep.split(",") if k], previous=a.previous, chains=a.chains, chain=a.chain)
     return 0
 
 
