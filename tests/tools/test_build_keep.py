@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tools.tiny_world.build import SFT_PHASES, keep_stages, measure_data, vdm_arch
+from tools.tiny_world.build import SFT_PHASES, _recipe_key, keep_stages, measure_data, vae_decoder_recipe, vdm_arch
 
 
 def _previous(tmp_path, **over):
@@ -77,6 +77,23 @@ def test_keep_vdm_seeds_the_vae_and_the_phases_it_ran(tmp_path):
     # a phase the next phase of the build starts from: the previous build's whole vdm directory
     assert os.path.isfile(os.path.join(done["report"]["exports"]["vdm"], "vae", "config.json"))
     assert done["report"]["loss"] == 0.3 and done["report"]["wall_s"] == 3.0
+
+
+def test_keep_vdm_keeps_the_decoder_stage_only_when_the_previous_build_had_it(tmp_path):
+    key = {"train_samples": 1500, "eval_samples": 100, "quick": False, "seed": 0}
+    prev, work = _previous(tmp_path, vae_decoder={"eval_psnr_target": 26.5, "wall_s": 9.0}), str(tmp_path / "work")
+    os.makedirs(work)
+    assert keep_stages(["vdm"], prev, work, key) == ["vae", "vae_decoder", "sft_vdm"]
+    done = _marker(work, "vae_decoder")
+    # the key the build's stage computes, so the build reuses it instead of fine-tuning the shipped decoder again
+    assert done["key"] == dict(key, recipe=_recipe_key(vae_decoder_recipe(False)))
+    assert done["key"]["recipe"]["trainable"] == "decoder" and done["report"]["eval_psnr_target"] == 26.5
+    assert json.load(open(os.path.join(work, "vae_decoder", "config.json"))) == {"part": "vdm/vae"}
+    # a build from before the stage: its VAE is a first-stage one, which this build's decoder stage trains
+    prev2, work2 = _previous(tmp_path / "old"), str(tmp_path / "work2")
+    os.makedirs(work2)
+    assert keep_stages(["vdm"], prev2, work2, key) == ["vae", "sft_vdm"]
+    assert not os.path.exists(os.path.join(work2, "vae_decoder.done.json"))
 
 
 def test_keep_vdm_refuses_phases_that_are_not_the_recipe(tmp_path):
