@@ -3,7 +3,8 @@ import pytest
 
 from vans_jax.data import synthetic as S
 from vans_jax.data.video_io import read_video, write_video
-from vans_jax.rl.render_accuracy import foreground_mask, mean_render_accuracy, render_accuracy
+from vans_jax.rl.render_accuracy import (CONFUSION_LABELS, COLOR_NAMES, foreground_mask, mean_render_accuracy,
+                                         pool_render_accuracy, render_accuracy)
 
 CFG = S.WorldConfig()
 
@@ -54,6 +55,30 @@ def test_two_colours_judged_separately_and_pooled_mean():
     assert r["render_color"] == 0.5 and r["render_iou"] == 1.0
     m = mean_render_accuracy([(truth, truth), (half_wrong, truth)])
     assert m["render_color"] == 0.75 and m["render_iou"] == 1.0 and m["num_clips"] == 2
+
+
+def test_confusion_says_where_each_colour_went():
+    R, Y, P = (COLOR_NAMES.index(c) for c in ("red", "yellow", "purple"))
+    NONE = CONFUSION_LABELS.index("none")
+    truth = _clip([[_square(16, 32, 5, "red"), _square(46, 32, 5, "yellow")]] * 2)
+    # frame 0: red kept, yellow drawn purple; frame 1: red kept, yellow not drawn at all
+    gen = _clip([[_square(16, 32, 5, "red"), _square(46, 32, 5, "purple")], [_square(16, 32, 5, "red")]])
+    r = render_accuracy(gen, truth)
+    c = np.asarray(r["render_color_confusion"])
+    assert c.shape == (5, 6) and CONFUSION_LABELS[-1] == "none"
+    assert c[R, R] == 2 and c[Y, P] == 1 and c[Y, NONE] == 1 and c.sum() == r["render_color_groups"] == 4
+    assert np.trace(c[:, :5]) == r["render_color_right"] == 2
+    # the colour is read in RGB: yellow dimmed to 60% (still foreground) is nearest red, at 80% still yellow
+    for scale, read in ((0.8, Y), (0.6, R)):
+        dim = (np.asarray(truth, np.float32) * scale).astype(np.uint8)
+        assert np.asarray(render_accuracy(dim, truth)["render_color_confusion"])[Y, read] == 2
+    # records that kept only the scalars (the demo's) pool as before, without the counts
+    scalars = [{k: v for k, v in render_accuracy(g, truth).items() if k != "render_color_confusion"} for g in (gen, truth)]
+    p = pool_render_accuracy(scalars)
+    assert "render_color_confusion" not in p and p["render_color"] == 6 / 8
+    pooled = mean_render_accuracy([(gen, truth), (truth, truth)])
+    assert np.asarray(pooled["render_color_confusion"]).sum() == 8
+    assert np.asarray(pooled["render_color_confusion"])[Y, Y] == 2 and pooled["render_color"] == 6 / 8
 
 
 def test_survives_video_compression(tmp_path):

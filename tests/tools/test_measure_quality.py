@@ -24,7 +24,7 @@ def test_quality_reports_the_vae_ceiling(tmp_path):
               "vdm_render_color_gt_caption", "vae_recon_render_color", "vae_recon_clip_v"):
         assert 0.0 <= q[k] <= 1.0, (k, q[k])
     # a round trip through the trained VAE keeps the scene: far from nothing drawn (IoU 0 on a frame
-    # with objects); 0.57 on 32 eval clips (BUILD.json)
+    # with objects); 0.65 on 32 eval clips (BUILD.json)
     assert q["vae_recon_render_iou"] > 0.3
     # two noise seeds: each clip rendered twice; the totals are the mean over the two seeds' renders
     assert q["noise_seeds"] == [0, 1]
@@ -34,3 +34,11 @@ def test_quality_reports_the_vae_ceiling(tmp_path):
         assert abs(q[k] - (per[0] + per[1]) / 2) < 1e-6, (k, q[k], per)
     # different noise draws render different clips (a seed that is ignored would give equal numbers)
     assert q["vdm_clip_v_gt_caption_per_seed"][0] != q["vdm_clip_v_gt_caption_per_seed"][1]
+    # where the colours went: counts over the same (frame, group) pairs, whose diagonal gives the accuracy
+    import numpy as np
+    assert q["render_color_confusion_labels"] == ["red", "green", "blue", "yellow", "purple", "none"]
+    for k, acc in (("vdm_render_color_confusion", q["vdm_render_color_gt_caption"]),
+                   ("vae_recon_render_color_confusion", q["vae_recon_render_color"])):
+        c = np.asarray(q[k])
+        assert c.shape == (5, 6) and c.sum() > 0
+        assert abs(np.trace(c[:, :5]) / c.sum() - acc) < 1e-9, (k, c.tolist(), acc)

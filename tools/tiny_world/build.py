@@ -182,6 +182,8 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
     model: the input's last frame repeated, and the ceiling the VAE sets for any DiT on its latents
     (``vae_recon_*``: the true next event encoded and decoded by the VAE, scored the same way).
     ``vdm_clip_v_vs_iou_spearman``: how CLIP-V ranks the renders against how the exact IoU does.
+    ``*_render_color_confusion``: which colour each true colour group was read as
+    (``rl.render_accuracy``; rows the world's colours, columns ``render_color_confusion_labels``).
 
     ``seeds``: the DiT's noise seeds; each clip is rendered once per seed, and the ``vdm_*`` numbers
     are over all those renders (with several seeds also ``vdm_*_per_seed``, in the order of
@@ -198,7 +200,7 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
     from vans_jax.apps.tiny_world import load_defaults, tiny_world_paths
     from vans_jax.apps.demo import _pipeline, eval_config
     from vans_jax.eval import runner as eval_runner
-    from vans_jax.rl.render_accuracy import mean_render_accuracy
+    from vans_jax.rl.render_accuracy import CONFUSION_LABELS, mean_render_accuracy
     from vans_jax.data.video_io import resize_center_crop
     from vans_jax.sampling import wan
 
@@ -275,7 +277,11 @@ def measure_quality(world_dir: str, data_dir: str, *, num_samples: int = 32, bat
             "last_frame_render_color": ra_last["render_color"],
             "vae_recon_clip_v": float(np.mean(sims_rec)),
             "vae_recon_render_iou": ra_rec["render_iou"],
-            "vae_recon_render_color": ra_rec["render_color"]}
+            "vae_recon_render_color": ra_rec["render_color"],
+            # where each true colour went (rows COLOR_NAMES, columns CONFUSION_LABELS), renders and VAE round trip
+            "render_color_confusion_labels": list(CONFUSION_LABELS),
+            "vdm_render_color_confusion": ra["render_color_confusion"],
+            "vae_recon_render_color_confusion": ra_rec["render_color_confusion"]}
 
 
 def _timed(fn, *a, **kw) -> dict:

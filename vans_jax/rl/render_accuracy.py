@@ -21,6 +21,10 @@ of one size):
   and resized ground truth such groups are the blended edges of an object of another colour (H.264's
   half-resolution chroma, the resize), not an object; counted, they made 18% of the groups on the
   world's eval clips and capped the score of a perfect reconstruction well below 1.
+* **Where the colours go** (``render_color_confusion``): the same (frame, group) pairs as a
+  ``5 x 6`` count matrix, rows the true colour (``COLOR_NAMES``), columns the colour the generated
+  pixels were read as, the last column ``"none"`` (no generated foreground in the group);
+  ``CONFUSION_LABELS`` names the columns. Its diagonal over its sum is ``render_color``.
 
 This is a diagnostic for the embedded world (reported next to CLIP-V by the world build and
 ``vans-jax demo``) and the ``world`` reward (``rl.rewards``; a choice, not the paper's); on real videos it
@@ -34,6 +38,7 @@ from vans_jax.data.synthetic import BG_RGB, COLORS, WALL_RGB
 from vans_jax.data.video_io import as_frames
 
 COLOR_NAMES = tuple(COLORS)
+CONFUSION_LABELS = COLOR_NAMES + ("none",)
 _PALETTE = np.asarray([COLORS[c] for c in COLOR_NAMES], np.float32)   # (5, 3)
 
 
@@ -75,6 +80,7 @@ def render_accuracy(generated, truth, *, bg_margin: int = 60, wall_margin: int =
     union = (mg | mt).sum((1, 2)).astype(np.float64)
     iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
     right = groups = 0
+    confusion = np.zeros((len(COLOR_NAMES), len(CONFUSION_LABELS)), np.int64)
     for i in range(t.shape[0]):
         if not mt[i].any():
             continue
@@ -88,24 +94,35 @@ def render_accuracy(generated, truth, *, bg_margin: int = 60, wall_margin: int =
             groups += 1
             inside = mg[i][yy, xx]
             if not inside.any():
+                confusion[c, -1] += 1
                 continue
             mean = g[i][yy[inside], xx[inside]].astype(np.float32).mean(0)
-            right += int(nearest_color(mean) == c)
+            read = int(nearest_color(mean))
+            confusion[c, read] += 1
+            right += int(read == c)
     return {"render_iou": float(iou.mean()),
             "render_color": float(right / groups) if groups else float("nan"),
             "render_color_groups": int(groups), "render_color_right": int(right),
+            "render_color_confusion": confusion.tolist(),
             "render_iou_per_frame": [float(v) for v in iou]}
 
 
 def pool_render_accuracy(results) -> dict:
     """``render_accuracy`` results of several clips -> the IoU averaged over clips, the colour
-    accuracy pooled over every (frame, group) of every clip."""
+    accuracy pooled over every (frame, group) of every clip, and the colour confusion counts summed
+    when every result has them (records that kept only the scalars, as the demo's do, pool without)."""
     results = list(results)
     ious = [r["render_iou"] for r in results]
     groups = sum(r["render_color_groups"] for r in results)
-    return {"render_iou": float(np.mean(ious)) if ious else float("nan"),
-            "render_color": sum(r["render_color_right"] for r in results) / groups if groups else float("nan"),
-            "render_iou_per_clip": ious, "num_clips": len(ious)}
+    out = {"render_iou": float(np.mean(ious)) if ious else float("nan"),
+           "render_color": sum(r["render_color_right"] for r in results) / groups if groups else float("nan"),
+           "render_iou_per_clip": ious, "num_clips": len(ious)}
+    if results and all("render_color_confusion" in r for r in results):
+        confusion = np.zeros((len(COLOR_NAMES), len(CONFUSION_LABELS)), np.int64)
+        for r in results:
+            confusion += np.asarray(r["render_color_confusion"], np.int64)
+        out["render_color_confusion"] = confusion.tolist()
+    return out
 
 
 def mean_render_accuracy(pairs) -> dict:
@@ -114,4 +131,4 @@ def mean_render_accuracy(pairs) -> dict:
 
 
 __all__ = ["foreground_mask", "nearest_color", "default_min_group_pixels", "render_accuracy", "pool_render_accuracy", "mean_render_accuracy",
-           "COLOR_NAMES"]
+           "COLOR_NAMES", "CONFUSION_LABELS"]
