@@ -297,7 +297,9 @@ def _timed(fn, *a, **kw) -> dict:
 # its decoder fine-tune, then the SFT-VDM phases on its latents). Neither reads the other's output, so ``--chains parallel`` (the
 # default) runs them side by side, each in its own process on its own cores; the build then takes as
 # long as the longer chain instead of the sum.
-CHAINS = ("vlm", "vdm")
+# the report entries (stages) of each chain, in order; a chain's time is the sum of theirs
+CHAIN_REPORTS = {"vlm": ("tokenizer", "sft_vlm", "clip"), "vdm": ("vae", "vae_decoder", "sft_vdm")}
+CHAINS = tuple(CHAIN_REPORTS)
 
 
 def split_cpus(cpus) -> dict:
@@ -640,8 +642,7 @@ def build(out: str, work: str, *, train_samples: int = 1500, eval_samples: int =
     report["stages_wall_s"] = sum(float(v.get("wall_s", 0.0)) for v in report.values() if isinstance(v, dict))
     # what each chain's stages took (as recorded: a kept stage counts what it took when it was trained); a
     # parallel build of everything takes about the longer chain, a sequential one their sum
-    chain_s = {"vlm": sum(float(report[k].get("wall_s") or 0.0) for k in ("tokenizer", "sft_vlm", "clip")),
-               "vdm": sum(float(report[k].get("wall_s") or 0.0) for k in ("vae", "vae_decoder", "sft_vdm"))}
+    chain_s = {n: sum(float(report[k].get("wall_s") or 0.0) for k in ks) for n, ks in CHAIN_REPORTS.items()}
     report["chains"] = {"mode": chains if chain_runs is not None else "sequential",
                         **{n: dict(stages_wall_s=chain_s[n], **((chain_runs or {}).get(n) or {})) for n in CHAINS}}
     report["critical_path_s"] = max(chain_s.values())
