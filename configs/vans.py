@@ -71,7 +71,9 @@ def get_config():
                      weight_decay=0.0, text_dropout=0.1,
                      log_media_every=500,    # renders media_samples videos each time (train/media.py)
                      latent_cache="auto",     # VAE latents + UMT5 embeddings cached: auto (<workdir>/latent_cache) | DIR | off
-                     ema_decay=0.0),          # > 0: a parameter EMA, what export/ holds (e.g. 0.999)
+                     ema_decay=0.0,           # > 0: a parameter EMA, what export/ holds (e.g. 0.999)
+                     # > 0: foreground latent cells weigh 1 + fg_weight in the loss (train.sft.sft_vdm_loss)
+                     fg_weight=0.0, fg_threshold=0.5),
         grpo=dict(group_size=8, beta=0.004, clip_eps=1e-3, lr=5e-5, stage1_steps=800, stage2_steps=1000,
                   num_updates=1, aggregation="sequence_mean", anchor_rouge_threshold=0.6, anchor_max_tries=4,
                   anchor_temperature=1.0, caption_fallback="full", sde_noise_level=0.7, sde_std_form="flow_grpo",

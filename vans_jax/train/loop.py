@@ -289,8 +289,12 @@ class SFTVDM:
         self.parts = {"dit": self.part}
         self.mesh = self.part.mesh
         shift, drop = float(cfg.video.shift), float(sc.text_dropout)
-        self._update = cached_update_step(self.part, functools.partial(sft_vdm_loss, shift=shift, text_dropout=drop),
-                                          ("sft_vdm", shift, drop))
+        fg_w, fg_t = float(sc.get("fg_weight", 0.0)), float(sc.get("fg_threshold", 0.5))
+        if fg_w < 0 or fg_t < 0:
+            raise ValueError(f"train.sft_vdm: fg_weight ({fg_w}) and fg_threshold ({fg_t}) must be >= 0")
+        self._update = cached_update_step(self.part, functools.partial(sft_vdm_loss, shift=shift, text_dropout=drop,
+                                                                       fg_weight=fg_w, fg_threshold=fg_t),
+                                          ("sft_vdm", shift, drop, fg_w, fg_t))
         from .latent_cache import LatentCache, cache_dir
         d = cache_dir(sc.get("latent_cache", "auto"), str(cfg.train.workdir or ""))
         self.cache = LatentCache(d, self.vdm, self.render) if d else None

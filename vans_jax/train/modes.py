@@ -19,6 +19,7 @@ MAIN_KEYS = (
     ("data.train_csv / data.rl_csv / data.video_root", "VANS-Data CSVs and the root of their video paths"),
     ("train.<mode>.lr, .trainable, .schedule, .warmup_steps, .ema_decay", "optimizer settings of SFT modes"),
     ("train.sft_vdm.latent_cache", "auto (<workdir>/latent_cache) | DIR | off"),
+    ("train.sft_vdm.fg_weight, .fg_threshold", "> 0: foreground latent cells weigh 1 + fg_weight in the loss"),
     ("train.grpo.group_size, .beta, .clip_eps, .num_updates, .disabled_rewards", "Joint-GRPO knobs"),
     ("train.grpo.rewards, .shuffle_advantages", "reward list (built-ins, user functions, =weight); the control"),
     ("train.grpo.stage2_rewards, .stage2_batch_size", "grpo_stage2's own reward list / prompts a step ('' / 0: "
