@@ -106,10 +106,36 @@ def test_blended_edges_of_a_decoded_truth_are_not_objects():
     exact = _clip([[_square(20, 20, 5, "purple"), _square(44, 44, 4, "yellow")]] * 2)
     truth = exact.copy()
     truth[:, 14, 26] = truth[:, 15, 26] = (36, 0, 64)          # just right of the purple square
-    every = render_accuracy(exact, truth, min_group_pixels=1)
+    every = render_accuracy(exact, truth, min_group_pixels=1, color_tolerance=np.inf)
     assert every["render_color_groups"] == 6 and every["render_color"] == pytest.approx(4 / 6)
-    counted = render_accuracy(exact, truth)                     # 64x64: groups under 5 pixels dropped
+    counted = render_accuracy(exact, truth, color_tolerance=np.inf)   # 64x64: groups under 5 pixels dropped
     assert counted["render_color_groups"] == 4 and counted["render_color"] == 1.0
+    # (36, 0, 64) is also far from every world colour, so the colour tolerance alone drops it too
+    assert render_accuracy(exact, truth, min_group_pixels=1)["render_color_groups"] == 4
     # a real object as small as the world draws one is still counted: a 7x7 square (half-size 3)
     tiny = _clip([[_square(30, 30, 3, "blue")]])
     assert render_accuracy(tiny, tiny)["render_color_groups"] == 1
+
+
+def test_codec_rims_far_from_every_colour_are_not_objects():
+    # H.264 leaves a one-pixel (0, 0, 70) rim along a blue object's edge: foreground, nearest *green*
+    # (194 from green, 194 from blue), and as long as the object's side, so the size rule keeps it
+    from vans_jax.rl.render_accuracy import COLOR_TOLERANCE
+    exact = _clip([[_square(30, 30, 5, "blue")]] * 2)
+    truth = exact.copy()
+    truth[:, 24, 25:36] = (0, 0, 70)                            # an 11-pixel rim just above the square
+    assert exact[0, 24, 30].max() == 0 and exact[0, 26, 30].tolist() == list(S.COLORS["blue"])
+    old = render_accuracy(exact, truth, color_tolerance=np.inf)  # grouped by nearest colour alone
+    assert old["render_color_groups"] == 4 and old["render_color"] == pytest.approx(0.5)
+    assert old["render_color_confusion"][COLOR_NAMES.index("green")][-1] == 2     # "green", nothing drawn
+    r = render_accuracy(exact, truth)
+    assert r["render_color_groups"] == 2 and r["render_color"] == 1.0
+    # the tolerance is half the blue-purple distance; codec noise on a real colour stays inside it
+    blue, purple = np.asarray(S.COLORS["blue"], float), np.asarray(S.COLORS["purple"], float)
+    assert COLOR_TOLERANCE == pytest.approx(np.linalg.norm(blue - purple) / 2)
+    noisy = truth.copy()
+    noisy[:, 26:35, 26:35] = np.clip(noisy[:, 26:35, 26:35].astype(int) + (20, -20, -25), 0, 255)
+    assert render_accuracy(exact, noisy)["render_color"] == 1.0
+    # a render in the wrong colour is still wrong
+    wrong = _clip([[_square(30, 30, 5, "purple")]] * 2)
+    assert render_accuracy(wrong, truth)["render_color"] == 0.0

@@ -20,7 +20,13 @@ of one size):
   ``min_group_pixels`` (default: 1/800 of the frame, 5 pixels at 64x64) is not counted: in a decoded
   and resized ground truth such groups are the blended edges of an object of another colour (H.264's
   half-resolution chroma, the resize), not an object; counted, they made 18% of the groups on the
-  world's eval clips and capped the score of a perfect reconstruction well below 1.
+  world's eval clips and capped the score of a perfect reconstruction well below 1. A truth pixel
+  farther than ``color_tolerance`` from every world colour belongs to no group (default
+  ``COLOR_TOLERANCE``, half the distance between the two closest world colours, blue and purple: 58):
+  such pixels are the codec's blends at an object's edge, e.g. the one-pixel (0, 0, 70) rim that
+  H.264 leaves around a blue ball, whose nearest world colour is *green*; grouped by nearest colour,
+  those rims formed "green" groups of 6-48 pixels (a third of the green groups of the world's eval
+  clips) that a correct blue render could only get wrong.
 * **Where the colours go** (``render_color_confusion``): the same (frame, group) pairs as a
   ``5 x 6`` count matrix, rows the true colour (``COLOR_NAMES``), columns the colour the generated
   pixels were read as, the last column ``"none"`` (no generated foreground in the group);
@@ -40,6 +46,9 @@ from vans_jax.data.video_io import as_frames
 COLOR_NAMES = tuple(COLORS)
 CONFUSION_LABELS = COLOR_NAMES + ("none",)
 _PALETTE = np.asarray([COLORS[c] for c in COLOR_NAMES], np.float32)   # (5, 3)
+# a truth pixel within this (Euclidean RGB) distance of a world colour is that colour beyond doubt: half
+# the distance between the two closest world colours (blue and purple)
+COLOR_TOLERANCE = float(min(np.linalg.norm(a - b) for i, a in enumerate(_PALETTE) for b in _PALETTE[i + 1:]) / 2)
 
 
 def foreground_mask(frames, *, bg_margin: int = 60, wall_margin: int = 40) -> np.ndarray:
@@ -59,13 +68,21 @@ def nearest_color(rgb) -> np.ndarray:
     return d.argmin(-1)
 
 
+def _truth_colors(rgb, tolerance: float) -> np.ndarray:
+    """Index into ``COLOR_NAMES`` of each truth pixel's world colour, -1 where it is farther than
+    ``tolerance`` from every one (an edge blend, not an object's colour)."""
+    x = np.asarray(rgb, np.float32)
+    d = ((x[..., None, :] - _PALETTE) ** 2).sum(-1)
+    return np.where(d.min(-1) <= tolerance ** 2, d.argmin(-1), -1)
+
+
 def default_min_group_pixels(height: int, width: int) -> int:
     """The smallest colour group ``render_accuracy`` counts: 1/800 of the frame, at least 1."""
     return max(1, round(height * width / 800))
 
 
 def render_accuracy(generated, truth, *, bg_margin: int = 60, wall_margin: int = 40,
-                    min_group_pixels: int | None = None) -> dict:
+                    min_group_pixels: int | None = None, color_tolerance: float | None = None) -> dict:
     """``{"render_iou", "render_color", "render_color_groups", "render_iou_per_frame"}`` of one
     generated clip against its ground truth (see the module docstring)."""
     g, t = as_frames(generated, "render_accuracy (generated)"), as_frames(truth, "render_accuracy (truth)")
@@ -74,6 +91,7 @@ def render_accuracy(generated, truth, *, bg_margin: int = 60, wall_margin: int =
                          "differ in shape (bring both to the evaluation geometry first)")
     if min_group_pixels is None:
         min_group_pixels = default_min_group_pixels(t.shape[1], t.shape[2])
+    tol = COLOR_TOLERANCE if color_tolerance is None else float(color_tolerance)
     mg = foreground_mask(g, bg_margin=bg_margin, wall_margin=wall_margin)
     mt = foreground_mask(t, bg_margin=bg_margin, wall_margin=wall_margin)
     inter = (mg & mt).sum((1, 2)).astype(np.float64)
@@ -84,9 +102,9 @@ def render_accuracy(generated, truth, *, bg_margin: int = 60, wall_margin: int =
     for i in range(t.shape[0]):
         if not mt[i].any():
             continue
-        cls = nearest_color(t[i][mt[i]])
+        cls = _truth_colors(t[i][mt[i]], tol)
         ys, xs = np.nonzero(mt[i])
-        for c in np.unique(cls):
+        for c in np.unique(cls[cls >= 0]):
             sel = cls == c
             if sel.sum() < min_group_pixels:
                 continue
@@ -131,4 +149,4 @@ def mean_render_accuracy(pairs) -> dict:
 
 
 __all__ = ["foreground_mask", "nearest_color", "default_min_group_pixels", "render_accuracy", "pool_render_accuracy", "mean_render_accuracy",
-           "COLOR_NAMES", "CONFUSION_LABELS"]
+           "COLOR_NAMES", "CONFUSION_LABELS", "COLOR_TOLERANCE"]
