@@ -61,18 +61,20 @@ def foreground_mask(frames, *, bg_margin: int = 60, wall_margin: int = 40) -> np
     return (d_bg > bg_margin) & (d_wall > wall_margin)
 
 
+def _palette_d2(rgb) -> np.ndarray:
+    """Squared Euclidean distance of each RGB triple to each world colour (``..., 5``)."""
+    return ((np.asarray(rgb, np.float32)[..., None, :] - _PALETTE) ** 2).sum(-1)
+
+
 def nearest_color(rgb) -> np.ndarray:
     """Index into ``COLOR_NAMES`` of the world colour nearest (Euclidean) to each RGB triple."""
-    x = np.asarray(rgb, np.float32)
-    d = ((x[..., None, :] - _PALETTE) ** 2).sum(-1)
-    return d.argmin(-1)
+    return _palette_d2(rgb).argmin(-1)
 
 
 def _truth_colors(rgb, tolerance: float) -> np.ndarray:
     """Index into ``COLOR_NAMES`` of each truth pixel's world colour, -1 where it is farther than
     ``tolerance`` from every one (an edge blend, not an object's colour)."""
-    x = np.asarray(rgb, np.float32)
-    d = ((x[..., None, :] - _PALETTE) ** 2).sum(-1)
+    d = _palette_d2(rgb)
     return np.where(d.min(-1) <= tolerance ** 2, d.argmin(-1), -1)
 
 
