@@ -90,3 +90,21 @@ def test_world_reward_is_the_exact_iou():
     out = R.compute_rewards(reward_config("grpo_stage2", (), "world"), frames=np.stack([truth, shifted]),
                             gt_frames=np.stack([truth, truth]))
     np.testing.assert_allclose(out["world"], [1.0, 1 / 3], rtol=1e-6)
+
+
+def test_world_color_reward_is_the_exact_colour_accuracy():
+    """``world_color``: per rollout, the fraction of the truth's (frame, object) groups drawn in the
+    right colour; a render of another colour scores 0, a render that misses one of two objects in
+    half its frames 0.75, and a truth with nothing to colour 0 for every rollout (constant in a group)."""
+    from vans_jax.data import synthetic as S
+    obj = lambda x, c: {"x": float(x), "y": 20.0, "r": 5.0, "shape": "square", "color": c}
+    truth = S.render([[obj(20, "red"), obj(50, "blue")]] * 2)
+    recoloured = S.render([[obj(20, "yellow"), obj(50, "green")]] * 2)
+    half = S.render([[obj(20, "red"), obj(50, "blue")], [obj(20, "red")]])
+    empty = S.render([[]] * 2)
+    cfg = reward_config("grpo_stage2", (), "world,world_color=0.5")
+    assert cfg.active == {"world": 1.0, "world_color": 0.5}
+    out = R.compute_rewards(cfg, frames=np.stack([truth, recoloured, half, truth]),
+                            gt_frames=np.stack([truth, truth, truth, empty]))
+    np.testing.assert_allclose(out["world_color"], [1.0, 0.0, 0.75, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(out["world"][:2], [1.0, 1.0], rtol=1e-6)     # IoU alone cannot tell them apart

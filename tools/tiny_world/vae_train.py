@@ -207,6 +207,30 @@ def _trainable_filter(trainable: str):
     raise ValueError(f"VAETrainConfig.trainable must be 'all' or 'decoder', got {trainable!r}")
 
 
+def _phase_optimizer(cfg: VAETrainConfig, steps: int, lr: float):
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(cfg, steps, lr)))
+
+
+def _phase_step(graphdef, cfg: VAETrainConfig, steps: int, lr: float):
+    """(optimizer, jitted step) of a training phase, shared by every call with the same model layout,
+    loss and schedule: a resumed or repeated run (several sittings in one process, the tests) compiles
+    its step once."""
+    return _cached_phase_step(graphdef, int(steps), float(lr), cfg.warmup_steps, cfg.lr_end_ratio,
+                              cfg.sample_posterior, cfg.foreground_weight, cfg.l1_weight, cfg.mse_weight,
+                              cfg.kl_weight, cfg.edge_weight)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_phase_step(graphdef, steps, lr, warmup_steps, lr_end_ratio, sample_posterior, foreground_weight,
+                       l1_weight, mse_weight, kl_weight, edge_weight):
+    # every setting the optimizer and the step read, and nothing else
+    cfg = VAETrainConfig(lr=lr, warmup_steps=warmup_steps, lr_end_ratio=lr_end_ratio,
+                         sample_posterior=sample_posterior, foreground_weight=foreground_weight,
+                         l1_weight=l1_weight, mse_weight=mse_weight, kl_weight=kl_weight, edge_weight=edge_weight)
+    tx = _phase_optimizer(cfg, steps, lr)
+    return tx, _make_step(graphdef, tx, cfg)
+
+
 def _make_step(graphdef, tx, cfg: VAETrainConfig):
     def loss_fn(params, frozen, batch, key):
         vae = nnx.merge(graphdef, params, frozen)
@@ -479,8 +503,7 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
     ck_phase, ck_step, ck_opt = None, 0, None      # where the checkpoint this call continues stopped
     if checkpoint_dir:
         fingerprint = _run_fingerprint(spec, cfg, seed, n, f, frames.shape)
-        like = optax.chain(optax.clip_by_global_norm(1.0),          # the optimizer state's layout (both phases')
-                           optax.adam(_schedule(cfg, 2))).init(params)
+        like = _phase_optimizer(cfg, 2, cfg.lr).init(params)       # the optimizer state's layout (both phases')
         got = _load_checkpoint(checkpoint_dir, params, like, fingerprint)
         if got is not None:
             params, ck_opt, meta = got
@@ -494,11 +517,10 @@ def train_vae(world_dir: str, out_dir: str, *, steps: int | None = None, seed: i
     for phase, steps_, b, sample in phases:
         if steps_ <= 0 or (ck_phase is not None and order.index(phase) < order.index(ck_phase)):
             continue                                 # (a phase the checkpoint had finished)
-        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(cfg, steps_, _phase_lr(cfg, phase))))
+        tx, step_fn = _phase_step(graphdef, cfg, steps_, _phase_lr(cfg, phase))
         opt_state, start = tx.init(params), 0
         if phase == ck_phase:
             opt_state, start = ck_opt, ck_step
-        step_fn = _make_step(graphdef, tx, cfg)
         hist = history.setdefault(phase, [])
         t1 = time.time() - seconds.get(phase, 0.0)       # the phase's time over every sitting
         t_here = time.time()

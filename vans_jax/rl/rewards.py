@@ -214,6 +214,23 @@ register_reward("world", ("frames", "gt_frames"), _world_reward,
                 "the synthetic world's exact foreground IoU of the rendered video vs the ground truth "
                 "(rl.render_accuracy; not a paper reward)")
 
+
+def _world_color_reward(frames, gt_frames):
+    from .render_accuracy import render_accuracy
+    out = []
+    for g, t in zip(frames, gt_frames):
+        r = render_accuracy(np.asarray(g), np.asarray(t))
+        # a truth with no object to colour (no group) scores 0: every rollout of a prompt shares its
+        # truth, so the value is constant within the group and adds nothing to an advantage
+        out.append(r["render_color"] if r["render_color_groups"] else 0.0)
+    return np.asarray(out, np.float32)
+
+
+register_reward("world_color", ("frames", "gt_frames"), _world_color_reward,
+                "the synthetic world's exact object-colour accuracy of the rendered video vs the ground truth: "
+                "the fraction of the truth's (frame, object) groups drawn in the right world colour "
+                "(rl.render_accuracy; not a paper reward)")
+
 STAGE_COMPONENTS = {1: ("format", "t1", "v1"), 2: ("v2", "c2")}
 
 
@@ -287,7 +304,7 @@ def _user_component(ref: str) -> RewardComponent:
 
 def parse_rewards(spec: str) -> dict[str, float]:
     """``train.grpo.rewards`` -> {component name: weight}: a comma-separated list of built-in names
-    (``format``, ``t1``, ``v1``, ``v2``, ``c2``, ``world``) and user functions
+    (``format``, ``t1``, ``v1``, ``v2``, ``c2``, ``world``, ``world_color``) and user functions
     (``package.module:function``, ``path/to/file.py:function``), each optionally ``=weight``.
     User functions are loaded and registered under their reference; empty -> {}."""
     out: dict[str, float] = {}
