@@ -211,22 +211,21 @@ def _phase_optimizer(cfg: VAETrainConfig, steps: int, lr: float):
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(_schedule(cfg, steps, lr)))
 
 
+# every setting of VAETrainConfig that a phase's optimizer (besides its steps and peak lr) and step read
+_STEP_FIELDS = ("warmup_steps", "lr_end_ratio", "sample_posterior", "foreground_weight", "l1_weight", "mse_weight",
+                "kl_weight", "edge_weight")
+
+
 def _phase_step(graphdef, cfg: VAETrainConfig, steps: int, lr: float):
     """(optimizer, jitted step) of a training phase, shared by every call with the same model layout,
     loss and schedule: a resumed or repeated run (several sittings in one process, the tests) compiles
     its step once."""
-    return _cached_phase_step(graphdef, int(steps), float(lr), cfg.warmup_steps, cfg.lr_end_ratio,
-                              cfg.sample_posterior, cfg.foreground_weight, cfg.l1_weight, cfg.mse_weight,
-                              cfg.kl_weight, cfg.edge_weight)
+    return _cached_phase_step(graphdef, VAETrainConfig(**{k: getattr(cfg, k) for k in _STEP_FIELDS}),
+                              int(steps), float(lr))
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_phase_step(graphdef, steps, lr, warmup_steps, lr_end_ratio, sample_posterior, foreground_weight,
-                       l1_weight, mse_weight, kl_weight, edge_weight):
-    # every setting the optimizer and the step read, and nothing else
-    cfg = VAETrainConfig(lr=lr, warmup_steps=warmup_steps, lr_end_ratio=lr_end_ratio,
-                         sample_posterior=sample_posterior, foreground_weight=foreground_weight,
-                         l1_weight=l1_weight, mse_weight=mse_weight, kl_weight=kl_weight, edge_weight=edge_weight)
+def _cached_phase_step(graphdef, cfg: VAETrainConfig, steps: int, lr: float):
     tx = _phase_optimizer(cfg, steps, lr)
     return tx, _make_step(graphdef, tx, cfg)
 
